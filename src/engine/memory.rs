@@ -1,0 +1,141 @@
+//! The in-process engine: the rules of [`crate::rules`] over a map of
+//! customers. The default when no Redis is configured, and the reference the
+//! Redis engine is tested against.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::{Clock, Engine};
+use crate::error::EngineError;
+use crate::model::*;
+use crate::money::Amount;
+use crate::rules::{self, Op};
+
+const SHARDS: usize = 64;
+
+/// Balances that live only in this process.
+pub struct MemoryEngine {
+    catalog: Arc<Catalog>,
+    clock: Arc<dyn Clock>,
+    retention: Retention,
+    shards: Vec<Mutex<HashMap<String, CustomerState>>>,
+}
+
+impl MemoryEngine {
+    pub fn new(catalog: Arc<Catalog>, clock: Arc<dyn Clock>, retention: Retention) -> MemoryEngine {
+        MemoryEngine { catalog, clock, retention, shards: (0..SHARDS).map(|_| Mutex::default()).collect() }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    fn shard(&self, customer_id: &str) -> MutexGuard<'_, HashMap<String, CustomerState>> {
+        let mut h = DefaultHasher::new();
+        customer_id.hash(&mut h);
+        let shard = &self.shards[h.finish() as usize % SHARDS];
+        // A panic while holding the lock cannot leave a half-applied state:
+        // every rule works on a copy and commits by assignment.
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the prepared state of an existing customer.
+    fn with_customer<T>(
+        &self,
+        customer_id: &str,
+        f: impl FnOnce(&mut CustomerState, i64) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        validate_id("customer_id", customer_id)?;
+        let now = self.clock.now_ms();
+        let mut shard = self.shard(customer_id);
+        let state = shard.get_mut(customer_id).ok_or(EngineError::CustomerNotFound)?;
+        rules::prepare(state, now, self.retention);
+        // Work on a copy so an error leaves nothing half-done.
+        let mut work = state.clone();
+        let out = f(&mut work, now)?;
+        *state = work;
+        Ok(out)
+    }
+
+    fn pools_of(&self, state: &CustomerState, feature: Option<&str>) -> Vec<PoolBalance> {
+        let Some(Ok(pools)) = feature.map(|f| self.catalog.pools_for(f)) else {
+            return vec![];
+        };
+        pools.iter().map(|p| rules::pool_balance(&state.buckets, &p.pool)).collect()
+    }
+
+    /// Every customer id (the periodic reset task's view of this engine).
+    pub fn customer_ids(&self) -> Vec<String> {
+        self.shards.iter().flat_map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<Vec<_>>()).collect()
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    async fn create_customer(&self, customer_id: &str) -> Result<bool, EngineError> {
+        validate_id("customer_id", customer_id)?;
+        let now = self.clock.now_ms();
+        let mut shard = self.shard(customer_id);
+        if shard.contains_key(customer_id) {
+            return Ok(false);
+        }
+        let state = CustomerState {
+            id: customer_id.to_string(),
+            created_at: now,
+            next_seq: 1,
+            buckets: vec![],
+            locks: BTreeMap::new(),
+            idempotency: BTreeMap::new(),
+        };
+        shard.insert(customer_id.to_string(), state);
+        Ok(true)
+    }
+
+    async fn grant(&self, customer_id: &str, grant: &Grant) -> Result<String, EngineError> {
+        self.with_customer(customer_id, |s, now| rules::grant(s, &self.catalog, grant, now))
+    }
+
+    async fn update_bucket(&self, customer_id: &str, update: &BucketUpdate) -> Result<(), EngineError> {
+        self.with_customer(customer_id, |s, _| rules::update_bucket(s, &self.catalog, update))
+    }
+
+    async fn check(&self, customer_id: &str, feature: &str, units: Amount) -> Result<Outcome, EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            let stored = rules::check(s, &self.catalog, feature, units)?;
+            Ok(Outcome::new(stored, false, self.pools_of(s, Some(feature))))
+        })
+    }
+
+    async fn apply(&self, customer_id: &str, op: &Op, key: Option<&str>) -> Result<Outcome, EngineError> {
+        self.with_customer(customer_id, |s, now| {
+            let applied = rules::apply(s, &self.catalog, op, key, now, self.retention)?;
+            let pools = self.pools_of(s, op.feature(s));
+            Ok(Outcome::new(applied.outcome, applied.replayed, pools))
+        })
+    }
+
+    async fn balances(&self, customer_id: &str) -> Result<CustomerBalances, EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            let pools = self
+                .catalog
+                .features()
+                .iter()
+                .filter(|f| s.buckets.iter().any(|b| b.pool == f.id))
+                .map(|f| rules::pool_balance(&s.buckets, &f.id))
+                .collect();
+            Ok(CustomerBalances { customer_id: s.id.clone(), created_at: s.created_at, pools })
+        })
+    }
+
+    async fn reset_due(&self, customer_id: &str) -> Result<u32, EngineError> {
+        validate_id("customer_id", customer_id)?;
+        let now = self.clock.now_ms();
+        let mut shard = self.shard(customer_id);
+        let state = shard.get_mut(customer_id).ok_or(EngineError::CustomerNotFound)?;
+        Ok(rules::prepare(state, now, self.retention))
+    }
+}

@@ -1,0 +1,601 @@
+//! The credit model: catalog, buckets, rollovers, locks, and what the engine
+//! answers. Pure data plus validation; the rules that move balances live in
+//! [`crate::rules`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::calendar::{Interval, Period, MAX_INSTANT_MS};
+use crate::error::{invalid, EngineError};
+use crate::money::{Amount, Cost};
+
+/// Most buckets one customer may hold.
+pub const MAX_BUCKETS_PER_CUSTOMER: usize = 64;
+/// Longest id (customer, feature, balance, plan, lock, idempotency key), in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// A rollover may live at most this many of its bucket's periods.
+pub const MAX_ROLLOVER_PERIODS: i64 = 64;
+
+/// Rejects empty ids, ids over 256 bytes and ids holding control characters.
+pub fn validate_id(field: &'static str, id: &str) -> Result<(), EngineError> {
+    if id.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(invalid(field, "must be at most 256 bytes"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(invalid(field, "must not hold control characters"));
+    }
+    Ok(())
+}
+
+/// Rejects instants outside [0, 9999-12-31].
+pub fn validate_instant(field: &'static str, t: i64) -> Result<(), EngineError> {
+    if !(0..=MAX_INSTANT_MS).contains(&t) {
+        return Err(invalid(field, "must be a millisecond timestamp between 1970 and 9999"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureType {
+    #[default]
+    Metered,
+    CreditSystem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditSchemaItem {
+    pub metered_feature_id: String,
+    pub credit_cost: Cost,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureDef {
+    pub id: String,
+    #[serde(default, rename = "type")]
+    pub kind: FeatureType,
+    #[serde(default)]
+    pub credit_schema: Vec<CreditSchemaItem>,
+}
+
+/// A pool that can pay for a feature, with the cost of one unit in that pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolCost {
+    pub pool: String,
+    pub cost: Cost,
+}
+
+/// The features and credit systems, in configuration order.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    features: Vec<FeatureDef>,
+    index: BTreeMap<String, usize>,
+}
+
+impl Catalog {
+    /// Validates and indexes the features: unique ids, credit schemas naming
+    /// known metered features, no credit system inside a credit system.
+    pub fn new(features: Vec<FeatureDef>) -> Result<Catalog, EngineError> {
+        let mut index = BTreeMap::new();
+        for (i, f) in features.iter().enumerate() {
+            validate_id("features.id", &f.id)?;
+            if index.insert(f.id.clone(), i).is_some() {
+                return Err(invalid("features.id", format!("{:?} is defined twice", f.id)));
+            }
+        }
+        for f in &features {
+            match f.kind {
+                FeatureType::Metered if !f.credit_schema.is_empty() => {
+                    return Err(invalid(
+                        "features.credit_schema",
+                        format!("{:?} is metered and cannot have a credit schema", f.id),
+                    ));
+                }
+                FeatureType::CreditSystem => {
+                    let mut seen = std::collections::BTreeSet::new();
+                    for item in &f.credit_schema {
+                        match index.get(&item.metered_feature_id).map(|&i| &features[i]) {
+                            None => {
+                                return Err(invalid(
+                                    "features.credit_schema",
+                                    format!(
+                                        "{:?} names unknown feature {:?}",
+                                        f.id, item.metered_feature_id
+                                    ),
+                                ))
+                            }
+                            Some(inner) if inner.kind == FeatureType::CreditSystem => {
+                                return Err(invalid(
+                                    "features.credit_schema",
+                                    format!(
+                                        "{:?} contains credit system {:?}; credit systems cannot nest",
+                                        f.id, inner.id
+                                    ),
+                                ))
+                            }
+                            Some(_) => {}
+                        }
+                        if !seen.insert(&item.metered_feature_id) {
+                            return Err(invalid(
+                                "features.credit_schema",
+                                format!("{:?} lists {:?} twice", f.id, item.metered_feature_id),
+                            ));
+                        }
+                    }
+                }
+                FeatureType::Metered => {}
+            }
+        }
+        Ok(Catalog { features, index })
+    }
+
+    pub fn feature(&self, id: &str) -> Option<&FeatureDef> {
+        self.index.get(id).map(|&i| &self.features[i])
+    }
+
+    pub fn features(&self) -> &[FeatureDef] {
+        &self.features
+    }
+
+    /// The pools that may pay for `feature`, in deduction order: the feature's
+    /// own pool (cost 1), then each credit system containing it in catalog
+    /// order. A credit system's own id draws on that pool alone, in credits.
+    pub fn pools_for(&self, feature: &str) -> Result<Vec<PoolCost>, EngineError> {
+        let def = self
+            .feature(feature)
+            .ok_or_else(|| EngineError::FeatureNotFound(feature.to_string()))?;
+        let mut pools = vec![PoolCost { pool: def.id.clone(), cost: Cost::ONE }];
+        if def.kind == FeatureType::Metered {
+            for cs in &self.features {
+                if let Some(item) = cs.credit_schema.iter().find(|i| i.metered_feature_id == feature) {
+                    pools.push(PoolCost { pool: cs.id.clone(), cost: item.credit_cost });
+                }
+            }
+        }
+        Ok(pools)
+    }
+}
+
+/// How long unused credits roll over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloverDuration {
+    #[default]
+    Month,
+    Forever,
+}
+
+/// A bucket's rollover setting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloverConfig {
+    /// Cap on the bucket's live rollovers, in the pool's units.
+    #[serde(default)]
+    pub max: Option<Amount>,
+    /// Cap as a percentage (0..=100) of the bucket's grant.
+    #[serde(default)]
+    pub max_percentage: Option<Amount>,
+    #[serde(default)]
+    pub duration: RolloverDuration,
+    /// Lifetime in months, for `duration = month` (default 1).
+    #[serde(default)]
+    pub length: Option<u32>,
+}
+
+impl RolloverConfig {
+    /// The cap on a bucket's live rollovers, raw; `None` when uncapped.
+    pub fn cap(&self, granted: Amount) -> Option<i64> {
+        if let Some(max) = self.max {
+            return Some(max.raw());
+        }
+        self.max_percentage
+            .map(|pct| ((granted.raw() as i128 * pct.raw() as i128) / 1_000_000) as i64)
+    }
+
+    /// Months a rollover lives; `None` for forever.
+    pub fn lifetime_months(&self) -> Option<i64> {
+        match self.duration {
+            RolloverDuration::Forever => None,
+            RolloverDuration::Month => Some(self.length.unwrap_or(1) as i64),
+        }
+    }
+}
+
+/// Unused credits carried past a reset. `expires_at: None` never expires; a
+/// bucket keeps its never-expiring rollovers as one row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloverRow {
+    pub expires_at: Option<i64>,
+    pub granted: Amount,
+    pub balance: Amount,
+}
+
+/// A grant feeding one pool of one customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    pub id: String,
+    /// Creation order within the customer: "older first" compares this.
+    pub seq: u64,
+    pub pool: String,
+    pub plan_id: Option<String>,
+    pub granted: Amount,
+    /// May be negative (overage, carried debt, or an unlimited bucket's usage).
+    pub remaining: Amount,
+    pub interval: Interval,
+    pub interval_count: u32,
+    /// The instant periods count from; for one_off buckets, unused (0).
+    pub anchor: i64,
+    /// The next boundary; `None` for one_off.
+    pub next_reset_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub rollover: Option<RolloverConfig>,
+    pub unlimited: bool,
+    pub overage_allowed: bool,
+    /// How far below zero overage may go (raw ≤ 0); `None` is unbounded
+    /// (down to the money bound).
+    pub overage_floor: Option<Amount>,
+    pub carry_debt: bool,
+    /// Oldest first.
+    pub rollovers: Vec<RolloverRow>,
+}
+
+impl Bucket {
+    pub fn period(&self) -> Option<Period> {
+        Period::new(self.interval, self.interval_count)
+    }
+
+    /// The lowest `remaining` may reach through overage.
+    pub fn floor(&self) -> i64 {
+        if !self.overage_allowed {
+            0
+        } else {
+            self.overage_floor.map_or(-crate::money::MAX_AMOUNT_RAW, |f| f.raw())
+        }
+    }
+
+    pub fn usage(&self) -> Amount {
+        Amount::from_raw(self.granted.raw() - self.remaining.raw()).unwrap_or(Amount::MAX)
+    }
+
+    pub fn is_live(&self, now: i64) -> bool {
+        self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// What a caller asks to grant.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Grant {
+    pub pool: String,
+    pub balance_id: Option<String>,
+    pub plan_id: Option<String>,
+    pub granted: Amount,
+    /// `OneOff` never resets.
+    pub interval: Option<Interval>,
+    pub interval_count: Option<u32>,
+    /// The first boundary; also the anchor of later ones.
+    pub next_reset_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub rollover: Option<RolloverConfig>,
+    pub unlimited: bool,
+    pub overage_allowed: bool,
+    /// ≤ 0; only with `overage_allowed`.
+    pub overage_floor: Option<Amount>,
+    pub carry_debt: bool,
+}
+
+impl Grant {
+    /// A grant of `n` to `pool` resetting every `interval` (test convenience).
+    pub fn new(pool: &str, granted: Amount, interval: Interval) -> Grant {
+        Grant { pool: pool.into(), granted, interval: Some(interval), ..Grant::default() }
+    }
+}
+
+/// How `update_bucket` changes a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceChange {
+    SetRemaining(Amount),
+    AddToBalance(Amount),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketUpdate {
+    pub pool: String,
+    /// Without it, the pool's first bucket in deduction order.
+    pub balance_id: Option<String>,
+    pub change: BalanceChange,
+}
+
+/// What `track` does with units no source can pay for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum OverageBehavior {
+    /// Take what both passes allow; drop and report the rest.
+    #[default]
+    Cap,
+    /// All or nothing: `InsufficientBalance`.
+    Reject,
+    /// Both passes, then the rest below zero on the first non-unlimited bucket.
+    Overflow,
+}
+
+impl OverageBehavior {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverageBehavior::Cap => "cap",
+            OverageBehavior::Reject => "reject",
+            OverageBehavior::Overflow => "overflow",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalizeAction {
+    Confirm,
+    Release,
+}
+
+/// Which part of a bucket an entry moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SourceKind {
+    Bucket,
+    /// The rollover row of the bucket with this expiry (`None`: never).
+    Rollover { expires_at: Option<i64> },
+}
+
+/// What one source gave (positive) or got back (negative).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub balance_id: String,
+    pub pool: String,
+    pub source: SourceKind,
+    /// In the pool's units.
+    pub amount: Amount,
+    /// Units of the requested feature covered.
+    pub units: Amount,
+}
+
+/// The answer of consume, check, track, reserve and finalize.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// For consume/check/reserve: the request was granted in full. For track:
+    /// nothing was dropped.
+    pub allowed: bool,
+    pub entries: Vec<Entry>,
+    /// Units nothing paid for: denied, dropped by `cap`, or (refunds, releases)
+    /// that fit nowhere.
+    pub uncovered: Amount,
+    /// No pool that could pay is owned by the customer.
+    pub no_balance: bool,
+    /// Refused for lack of balance (`track` with `reject`); nothing applied.
+    pub insufficient: bool,
+    /// Answered from an idempotency record; nothing was applied.
+    pub replayed: bool,
+    /// The balances of the pools involved, after the operation.
+    pub pools: Vec<PoolBalance>,
+}
+
+/// A bucket as balances show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketView {
+    pub balance_id: String,
+    pub plan_id: Option<String>,
+    pub granted: Amount,
+    pub remaining: Amount,
+    pub usage: Amount,
+    pub unlimited: bool,
+    pub overage_allowed: bool,
+    pub interval: Interval,
+    pub interval_count: u32,
+    pub next_reset_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub rollovers: Vec<RolloverRow>,
+}
+
+/// One pool's balance: `remaining` is the sum over live buckets of
+/// max(0, remaining) plus live rollovers; `granted` includes the rollovers'
+/// grants; `usage` is what was used this period, debt included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolBalance {
+    pub pool: String,
+    pub owned: bool,
+    pub granted: Amount,
+    pub remaining: Amount,
+    pub usage: Amount,
+    pub unlimited: bool,
+    pub overage_allowed: bool,
+    pub next_reset_at: Option<i64>,
+    pub buckets: Vec<BucketView>,
+    pub rollovers: Vec<RolloverRow>,
+}
+
+/// A customer's balances, one entry per owned pool, in catalog order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerBalances {
+    pub customer_id: String,
+    pub created_at: i64,
+    pub pools: Vec<PoolBalance>,
+}
+
+/// A lock's held entries and state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    pub feature: String,
+    pub units: Amount,
+    pub expires_at: Option<i64>,
+    /// What each source gave, with the bucket's `next_reset_at` at hold time
+    /// (a bucket that has reset since gets nothing back).
+    pub held: Vec<(Entry, Option<i64>)>,
+    pub state: LockState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockState {
+    Pending,
+    Finalized { outcome: StoredOutcome, forget_at: i64 },
+}
+
+impl Outcome {
+    pub fn new(stored: StoredOutcome, replayed: bool, pools: Vec<PoolBalance>) -> Outcome {
+        Outcome {
+            allowed: stored.allowed,
+            entries: stored.entries,
+            uncovered: stored.uncovered,
+            no_balance: stored.no_balance,
+            insufficient: stored.insufficient,
+            replayed,
+            pools,
+        }
+    }
+
+    /// The balance of one pool after the operation.
+    pub fn pool(&self, pool: &str) -> Option<&PoolBalance> {
+        self.pools.iter().find(|p| p.pool == pool)
+    }
+}
+
+/// An outcome as remembered by idempotency records and finalized locks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredOutcome {
+    pub allowed: bool,
+    pub entries: Vec<Entry>,
+    pub uncovered: Amount,
+    pub no_balance: bool,
+    /// The request was refused for lack of balance (`track` with `reject`).
+    pub insufficient: bool,
+}
+
+/// A remembered idempotent request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub fingerprint: String,
+    pub outcome: StoredOutcome,
+    pub expires_at: i64,
+}
+
+/// Everything the engine keeps for one customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerState {
+    pub id: String,
+    pub created_at: i64,
+    /// The next bucket `seq`.
+    pub next_seq: u64,
+    pub buckets: Vec<Bucket>,
+    pub locks: BTreeMap<String, Lock>,
+    pub idempotency: BTreeMap<String, IdempotencyRecord>,
+}
+
+/// Retention times, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub idempotency_ms: i64,
+    pub finalized_lock_ms: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { idempotency_ms: 24 * 3_600_000, finalized_lock_ms: 24 * 3_600_000 }
+    }
+}
+
+/// Checks a grant against the rules; returns the bucket's period (if any).
+pub fn validate_grant(g: &Grant, catalog: &Catalog, now: i64) -> Result<Option<Period>, EngineError> {
+    validate_id("feature_id", &g.pool)?;
+    catalog.feature(&g.pool).ok_or_else(|| EngineError::FeatureNotFound(g.pool.clone()))?;
+    if let Some(id) = &g.balance_id {
+        validate_id("balance_id", id)?;
+    }
+    if let Some(id) = &g.plan_id {
+        validate_id("plan_id", id)?;
+    }
+    if g.granted.is_negative() {
+        return Err(invalid("included_grant", "must not be negative"));
+    }
+    if g.granted.is_zero() && !g.unlimited && !g.overage_allowed {
+        return Err(invalid(
+            "included_grant",
+            "must be greater than zero unless the balance is unlimited or allows overage",
+        ));
+    }
+    let interval = g.interval.unwrap_or(Interval::OneOff);
+    let count = g.interval_count.unwrap_or(1);
+    if count == 0 {
+        return Err(invalid("interval_count", "must be at least 1"));
+    }
+    if count > 1000 {
+        return Err(invalid("interval_count", "must be at most 1000"));
+    }
+    let period = Period::new(interval, count);
+    if let Some(t) = g.next_reset_at {
+        validate_instant("next_reset_at", t)?;
+        if period.is_none() {
+            return Err(invalid("next_reset_at", "a one_off balance never resets"));
+        }
+        if t <= now {
+            return Err(invalid("next_reset_at", "must be in the future"));
+        }
+    }
+    if let Some(e) = g.expires_at {
+        validate_instant("expires_at", e)?;
+        if e <= now {
+            return Err(invalid("expires_at", "must be in the future"));
+        }
+        if let Some(p) = period {
+            let first = g.next_reset_at.unwrap_or_else(|| p.boundary(now, 1));
+            if e < first {
+                return Err(invalid("expires_at", "must not be before the first reset"));
+            }
+        }
+    }
+    if let Some(f) = g.overage_floor {
+        if !g.overage_allowed {
+            return Err(invalid("overage_floor", "needs overage_allowed"));
+        }
+        if f.raw() > 0 {
+            return Err(invalid("overage_floor", "must be zero or below"));
+        }
+    }
+    if let Some(r) = &g.rollover {
+        let Some(p) = period else {
+            return Err(invalid("rollover", "a balance that never resets cannot roll over"));
+        };
+        if g.unlimited {
+            return Err(invalid("rollover", "an unlimited balance cannot roll over"));
+        }
+        if r.max.is_some() && r.max_percentage.is_some() {
+            return Err(invalid("rollover", "give max or max_percentage, not both"));
+        }
+        if r.max.is_some_and(|m| m.is_negative()) {
+            return Err(invalid("rollover.max", "must not be negative"));
+        }
+        if r.max_percentage.is_some_and(|m| m.is_negative() || m > Amount::whole(100)) {
+            return Err(invalid("rollover.max_percentage", "must be between 0 and 100"));
+        }
+        match r.duration {
+            RolloverDuration::Forever if r.length.is_some() => {
+                return Err(invalid("rollover.length", "a forever rollover has no length"));
+            }
+            RolloverDuration::Forever => {}
+            RolloverDuration::Month => {
+                let months = r.length.unwrap_or(1) as i64;
+                if months == 0 {
+                    return Err(invalid("rollover.length", "must be at least 1 month"));
+                }
+                let life = months * crate::calendar::NOMINAL_MONTH_MS;
+                let periods = (life + p.nominal_ms() - 1) / p.nominal_ms();
+                if periods > MAX_ROLLOVER_PERIODS {
+                    return Err(invalid(
+                        "rollover.length",
+                        "a rollover may live at most 64 of its balance's periods",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(period)
+}
