@@ -219,7 +219,9 @@ mod tests {
     fn month_end_clamps_without_drift() {
         let p = Period::new(Interval::Month, 1).unwrap();
         let anchor = ms_of(2027, 1, 31, 10, 0);
-        let got: Vec<_> = (1..=4).map(|i| civil_from_ms(p.boundary(anchor, i))).collect();
+        let got: Vec<_> = (1..=4)
+            .map(|i| civil_from_ms(p.boundary(anchor, i)))
+            .collect();
         let want = [(2027, 2, 28), (2027, 3, 31), (2027, 4, 30), (2027, 5, 31)];
         for (g, w) in got.iter().zip(want) {
             assert_eq!((g.0, g.1, g.2), w);

@@ -5,7 +5,10 @@ use std::borrow::Cow;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     #[error("invalid {field}: {reason}")]
-    InvalidInput { field: &'static str, reason: Cow<'static, str> },
+    InvalidInput {
+        field: &'static str,
+        reason: Cow<'static, str>,
+    },
     #[error("customer not found")]
     CustomerNotFound,
     #[error("feature {0:?} not found")]
@@ -34,7 +37,10 @@ pub enum EngineError {
 
 /// Shorthand for [`EngineError::InvalidInput`].
 pub fn invalid(field: &'static str, reason: impl Into<Cow<'static, str>>) -> EngineError {
-    EngineError::InvalidInput { field, reason: reason.into() }
+    EngineError::InvalidInput {
+        field,
+        reason: reason.into(),
+    }
 }
 
 impl EngineError {

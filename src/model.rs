@@ -34,7 +34,10 @@ pub fn validate_id(field: &'static str, id: &str) -> Result<(), EngineError> {
 /// Rejects instants outside [0, 9999-12-31].
 pub fn validate_instant(field: &'static str, t: i64) -> Result<(), EngineError> {
     if !(0..=MAX_INSTANT_MS).contains(&t) {
-        return Err(invalid(field, "must be a millisecond timestamp between 1970 and 9999"));
+        return Err(invalid(
+            field,
+            "must be a millisecond timestamp between 1970 and 9999",
+        ));
     }
     Ok(())
 }
@@ -84,7 +87,10 @@ impl Catalog {
         for (i, f) in features.iter().enumerate() {
             validate_id("features.id", &f.id)?;
             if index.insert(f.id.clone(), i).is_some() {
-                return Err(invalid("features.id", format!("{:?} is defined twice", f.id)));
+                return Err(invalid(
+                    "features.id",
+                    format!("{:?} is defined twice", f.id),
+                ));
             }
         }
         for f in &features {
@@ -148,11 +154,21 @@ impl Catalog {
         let def = self
             .feature(feature)
             .ok_or_else(|| EngineError::FeatureNotFound(feature.to_string()))?;
-        let mut pools = vec![PoolCost { pool: def.id.clone(), cost: Cost::ONE }];
+        let mut pools = vec![PoolCost {
+            pool: def.id.clone(),
+            cost: Cost::ONE,
+        }];
         if def.kind == FeatureType::Metered {
             for cs in &self.features {
-                if let Some(item) = cs.credit_schema.iter().find(|i| i.metered_feature_id == feature) {
-                    pools.push(PoolCost { pool: cs.id.clone(), cost: item.credit_cost });
+                if let Some(item) = cs
+                    .credit_schema
+                    .iter()
+                    .find(|i| i.metered_feature_id == feature)
+                {
+                    pools.push(PoolCost {
+                        pool: cs.id.clone(),
+                        cost: item.credit_cost,
+                    });
                 }
             }
         }
@@ -252,7 +268,8 @@ impl Bucket {
         if !self.overage_allowed {
             0
         } else {
-            self.overage_floor.map_or(-crate::money::MAX_AMOUNT_RAW, |f| f.raw())
+            self.overage_floor
+                .map_or(-crate::money::MAX_AMOUNT_RAW, |f| f.raw())
         }
     }
 
@@ -289,7 +306,12 @@ pub struct Grant {
 impl Grant {
     /// A grant of `n` to `pool` resetting every `interval` (test convenience).
     pub fn new(pool: &str, granted: Amount, interval: Interval) -> Grant {
-        Grant { pool: pool.into(), granted, interval: Some(interval), ..Grant::default() }
+        Grant {
+            pool: pool.into(),
+            granted,
+            interval: Some(interval),
+            ..Grant::default()
+        }
     }
 }
 
@@ -345,7 +367,9 @@ pub enum FinalizeAction {
 pub enum SourceKind {
     Bucket,
     /// The rollover row of the bucket with this expiry (`None`: never).
-    Rollover { expires_at: Option<i64> },
+    Rollover {
+        expires_at: Option<i64>,
+    },
 }
 
 /// What one source gave (positive) or got back (negative).
@@ -437,7 +461,10 @@ pub struct Lock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LockState {
     Pending,
-    Finalized { outcome: StoredOutcome, forget_at: i64 },
+    Finalized {
+        outcome: StoredOutcome,
+        forget_at: i64,
+    },
 }
 
 impl Outcome {
@@ -499,14 +526,23 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { idempotency_ms: 24 * 3_600_000, finalized_lock_ms: 24 * 3_600_000 }
+        Retention {
+            idempotency_ms: 24 * 3_600_000,
+            finalized_lock_ms: 24 * 3_600_000,
+        }
     }
 }
 
 /// Checks a grant against the rules; returns the bucket's period (if any).
-pub fn validate_grant(g: &Grant, catalog: &Catalog, now: i64) -> Result<Option<Period>, EngineError> {
+pub fn validate_grant(
+    g: &Grant,
+    catalog: &Catalog,
+    now: i64,
+) -> Result<Option<Period>, EngineError> {
     validate_id("feature_id", &g.pool)?;
-    catalog.feature(&g.pool).ok_or_else(|| EngineError::FeatureNotFound(g.pool.clone()))?;
+    catalog
+        .feature(&g.pool)
+        .ok_or_else(|| EngineError::FeatureNotFound(g.pool.clone()))?;
     if let Some(id) = &g.balance_id {
         validate_id("balance_id", id)?;
     }
@@ -562,7 +598,10 @@ pub fn validate_grant(g: &Grant, catalog: &Catalog, now: i64) -> Result<Option<P
     }
     if let Some(r) = &g.rollover {
         let Some(p) = period else {
-            return Err(invalid("rollover", "a balance that never resets cannot roll over"));
+            return Err(invalid(
+                "rollover",
+                "a balance that never resets cannot roll over",
+            ));
         };
         if g.unlimited {
             return Err(invalid("rollover", "an unlimited balance cannot roll over"));
@@ -573,12 +612,20 @@ pub fn validate_grant(g: &Grant, catalog: &Catalog, now: i64) -> Result<Option<P
         if r.max.is_some_and(|m| m.is_negative()) {
             return Err(invalid("rollover.max", "must not be negative"));
         }
-        if r.max_percentage.is_some_and(|m| m.is_negative() || m > Amount::whole(100)) {
-            return Err(invalid("rollover.max_percentage", "must be between 0 and 100"));
+        if r.max_percentage
+            .is_some_and(|m| m.is_negative() || m > Amount::whole(100))
+        {
+            return Err(invalid(
+                "rollover.max_percentage",
+                "must be between 0 and 100",
+            ));
         }
         match r.duration {
             RolloverDuration::Forever if r.length.is_some() => {
-                return Err(invalid("rollover.length", "a forever rollover has no length"));
+                return Err(invalid(
+                    "rollover.length",
+                    "a forever rollover has no length",
+                ));
             }
             RolloverDuration::Forever => {}
             RolloverDuration::Month => {

@@ -172,6 +172,13 @@ impl fmt::Display for Cost {
     }
 }
 
+impl FromStr for Cost {
+    type Err = MoneyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Cost::parse(s)
+    }
+}
+
 /// What `units` (raw, ≥ 0) cost at `cost`, raw, rounded up to 4 digits:
 /// `ceil(units × cost)`. Not bounded: callers compare it with what is available.
 pub fn charge(units: i64, cost: Cost) -> i128 {

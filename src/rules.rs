@@ -5,7 +5,7 @@
 //! functions directly; `lua/lib.lua` is their line-by-line twin, and the
 //! differential test holds the two to identical answers.
 
-use crate::calendar::{add_months, Period, MAX_INSTANT_MS};
+use crate::calendar::{add_months, MAX_INSTANT_MS};
 use crate::error::{invalid, EngineError};
 use crate::model::*;
 use crate::money::{charge, cover, Amount, Cost, MAX_AMOUNT_RAW};
@@ -54,7 +54,12 @@ pub fn deduction_order(buckets: &[Bucket], pools: &[PoolCost]) -> Order {
     let mut members: Vec<(usize, usize)> = buckets
         .iter()
         .enumerate()
-        .filter_map(|(i, b)| pools.iter().position(|p| p.pool == b.pool).map(|pi| (i, pi)))
+        .filter_map(|(i, b)| {
+            pools
+                .iter()
+                .position(|p| p.pool == b.pool)
+                .map(|pi| (i, pi))
+        })
         .collect();
     members.sort_by_key(|&(i, pi)| bucket_order_key(&buckets[i], pi));
     let mut order = Order::default();
@@ -63,14 +68,31 @@ pub fn deduction_order(buckets: &[Bucket], pools: &[PoolCost]) -> Order {
         let b = &buckets[i];
         let cost = pools[pi].cost;
         if b.unlimited {
-            order.unlimited.push(Source { bucket: i, kind: SourceKind::Bucket, cost });
+            order.unlimited.push(Source {
+                bucket: i,
+                kind: SourceKind::Bucket,
+                cost,
+            });
             continue;
         }
-        order.buckets.push(Source { bucket: i, kind: SourceKind::Bucket, cost });
+        order.buckets.push(Source {
+            bucket: i,
+            kind: SourceKind::Bucket,
+            cost,
+        });
         for (row_index, row) in b.rollovers.iter().enumerate() {
             let key = (row.expires_at.unwrap_or(i64::MAX), rank, row_index);
-            let kind = SourceKind::Rollover { expires_at: row.expires_at };
-            rollovers.push((key, Source { bucket: i, kind, cost }));
+            let kind = SourceKind::Rollover {
+                expires_at: row.expires_at,
+            };
+            rollovers.push((
+                key,
+                Source {
+                    bucket: i,
+                    kind,
+                    cost,
+                },
+            ));
         }
     }
     rollovers.sort_by_key(|(key, _)| *key);
@@ -88,7 +110,10 @@ fn record(entries: &mut Vec<Entry>, buckets: &[Bucket], src: Source, amount: i64
         return;
     }
     let b = &buckets[src.bucket];
-    if let Some(e) = entries.iter_mut().find(|e| e.balance_id == b.id && e.source == src.kind) {
+    if let Some(e) = entries
+        .iter_mut()
+        .find(|e| e.balance_id == b.id && e.source == src.kind)
+    {
         e.amount = Amount::from_raw(e.amount.raw() + amount).unwrap_or(e.amount);
         e.units = Amount::from_raw(e.units.raw() + units).unwrap_or(e.units);
         return;
@@ -129,14 +154,18 @@ pub fn deduct(
         let b = &mut buckets[src.bucket];
         let available = match src.kind {
             SourceKind::Bucket => b.remaining.raw().max(0),
-            SourceKind::Rollover { expires_at } => row_mut(b, expires_at).map_or(0, |r| r.balance.raw()),
+            SourceKind::Rollover { expires_at } => {
+                row_mut(b, expires_at).map_or(0, |r| r.balance.raw())
+            }
         };
         let (took, paid) = cover(need, available, src.cost);
         if took == 0 {
             continue;
         }
         match src.kind {
-            SourceKind::Bucket => b.remaining = Amount::from_raw(b.remaining.raw() - paid).unwrap_or(b.remaining),
+            SourceKind::Bucket => {
+                b.remaining = Amount::from_raw(b.remaining.raw() - paid).unwrap_or(b.remaining)
+            }
             SourceKind::Rollover { expires_at } => {
                 if let Some(r) = row_mut(b, expires_at) {
                     r.balance = Amount::from_raw(r.balance.raw() - paid).unwrap_or(r.balance);
@@ -167,7 +196,12 @@ pub fn deduct(
 }
 
 /// `overflow`: puts what is left below zero on the first non-unlimited bucket.
-fn overflow(buckets: &mut [Bucket], order: &Order, entries: &mut Vec<Entry>, units: i64) -> Result<i64, EngineError> {
+fn overflow(
+    buckets: &mut [Bucket],
+    order: &Order,
+    entries: &mut Vec<Entry>,
+    units: i64,
+) -> Result<i64, EngineError> {
     let Some(&src) = order.buckets.first() else {
         return Ok(units);
     };
@@ -202,7 +236,13 @@ pub fn refund(buckets: &mut [Bucket], order: &Order, units: i64) -> (Vec<Entry>,
             }
             let b = &mut buckets[src.bucket];
             let r = b.remaining.raw();
-            let room = if heal { -r } else if r >= 0 { b.granted.raw() - r } else { 0 };
+            let room = if heal {
+                -r
+            } else if r >= 0 {
+                b.granted.raw() - r
+            } else {
+                0
+            };
             let (took, back) = cover(need, room, src.cost);
             if took == 0 {
                 continue;
@@ -255,10 +295,20 @@ fn fill(newest_first: Vec<RolloverRow>, cap: i64) -> Vec<RolloverRow> {
     for row in newest_first {
         match merged.last_mut() {
             Some(last) if last.expires_at == row.expires_at => {
-                last.granted = Amount::from_raw(last.granted.raw().saturating_add(row.granted.raw()).min(MAX_AMOUNT_RAW))
-                    .unwrap_or(Amount::MAX);
-                last.balance = Amount::from_raw(last.balance.raw().saturating_add(row.balance.raw()).min(MAX_AMOUNT_RAW))
-                    .unwrap_or(Amount::MAX);
+                last.granted = Amount::from_raw(
+                    last.granted
+                        .raw()
+                        .saturating_add(row.granted.raw())
+                        .min(MAX_AMOUNT_RAW),
+                )
+                .unwrap_or(Amount::MAX);
+                last.balance = Amount::from_raw(
+                    last.balance
+                        .raw()
+                        .saturating_add(row.balance.raw())
+                        .min(MAX_AMOUNT_RAW),
+                )
+                .unwrap_or(Amount::MAX);
             }
             _ => merged.push(row),
         }
@@ -273,7 +323,8 @@ fn fill(newest_first: Vec<RolloverRow>, cap: i64) -> Vec<RolloverRow> {
             continue;
         }
         row.balance = Amount::from_raw(keep).unwrap_or(Amount::ZERO);
-        row.granted = Amount::from_raw((row.granted.raw() - trimmed).max(keep)).unwrap_or(row.balance);
+        row.granted =
+            Amount::from_raw((row.granted.raw() - trimmed).max(keep)).unwrap_or(row.balance);
         kept.push(row);
     }
     kept.reverse();
@@ -300,7 +351,10 @@ pub fn reset_bucket(b: &mut Bucket, now: i64) -> bool {
     let (r0, g) = (b.remaining.raw(), b.granted.raw());
     let carry = b.carry_debt && !b.unlimited;
     if let Some(cfg) = b.rollover.clone() {
-        let cap = cfg.cap(b.granted).unwrap_or(MAX_AMOUNT_RAW).min(MAX_AMOUNT_RAW);
+        let cap = cfg
+            .cap(b.granted)
+            .unwrap_or(MAX_AMOUNT_RAW)
+            .min(MAX_AMOUNT_RAW);
         let mut rows: Vec<RolloverRow> = Vec::new();
         match cfg.lifetime_months() {
             Some(months) => {
@@ -310,10 +364,20 @@ pub fn reset_bucket(b: &mut Bucket, now: i64) -> bool {
                     let amount = remaining_after(r0, g, carry, j - 1).max(0) as i64;
                     if expires_at > now && amount > 0 {
                         let amount = Amount::from_raw(amount).unwrap_or(Amount::MAX);
-                        rows.push(RolloverRow { expires_at: Some(expires_at), granted: amount, balance: amount });
+                        rows.push(RolloverRow {
+                            expires_at: Some(expires_at),
+                            granted: amount,
+                            balance: amount,
+                        });
                     }
                 }
-                rows.extend(b.rollovers.iter().rev().filter(|r| r.expires_at.is_none_or(|e| e > now)).cloned());
+                rows.extend(
+                    b.rollovers
+                        .iter()
+                        .rev()
+                        .filter(|r| r.expires_at.is_none_or(|e| e > now))
+                        .cloned(),
+                );
             }
             None => {
                 let added = rolled_total(r0, g, carry, k).min(MAX_AMOUNT_RAW as i128) as i64;
@@ -330,7 +394,8 @@ pub fn reset_bucket(b: &mut Bucket, now: i64) -> bool {
         }
         b.rollovers = fill(rows, cap);
     }
-    let r = remaining_after(r0, g, carry, k).clamp(-(MAX_AMOUNT_RAW as i128), MAX_AMOUNT_RAW as i128);
+    let r =
+        remaining_after(r0, g, carry, k).clamp(-(MAX_AMOUNT_RAW as i128), MAX_AMOUNT_RAW as i128);
     b.remaining = Amount::from_raw_i128(r).unwrap_or(Amount::ZERO);
     b.next_reset_at = Some(period.boundary(b.anchor, last + 1).min(MAX_INSTANT_MS + 1));
     true
@@ -354,18 +419,27 @@ pub fn release_held(buckets: &mut [Bucket], lock: &Lock, at: i64) -> (Vec<Entry>
         let back = match (target, held.source) {
             (Some(i), SourceKind::Bucket) => {
                 let b = &mut buckets[i];
-                let back = held.amount.raw().min((b.granted.raw() - b.remaining.raw()).max(0));
+                let back = held
+                    .amount
+                    .raw()
+                    .min((b.granted.raw() - b.remaining.raw()).max(0));
                 b.remaining = Amount::from_raw(b.remaining.raw() + back).unwrap_or(b.remaining);
                 back
             }
-            (Some(i), SourceKind::Rollover { expires_at }) => match row_mut(&mut buckets[i], expires_at) {
-                Some(row) if expires_at.is_none_or(|e| e > at) => {
-                    let back = held.amount.raw().min((row.granted.raw() - row.balance.raw()).max(0));
-                    row.balance = Amount::from_raw(row.balance.raw() + back).unwrap_or(row.balance);
-                    back
+            (Some(i), SourceKind::Rollover { expires_at }) => {
+                match row_mut(&mut buckets[i], expires_at) {
+                    Some(row) if expires_at.is_none_or(|e| e > at) => {
+                        let back = held
+                            .amount
+                            .raw()
+                            .min((row.granted.raw() - row.balance.raw()).max(0));
+                        row.balance =
+                            Amount::from_raw(row.balance.raw() + back).unwrap_or(row.balance);
+                        back
+                    }
+                    _ => 0,
                 }
-                _ => 0,
-            },
+            }
             (None, _) => 0,
         };
         let units = if back == held.amount.raw() {
@@ -429,9 +503,9 @@ pub fn prepare(state: &mut CustomerState, now: i64, retention: Retention) -> u32
         }
         b.rollovers.retain(|r| r.expires_at.is_none_or(|e| e > now));
     }
-    state
-        .locks
-        .retain(|_, l| !matches!(l.state, LockState::Finalized { forget_at, .. } if forget_at <= now));
+    state.locks.retain(
+        |_, l| !matches!(l.state, LockState::Finalized { forget_at, .. } if forget_at <= now),
+    );
     state.idempotency.retain(|_, r| r.expires_at > now);
     resets
 }
@@ -442,15 +516,22 @@ pub fn pool_balance(buckets: &[Bucket], pool: &str) -> PoolBalance {
     members.sort_by_key(|b| bucket_order_key(b, 0));
     let sum = |f: &dyn Fn(&Bucket) -> i128| -> Amount {
         let total: i128 = members.iter().map(|b| f(b)).sum();
-        Amount::from_raw_i128(total.clamp(-(MAX_AMOUNT_RAW as i128), MAX_AMOUNT_RAW as i128)).unwrap_or(Amount::MAX)
+        Amount::from_raw_i128(total.clamp(-(MAX_AMOUNT_RAW as i128), MAX_AMOUNT_RAW as i128))
+            .unwrap_or(Amount::MAX)
     };
-    let rows = |b: &Bucket, f: fn(&RolloverRow) -> i64| -> i128 { b.rollovers.iter().map(|r| f(r) as i128).sum() };
+    let rows = |b: &Bucket, f: fn(&RolloverRow) -> i64| -> i128 {
+        b.rollovers.iter().map(|r| f(r) as i128).sum()
+    };
     let granted = sum(&|b| b.granted.raw() as i128 + rows(b, |r| r.granted.raw()));
     let remaining = sum(&|b| b.remaining.raw().max(0) as i128 + rows(b, |r| r.balance.raw()));
     let usage = sum(&|b| {
-        (b.granted.raw() - b.remaining.raw()) as i128 + rows(b, |r| r.granted.raw() - r.balance.raw())
+        (b.granted.raw() - b.remaining.raw()) as i128
+            + rows(b, |r| r.granted.raw() - r.balance.raw())
     });
-    let mut rollovers: Vec<RolloverRow> = members.iter().flat_map(|b| b.rollovers.iter().cloned()).collect();
+    let mut rollovers: Vec<RolloverRow> = members
+        .iter()
+        .flat_map(|b| b.rollovers.iter().cloned())
+        .collect();
     rollovers.sort_by_key(|r| r.expires_at.unwrap_or(i64::MAX));
     PoolBalance {
         pool: pool.to_string(),
@@ -485,10 +566,26 @@ pub fn pool_balance(buckets: &[Bucket], pool: &str) -> PoolBalance {
 /// A request that moves balances, as the rules see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Consume { feature: String, units: Amount },
-    Track { feature: String, units: Amount, behavior: OverageBehavior },
-    Reserve { lock_id: String, feature: String, units: Amount, expires_at: Option<i64> },
-    Finalize { lock_id: String, action: FinalizeAction, override_units: Option<Amount> },
+    Consume {
+        feature: String,
+        units: Amount,
+    },
+    Track {
+        feature: String,
+        units: Amount,
+        behavior: OverageBehavior,
+    },
+    Reserve {
+        lock_id: String,
+        feature: String,
+        units: Amount,
+        expires_at: Option<i64>,
+    },
+    Finalize {
+        lock_id: String,
+        action: FinalizeAction,
+        override_units: Option<Amount>,
+    },
 }
 
 impl Op {
@@ -497,15 +594,32 @@ impl Op {
     pub fn fingerprint(&self) -> String {
         match self {
             Op::Consume { feature, units } => format!("consume\x1f{feature}\x1f{}", units.raw()),
-            Op::Track { feature, units, behavior } => {
-                format!("track\x1f{feature}\x1f{}\x1f{}", units.raw(), behavior.as_str())
+            Op::Track {
+                feature,
+                units,
+                behavior,
+            } => {
+                format!(
+                    "track\x1f{feature}\x1f{}\x1f{}",
+                    units.raw(),
+                    behavior.as_str()
+                )
             }
-            Op::Reserve { lock_id, feature, units, expires_at } => format!(
+            Op::Reserve {
+                lock_id,
+                feature,
+                units,
+                expires_at,
+            } => format!(
                 "reserve\x1f{lock_id}\x1f{feature}\x1f{}\x1f{}",
                 units.raw(),
                 expires_at.map_or(String::new(), |e| e.to_string())
             ),
-            Op::Finalize { lock_id, action, override_units } => format!(
+            Op::Finalize {
+                lock_id,
+                action,
+                override_units,
+            } => format!(
                 "finalize\x1f{lock_id}\x1f{}\x1f{}",
                 matches!(action, FinalizeAction::Confirm) as u8,
                 override_units.map_or(String::new(), |u| u.raw().to_string())
@@ -516,7 +630,9 @@ impl Op {
     /// The feature whose pools the answer shows (finalize: the lock's).
     pub fn feature<'a>(&'a self, state: &'a CustomerState) -> Option<&'a str> {
         match self {
-            Op::Consume { feature, .. } | Op::Track { feature, .. } | Op::Reserve { feature, .. } => Some(feature),
+            Op::Consume { feature, .. }
+            | Op::Track { feature, .. }
+            | Op::Reserve { feature, .. } => Some(feature),
             Op::Finalize { lock_id, .. } => state.locks.get(lock_id).map(|l| l.feature.as_str()),
         }
     }
@@ -537,7 +653,11 @@ impl Op {
             }
         }
         match self {
-            Op::Reserve { lock_id, expires_at, .. } => {
+            Op::Reserve {
+                lock_id,
+                expires_at,
+                ..
+            } => {
                 validate_id("lock_id", lock_id)?;
                 if let Some(e) = *expires_at {
                     validate_instant("expires_at", e)?;
@@ -581,22 +701,37 @@ pub fn apply(
             if rec.fingerprint != fingerprint {
                 return Err(EngineError::IdempotencyKeyReused);
             }
-            return Ok(Applied { outcome: rec.outcome.clone(), replayed: true });
+            return Ok(Applied {
+                outcome: rec.outcome.clone(),
+                replayed: true,
+            });
         }
     }
     let (outcome, replayed) = run(state, catalog, op, now, retention)?;
     if let (Some(key), false) = (idempotency_key, replayed) {
         let expires_at = now.saturating_add(retention.idempotency_ms);
-        state
-            .idempotency
-            .insert(key.to_string(), IdempotencyRecord { fingerprint, outcome: outcome.clone(), expires_at });
+        state.idempotency.insert(
+            key.to_string(),
+            IdempotencyRecord {
+                fingerprint,
+                outcome: outcome.clone(),
+                expires_at,
+            },
+        );
     }
     Ok(Applied { outcome, replayed })
 }
 
-fn owned_pools(state: &CustomerState, catalog: &Catalog, feature: &str) -> Result<Vec<PoolCost>, EngineError> {
+fn owned_pools(
+    state: &CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+) -> Result<Vec<PoolCost>, EngineError> {
     let pools = catalog.pools_for(feature)?;
-    Ok(pools.into_iter().filter(|p| state.buckets.iter().any(|b| b.pool == p.pool)).collect())
+    Ok(pools
+        .into_iter()
+        .filter(|p| state.buckets.iter().any(|b| b.pool == p.pool))
+        .collect())
 }
 
 fn outcome(allowed: bool, entries: Vec<Entry>, uncovered: i64) -> StoredOutcome {
@@ -610,11 +745,22 @@ fn outcome(allowed: bool, entries: Vec<Entry>, uncovered: i64) -> StoredOutcome 
 }
 
 fn no_balance(units: Amount, insufficient: bool) -> StoredOutcome {
-    StoredOutcome { allowed: false, entries: vec![], uncovered: units.abs(), no_balance: true, insufficient }
+    StoredOutcome {
+        allowed: false,
+        entries: vec![],
+        uncovered: units.abs(),
+        no_balance: true,
+        insufficient,
+    }
 }
 
 /// Dry-runs a consume: exactly what consume would answer at this instant.
-pub fn check(state: &CustomerState, catalog: &Catalog, feature: &str, units: Amount) -> Result<StoredOutcome, EngineError> {
+pub fn check(
+    state: &CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+    units: Amount,
+) -> Result<StoredOutcome, EngineError> {
     validate_id("feature_id", feature)?;
     if units.is_negative() {
         return Err(invalid("required_balance", "must not be negative"));
@@ -626,7 +772,11 @@ pub fn check(state: &CustomerState, catalog: &Catalog, feature: &str, units: Amo
     let mut work = state.buckets.clone();
     let order = deduction_order(&work, &pools);
     let (entries, rest) = deduct(&mut work, &order, units.raw())?;
-    Ok(if rest > 0 { outcome(false, vec![], rest) } else { outcome(true, entries, 0) })
+    Ok(if rest > 0 {
+        outcome(false, vec![], rest)
+    } else {
+        outcome(true, entries, 0)
+    })
 }
 
 fn run(
@@ -644,7 +794,12 @@ fn run(
             }
             Ok((out, false))
         }
-        Op::Reserve { lock_id, feature, units, expires_at } => {
+        Op::Reserve {
+            lock_id,
+            feature,
+            units,
+            expires_at,
+        } => {
             if matches!(state.locks.get(lock_id), Some(l) if l.state == LockState::Pending) {
                 return Err(EngineError::LockAlreadyExists(lock_id.clone()));
             }
@@ -655,7 +810,11 @@ fn run(
                     .entries
                     .iter()
                     .map(|e| {
-                        let marker = state.buckets.iter().find(|b| b.id == e.balance_id).and_then(|b| b.next_reset_at);
+                        let marker = state
+                            .buckets
+                            .iter()
+                            .find(|b| b.id == e.balance_id)
+                            .and_then(|b| b.next_reset_at);
                         (e.clone(), marker)
                     })
                     .collect();
@@ -670,9 +829,21 @@ fn run(
             }
             Ok((out, false))
         }
-        Op::Track { feature, units, behavior } => Ok((track(state, catalog, feature, *units, *behavior)?, false)),
-        Op::Finalize { lock_id, action, override_units } => {
-            let lock = state.locks.get(lock_id).cloned().ok_or_else(|| EngineError::LockNotFound(lock_id.clone()))?;
+        Op::Track {
+            feature,
+            units,
+            behavior,
+        } => Ok((track(state, catalog, feature, *units, *behavior)?, false)),
+        Op::Finalize {
+            lock_id,
+            action,
+            override_units,
+        } => {
+            let lock = state
+                .locks
+                .get(lock_id)
+                .cloned()
+                .ok_or_else(|| EngineError::LockNotFound(lock_id.clone()))?;
             if let LockState::Finalized { outcome, .. } = lock.state {
                 return Ok((outcome, true));
             }
@@ -695,7 +866,10 @@ fn run(
             };
             let forget_at = now.saturating_add(retention.finalized_lock_ms);
             if let Some(l) = state.locks.get_mut(lock_id) {
-                l.state = LockState::Finalized { outcome: out.clone(), forget_at };
+                l.state = LockState::Finalized {
+                    outcome: out.clone(),
+                    forget_at,
+                };
             }
             Ok((out, false))
         }
@@ -703,7 +877,12 @@ fn run(
 }
 
 /// Applies entries that [`check`] computed on a copy (consume and reserve).
-fn commit(state: &mut CustomerState, catalog: &Catalog, feature: &str, entries: &[Entry]) -> Result<(), EngineError> {
+fn commit(
+    state: &mut CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+    entries: &[Entry],
+) -> Result<(), EngineError> {
     let pools = owned_pools(state, catalog, feature)?;
     let order = deduction_order(&state.buckets, &pools);
     let units: i64 = entries.iter().map(|e| e.units.raw()).sum();
@@ -721,7 +900,10 @@ fn track(
 ) -> Result<StoredOutcome, EngineError> {
     let pools = owned_pools(state, catalog, feature)?;
     if pools.is_empty() {
-        return Ok(no_balance(units, behavior == OverageBehavior::Reject && units.raw() > 0));
+        return Ok(no_balance(
+            units,
+            behavior == OverageBehavior::Reject && units.raw() > 0,
+        ));
     }
     let mut work = state.buckets.clone();
     let order = deduction_order(&work, &pools);
@@ -751,7 +933,12 @@ fn track(
 /// Adds a bucket. Validation per [`validate_grant`]; an existing balance id is
 /// `BalanceAlreadyExists`; at most [`MAX_BUCKETS_PER_CUSTOMER`]. Generated ids
 /// are `b<seq>`, skipping any the caller already took.
-pub fn grant(state: &mut CustomerState, catalog: &Catalog, g: &Grant, now: i64) -> Result<String, EngineError> {
+pub fn grant(
+    state: &mut CustomerState,
+    catalog: &Catalog,
+    g: &Grant,
+    now: i64,
+) -> Result<String, EngineError> {
     let period = validate_grant(g, catalog, now)?;
     if let Some(id) = &g.balance_id {
         if state.buckets.iter().any(|b| &b.id == id) {
@@ -802,10 +989,18 @@ pub fn grant(state: &mut CustomerState, catalog: &Catalog, g: &Grant, now: i64) 
 
 /// Sets a bucket's remaining, or adds to it. Without a balance id, the pool's
 /// first bucket in deduction order.
-pub fn update_bucket(state: &mut CustomerState, catalog: &Catalog, u: &BucketUpdate) -> Result<(), EngineError> {
+pub fn update_bucket(
+    state: &mut CustomerState,
+    catalog: &Catalog,
+    u: &BucketUpdate,
+) -> Result<(), EngineError> {
     validate_id("feature_id", &u.pool)?;
-    catalog.feature(&u.pool).ok_or_else(|| EngineError::FeatureNotFound(u.pool.clone()))?;
-    let mut members: Vec<usize> = (0..state.buckets.len()).filter(|&i| state.buckets[i].pool == u.pool).collect();
+    catalog
+        .feature(&u.pool)
+        .ok_or_else(|| EngineError::FeatureNotFound(u.pool.clone()))?;
+    let mut members: Vec<usize> = (0..state.buckets.len())
+        .filter(|&i| state.buckets[i].pool == u.pool)
+        .collect();
     members.sort_by_key(|&i| bucket_order_key(&state.buckets[i], 0));
     let target = match &u.balance_id {
         Some(id) => members.into_iter().find(|&i| &state.buckets[i].id == id),
@@ -820,4 +1015,3 @@ pub fn update_bucket(state: &mut CustomerState, catalog: &Catalog, u: &BucketUpd
     b.remaining = Amount::from_raw_i128(next).ok_or(EngineError::AmountOutOfRange)?;
     Ok(())
 }
-

@@ -27,7 +27,12 @@ pub struct MemoryEngine {
 
 impl MemoryEngine {
     pub fn new(catalog: Arc<Catalog>, clock: Arc<dyn Clock>, retention: Retention) -> MemoryEngine {
-        MemoryEngine { catalog, clock, retention, shards: (0..SHARDS).map(|_| Mutex::default()).collect() }
+        MemoryEngine {
+            catalog,
+            clock,
+            retention,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -52,7 +57,9 @@ impl MemoryEngine {
         validate_id("customer_id", customer_id)?;
         let now = self.clock.now_ms();
         let mut shard = self.shard(customer_id);
-        let state = shard.get_mut(customer_id).ok_or(EngineError::CustomerNotFound)?;
+        let state = shard
+            .get_mut(customer_id)
+            .ok_or(EngineError::CustomerNotFound)?;
         rules::prepare(state, now, self.retention);
         // Work on a copy so an error leaves nothing half-done.
         let mut work = state.clone();
@@ -65,12 +72,24 @@ impl MemoryEngine {
         let Some(Ok(pools)) = feature.map(|f| self.catalog.pools_for(f)) else {
             return vec![];
         };
-        pools.iter().map(|p| rules::pool_balance(&state.buckets, &p.pool)).collect()
+        pools
+            .iter()
+            .map(|p| rules::pool_balance(&state.buckets, &p.pool))
+            .collect()
     }
 
     /// Every customer id (the periodic reset task's view of this engine).
     pub fn customer_ids(&self) -> Vec<String> {
-        self.shards.iter().flat_map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect::<Vec<_>>()).collect()
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 
@@ -96,21 +115,39 @@ impl Engine for MemoryEngine {
     }
 
     async fn grant(&self, customer_id: &str, grant: &Grant) -> Result<String, EngineError> {
-        self.with_customer(customer_id, |s, now| rules::grant(s, &self.catalog, grant, now))
+        self.with_customer(customer_id, |s, now| {
+            rules::grant(s, &self.catalog, grant, now)
+        })
     }
 
-    async fn update_bucket(&self, customer_id: &str, update: &BucketUpdate) -> Result<(), EngineError> {
-        self.with_customer(customer_id, |s, _| rules::update_bucket(s, &self.catalog, update))
+    async fn update_bucket(
+        &self,
+        customer_id: &str,
+        update: &BucketUpdate,
+    ) -> Result<(), EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            rules::update_bucket(s, &self.catalog, update)
+        })
     }
 
-    async fn check(&self, customer_id: &str, feature: &str, units: Amount) -> Result<Outcome, EngineError> {
+    async fn check(
+        &self,
+        customer_id: &str,
+        feature: &str,
+        units: Amount,
+    ) -> Result<Outcome, EngineError> {
         self.with_customer(customer_id, |s, _| {
             let stored = rules::check(s, &self.catalog, feature, units)?;
             Ok(Outcome::new(stored, false, self.pools_of(s, Some(feature))))
         })
     }
 
-    async fn apply(&self, customer_id: &str, op: &Op, key: Option<&str>) -> Result<Outcome, EngineError> {
+    async fn apply(
+        &self,
+        customer_id: &str,
+        op: &Op,
+        key: Option<&str>,
+    ) -> Result<Outcome, EngineError> {
         self.with_customer(customer_id, |s, now| {
             let applied = rules::apply(s, &self.catalog, op, key, now, self.retention)?;
             let pools = self.pools_of(s, op.feature(s));
@@ -127,7 +164,11 @@ impl Engine for MemoryEngine {
                 .filter(|f| s.buckets.iter().any(|b| b.pool == f.id))
                 .map(|f| rules::pool_balance(&s.buckets, &f.id))
                 .collect();
-            Ok(CustomerBalances { customer_id: s.id.clone(), created_at: s.created_at, pools })
+            Ok(CustomerBalances {
+                customer_id: s.id.clone(),
+                created_at: s.created_at,
+                pools,
+            })
         })
     }
 
@@ -135,7 +176,9 @@ impl Engine for MemoryEngine {
         validate_id("customer_id", customer_id)?;
         let now = self.clock.now_ms();
         let mut shard = self.shard(customer_id);
-        let state = shard.get_mut(customer_id).ok_or(EngineError::CustomerNotFound)?;
+        let state = shard
+            .get_mut(customer_id)
+            .ok_or(EngineError::CustomerNotFound)?;
         Ok(rules::prepare(state, now, self.retention))
     }
 }

@@ -25,7 +25,9 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> i64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
     }
 }
 
@@ -66,21 +68,44 @@ pub trait Engine: Send + Sync + 'static {
     /// Adds a bucket; returns its balance id.
     async fn grant(&self, customer_id: &str, grant: &Grant) -> Result<String, EngineError>;
     /// Sets a bucket's remaining or adds to it.
-    async fn update_bucket(&self, customer_id: &str, update: &BucketUpdate) -> Result<(), EngineError>;
+    async fn update_bucket(
+        &self,
+        customer_id: &str,
+        update: &BucketUpdate,
+    ) -> Result<(), EngineError>;
     /// The exact dry run of consume; changes no balance.
-    async fn check(&self, customer_id: &str, feature: &str, units: Amount) -> Result<Outcome, EngineError>;
+    async fn check(
+        &self,
+        customer_id: &str,
+        feature: &str,
+        units: Amount,
+    ) -> Result<Outcome, EngineError>;
     /// Consume, track, reserve or finalize, with an optional idempotency key.
     /// `track` with `reject` answers `insufficient: true` rather than an error
     /// here, so a caller can tell a replayed refusal; see [`Engine::track`].
-    async fn apply(&self, customer_id: &str, op: &Op, idempotency_key: Option<&str>) -> Result<Outcome, EngineError>;
+    async fn apply(
+        &self,
+        customer_id: &str,
+        op: &Op,
+        idempotency_key: Option<&str>,
+    ) -> Result<Outcome, EngineError>;
     /// Every owned pool's balance.
     async fn balances(&self, customer_id: &str) -> Result<CustomerBalances, EngineError>;
     /// Applies due resets, releases expired locks, forgets old records.
     /// Returns how many buckets reset.
     async fn reset_due(&self, customer_id: &str) -> Result<u32, EngineError>;
 
-    async fn consume(&self, customer_id: &str, feature: &str, units: Amount, key: Option<&str>) -> Result<Outcome, EngineError> {
-        let op = Op::Consume { feature: feature.into(), units };
+    async fn consume(
+        &self,
+        customer_id: &str,
+        feature: &str,
+        units: Amount,
+        key: Option<&str>,
+    ) -> Result<Outcome, EngineError> {
+        let op = Op::Consume {
+            feature: feature.into(),
+            units,
+        };
         self.apply(customer_id, &op, key).await
     }
 
@@ -93,7 +118,11 @@ pub trait Engine: Send + Sync + 'static {
         behavior: OverageBehavior,
         key: Option<&str>,
     ) -> Result<Outcome, EngineError> {
-        let op = Op::Track { feature: feature.into(), units, behavior };
+        let op = Op::Track {
+            feature: feature.into(),
+            units,
+            behavior,
+        };
         let out = self.apply(customer_id, &op, key).await?;
         if out.insufficient {
             return Err(EngineError::InsufficientBalance);
@@ -110,7 +139,12 @@ pub trait Engine: Send + Sync + 'static {
         expires_at: Option<i64>,
         key: Option<&str>,
     ) -> Result<Outcome, EngineError> {
-        let op = Op::Reserve { lock_id: lock_id.into(), feature: feature.into(), units, expires_at };
+        let op = Op::Reserve {
+            lock_id: lock_id.into(),
+            feature: feature.into(),
+            units,
+            expires_at,
+        };
         self.apply(customer_id, &op, key).await
     }
 
@@ -122,7 +156,11 @@ pub trait Engine: Send + Sync + 'static {
         override_units: Option<Amount>,
         key: Option<&str>,
     ) -> Result<Outcome, EngineError> {
-        let op = Op::Finalize { lock_id: lock_id.into(), action, override_units };
+        let op = Op::Finalize {
+            lock_id: lock_id.into(),
+            action,
+            override_units,
+        };
         self.apply(customer_id, &op, key).await
     }
 }

@@ -1,0 +1,425 @@
+//! The sidecar's configuration: a TOML file plus `CREDITGATE_*` environment
+//! overrides for every top-level setting.
+//!
+//! Parsing is a pure function of the file's text and a map of environment
+//! variables ([`Config::parse`]), so tests pass a map instead of touching the
+//! process environment. Every error names the key it is about, and is found
+//! before a port is bound.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::calendar::Interval;
+use crate::model::{validate_grant, Catalog, FeatureDef, Grant, RolloverConfig, RolloverDuration, MAX_ID_BYTES};
+use crate::money::Amount;
+
+/// The prefix of every environment override.
+pub const ENV_PREFIX: &str = "CREDITGATE_";
+
+/// A configuration error: the key it is about and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError { key: key.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "configuration key `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// What the customer object reports as its `env` (the Autumn SDKs require
+/// `sandbox` or `live`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployEnv {
+    Sandbox,
+    #[default]
+    Live,
+}
+
+impl DeployEnv {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployEnv::Sandbox => "sandbox",
+            DeployEnv::Live => "live",
+        }
+    }
+}
+
+/// One item of a plan: a bucket `billing.attach` grants, anchored at the
+/// moment of attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanItem {
+    pub feature_id: String,
+    /// The grant per period (default 0: only valid with `unlimited` or
+    /// `overage_allowed`).
+    #[serde(default)]
+    pub included: Amount,
+    /// Default `one_off`: granted once, never resets.
+    #[serde(default = "one_off")]
+    pub interval: Interval,
+    #[serde(default)]
+    pub interval_count: Option<u32>,
+    #[serde(default)]
+    pub rollover: Option<RolloverConfig>,
+    #[serde(default)]
+    pub unlimited: bool,
+    #[serde(default)]
+    pub overage_allowed: bool,
+    #[serde(default)]
+    pub overage_floor: Option<Amount>,
+    #[serde(default)]
+    pub carry_debt: bool,
+}
+
+fn one_off() -> Interval {
+    Interval::OneOff
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub id: String,
+    #[serde(default)]
+    pub items: Vec<PlanItem>,
+}
+
+impl Plan {
+    /// The deterministic balance id of item `index`: `<plan>:<feature>`, and
+    /// `<plan>:<feature>:<n>` for the n-th (n ≥ 2) item on the same feature.
+    /// Deterministic ids make a racing double attach collide on
+    /// `BalanceAlreadyExists` instead of granting twice.
+    pub fn balance_id(&self, index: usize) -> String {
+        let feature = &self.items[index].feature_id;
+        let nth = self.items[..index].iter().filter(|i| &i.feature_id == feature).count() + 1;
+        if nth == 1 {
+            format!("{}:{}", self.id, feature)
+        } else {
+            format!("{}:{}:{}", self.id, feature, nth)
+        }
+    }
+
+    /// The grant of item `index`, anchored at the engine's now.
+    pub fn grant(&self, index: usize) -> Grant {
+        let item = &self.items[index];
+        let mut rollover = item.rollover.clone();
+        // A forever rollover carries no length (Autumn sends one anyway).
+        if let Some(r) = &mut rollover {
+            if r.duration == RolloverDuration::Forever {
+                r.length = None;
+            }
+        }
+        Grant {
+            pool: item.feature_id.clone(),
+            balance_id: Some(self.balance_id(index)),
+            plan_id: Some(self.id.clone()),
+            granted: item.included,
+            interval: Some(item.interval),
+            interval_count: item.interval_count,
+            next_reset_at: None,
+            expires_at: None,
+            rollover,
+            unlimited: item.unlimited,
+            overage_allowed: item.overage_allowed,
+            overage_floor: item.overage_floor,
+            carry_debt: item.carry_debt,
+        }
+    }
+}
+
+/// The file as written (before validation).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default)]
+    redis_url: Option<String>,
+    #[serde(default)]
+    redis_cluster: Option<Vec<String>>,
+    #[serde(default)]
+    api_keys: Vec<String>,
+    #[serde(default)]
+    admin_keys: Vec<String>,
+    #[serde(default)]
+    log_format: LogFormat,
+    #[serde(default = "default_idempotency_ttl")]
+    idempotency_ttl_secs: u64,
+    #[serde(default)]
+    env: DeployEnv,
+    #[serde(default)]
+    features: Vec<FeatureDef>,
+    #[serde(default)]
+    plans: Vec<Plan>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+
+fn default_idempotency_ttl() -> u64 {
+    24 * 3600
+}
+
+/// The kinds of the top-level settings, for parsing environment overrides.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    List,
+    Int,
+}
+
+const TOP_LEVEL: &[(&str, Kind)] = &[
+    ("listen", Kind::Str),
+    ("redis_url", Kind::Str),
+    ("redis_cluster", Kind::List),
+    ("api_keys", Kind::List),
+    ("admin_keys", Kind::List),
+    ("log_format", Kind::Str),
+    ("idempotency_ttl_secs", Kind::Int),
+    ("env", Kind::Str),
+];
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster.
+    pub redis_cluster: Option<Vec<String>>,
+    pub api_keys: Vec<String>,
+    pub admin_keys: Vec<String>,
+    pub log_format: LogFormat,
+    /// How long idempotency records (and finalized locks) are remembered.
+    pub idempotency_ttl_secs: u64,
+    pub env: DeployEnv,
+    pub catalog: Arc<Catalog>,
+    pub plans: Vec<Plan>,
+}
+
+impl Config {
+    /// Parses the file's text with the environment's overrides (only
+    /// `CREDITGATE_*` variables are read; lists are comma-separated). `now`
+    /// is the instant plan items are validated against.
+    pub fn parse(text: &str, env: &BTreeMap<String, String>, now: i64) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::new("(file)", format!("not valid TOML: {}", e.message()))
+        })?;
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let key = key.to_ascii_lowercase();
+            let Some((_, kind)) = TOP_LEVEL.iter().find(|(k, _)| *k == key) else {
+                if key == "features" || key == "plans" {
+                    return Err(ConfigError::new(name.clone(), "features and plans come from the file only"));
+                }
+                continue;
+            };
+            let v = match kind {
+                Kind::Str => toml::Value::String(value.clone()),
+                Kind::List => toml::Value::Array(
+                    value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| toml::Value::String(s.to_string()))
+                        .collect(),
+                ),
+                Kind::Int => toml::Value::Integer(
+                    value.trim().parse().map_err(|_| ConfigError::new(name.clone(), "must be a whole number"))?,
+                ),
+            };
+            table.insert(key, v);
+        }
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." { "(file)".to_string() } else { path };
+            ConfigError::new(key, e.into_inner().message().to_string())
+        })?;
+        Config::validate(raw, now)
+    }
+
+    /// Reads `path` and the process environment.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
+        let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        Config::parse(&text, &env, crate::engine::Clock::now_ms(&crate::engine::SystemClock))
+    }
+
+    fn validate(raw: RawConfig, now: i64) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|_| ConfigError::new("listen", format!("{:?} is not an address like 127.0.0.1:8080", raw.listen)))?;
+        if raw.redis_url.is_some() && raw.redis_cluster.is_some() {
+            return Err(ConfigError::new("redis_cluster", "give redis_url or redis_cluster, not both"));
+        }
+        if let Some(url) = &raw.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                return Err(ConfigError::new("redis_url", "must start with redis://, rediss:// or unix://"));
+            }
+        }
+        if let Some(nodes) = &raw.redis_cluster {
+            if nodes.is_empty() {
+                return Err(ConfigError::new("redis_cluster", "must list at least one node"));
+            }
+        }
+        for (field, keys) in [("api_keys", &raw.api_keys), ("admin_keys", &raw.admin_keys)] {
+            for (i, k) in keys.iter().enumerate() {
+                if k.trim().is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(ConfigError::new(
+                        format!("{field}[{i}]"),
+                        "must be non-empty, without spaces or control characters",
+                    ));
+                }
+            }
+        }
+        if raw.idempotency_ttl_secs == 0 || raw.idempotency_ttl_secs > 366 * 24 * 3600 {
+            return Err(ConfigError::new("idempotency_ttl_secs", "must be between 1 and 31622400 (366 days)"));
+        }
+        let catalog = Catalog::new(raw.features).map_err(|e| ConfigError::new("features", e.to_string()))?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (p, plan) in raw.plans.iter().enumerate() {
+            crate::model::validate_id("plans.id", &plan.id)
+                .map_err(|e| ConfigError::new(format!("plans[{p}].id"), e.to_string()))?;
+            if !seen.insert(plan.id.clone()) {
+                return Err(ConfigError::new(format!("plans[{p}].id"), format!("{:?} is defined twice", plan.id)));
+            }
+            if plan.items.len() > crate::model::MAX_BUCKETS_PER_CUSTOMER {
+                return Err(ConfigError::new(format!("plans[{p}].items"), "at most 64 items"));
+            }
+            for i in 0..plan.items.len() {
+                let key = format!("plans[{p}].items[{i}]");
+                if plan.balance_id(i).len() > MAX_ID_BYTES {
+                    return Err(ConfigError::new(
+                        key,
+                        "plan id and feature id together must fit in a 256-byte balance id",
+                    ));
+                }
+                let grant = plan.grant(i);
+                validate_grant(&grant, &catalog, now).map_err(|e| ConfigError::new(key, e.to_string()))?;
+            }
+        }
+        Ok(Config {
+            listen,
+            redis_url: raw.redis_url,
+            redis_cluster: raw.redis_cluster,
+            api_keys: raw.api_keys,
+            admin_keys: raw.admin_keys,
+            log_format: raw.log_format,
+            idempotency_ttl_secs: raw.idempotency_ttl_secs,
+            env: raw.env,
+            catalog: Arc::new(catalog),
+            plans: raw.plans,
+        })
+    }
+
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+        [[features]]
+        id = "basic_message"
+        [[features]]
+        id = "premium_message"
+        [[features]]
+        id = "credits"
+        type = "credit_system"
+        credit_schema = [
+          { metered_feature_id = "basic_message", credit_cost = 1 },
+          { metered_feature_id = "premium_message", credit_cost = 10 },
+        ]
+        [[plans]]
+        id = "pro"
+        items = [{ feature_id = "credits", included = 200, interval = "month" }]
+    "#;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn parses_the_seed_with_defaults() {
+        let c = Config::parse(SEED, &env(&[]), 0).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.plans[0].balance_id(0), "pro:credits");
+        assert_eq!(c.plans[0].items[0].included, Amount::whole(200));
+        assert_eq!(c.idempotency_ttl_secs, 86_400);
+    }
+
+    #[test]
+    fn env_overrides_top_level_keys() {
+        let e = env(&[
+            ("CREDITGATE_LISTEN", "0.0.0.0:9000"),
+            ("CREDITGATE_API_KEYS", "sk_a, sk_b"),
+            ("CREDITGATE_IDEMPOTENCY_TTL_SECS", "60"),
+            ("OTHER", "x"),
+        ]);
+        let c = Config::parse(SEED, &e, 0).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.api_keys, vec!["sk_a", "sk_b"]);
+        assert_eq!(c.idempotency_ttl_secs, 60);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let both = env(&[("CREDITGATE_REDIS_URL", "redis://a"), ("CREDITGATE_REDIS_CLUSTER", "a:1")]);
+        assert_eq!(Config::parse(SEED, &both, 0).unwrap_err().key, "redis_cluster");
+        let e = Config::parse("listen = \"nope\"", &env(&[]), 0).unwrap_err();
+        assert_eq!(e.key, "listen");
+        let e = Config::parse("listen = 5", &env(&[]), 0).unwrap_err();
+        assert_eq!(e.key, "listen");
+        let e = Config::parse("lisen = \"a\"", &env(&[]), 0).unwrap_err();
+        assert!(e.message.contains("lisen"), "{e}");
+        let e = Config::parse(SEED, &env(&[("CREDITGATE_IDEMPOTENCY_TTL_SECS", "x")]), 0).unwrap_err();
+        assert_eq!(e.key, "CREDITGATE_IDEMPOTENCY_TTL_SECS");
+        let bad_plan = format!("{SEED}\n[[plans]]\nid = \"x\"\nitems = [{{ feature_id = \"nope\", included = 1 }}]");
+        let e = Config::parse(&bad_plan, &env(&[]), 0).unwrap_err();
+        assert_eq!(e.key, "plans[1].items[0]");
+        assert!(e.message.contains("nope"), "{e}");
+        let bad_amount = SEED.replace("included = 200", "included = 0.00001");
+        let e = Config::parse(&bad_amount, &env(&[]), 0).unwrap_err();
+        assert_eq!(e.key, "plans[0].items[0].included");
+    }
+
+    #[test]
+    fn repeated_features_in_a_plan_get_distinct_ids() {
+        let text = format!(
+            "{SEED}\n[[plans]]\nid = \"two\"\nitems = [{{ feature_id = \"credits\", included = 1, interval = \"month\" }}, {{ feature_id = \"credits\", included = 5 }}]"
+        );
+        let c = Config::parse(&text, &env(&[]), 0).unwrap();
+        let p = c.plan("two").unwrap();
+        assert_eq!(p.balance_id(0), "two:credits");
+        assert_eq!(p.balance_id(1), "two:credits:2");
+    }
+}

@@ -1,0 +1,149 @@
+//! The one error type every route answers with: `{message, code}` and the
+//! status Autumn uses for that code.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::EngineError;
+
+/// An error answer. The `message` never carries an internal detail for 5xx.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400 `invalid_inputs`: the message names the field and why.
+    InvalidInputs(String),
+    /// 400 `insufficient_balance` (track with `reject`).
+    InsufficientBalance,
+    /// 401 `no_secret_key`.
+    NoSecretKey,
+    /// 401 `invalid_secret_key`.
+    InvalidSecretKey,
+    /// 403 `forbidden`: an application key on an admin route.
+    Forbidden,
+    /// 404 with the given code (`customer_not_found`, `feature_not_found`,
+    /// `plan_not_found`, `lock_not_found`, `balance_not_found`, `not_found`).
+    NotFound { code: &'static str, message: String },
+    /// 405 `method_not_allowed`.
+    MethodNotAllowed,
+    /// 409 with the given code (`idempotency_key_reused`,
+    /// `lock_already_exists`, `balance_already_exists`).
+    Conflict { code: &'static str, message: String },
+    /// 413 `payload_too_large`.
+    PayloadTooLarge,
+    /// 500 `internal_error`; the detail is logged, never sent.
+    Internal(String),
+    /// 503 `store_unavailable`; the detail is logged, never sent.
+    StoreUnavailable(String),
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub message: String,
+    pub code: String,
+}
+
+/// Marks a response whose error came from the store (for `/metrics`).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreErrorMark;
+
+/// The largest request body, in bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+impl ApiError {
+    pub fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
+        ApiError::InvalidInputs(format!("invalid {field}: {reason}"))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidInputs(_) | ApiError::InsufficientBalance => StatusCode::BAD_REQUEST,
+            ApiError::NoSecretKey | ApiError::InvalidSecretKey => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidInputs(_) => "invalid_inputs",
+            ApiError::InsufficientBalance => "insufficient_balance",
+            ApiError::NoSecretKey => "no_secret_key",
+            ApiError::InvalidSecretKey => "invalid_secret_key",
+            ApiError::Forbidden => "forbidden",
+            ApiError::NotFound { code, .. } | ApiError::Conflict { code, .. } => code,
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::Internal(_) => "internal_error",
+            ApiError::StoreUnavailable(_) => "store_unavailable",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::InvalidInputs(m) => m.clone(),
+            ApiError::InsufficientBalance => "insufficient balance".into(),
+            ApiError::NoSecretKey => "no secret key: send Authorization: Bearer <key>".into(),
+            ApiError::InvalidSecretKey => "invalid secret key".into(),
+            ApiError::Forbidden => "this key may not use this route".into(),
+            ApiError::NotFound { message, .. } | ApiError::Conflict { message, .. } => message.clone(),
+            ApiError::MethodNotAllowed => "method not allowed".into(),
+            ApiError::PayloadTooLarge => format!("request body over {} bytes", MAX_BODY_BYTES),
+            ApiError::Internal(_) => "internal error".into(),
+            ApiError::StoreUnavailable(_) => "store unavailable".into(),
+        }
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::NotFound { code, message: message.into() }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        match e {
+            EngineError::InvalidInput { .. } => ApiError::InvalidInputs(e.to_string()),
+            EngineError::AmountOutOfRange => {
+                ApiError::InvalidInputs("invalid value: the result would leave a balance outside ±1e11".into())
+            }
+            EngineError::TooManyBuckets(n) => {
+                ApiError::InvalidInputs(format!("invalid feature_id: a customer may hold at most {n} balances"))
+            }
+            EngineError::CustomerNotFound => ApiError::not_found("customer_not_found", "customer not found"),
+            EngineError::FeatureNotFound(ref f) => ApiError::not_found("feature_not_found", format!("feature {f:?} not found")),
+            EngineError::BalanceNotFound => ApiError::not_found("balance_not_found", "balance not found"),
+            EngineError::LockNotFound(ref l) => ApiError::not_found("lock_not_found", format!("lock {l:?} not found")),
+            EngineError::BalanceAlreadyExists(_) | EngineError::LockAlreadyExists(_) | EngineError::IdempotencyKeyReused => {
+                ApiError::Conflict { code: e.code(), message: e.to_string() }
+            }
+            EngineError::InsufficientBalance => ApiError::InsufficientBalance,
+            EngineError::StoreUnavailable(d) => ApiError::StoreUnavailable(d),
+            EngineError::Internal(d) => ApiError::Internal(d),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let store = matches!(self, ApiError::Internal(_) | ApiError::StoreUnavailable(_));
+        match &self {
+            ApiError::Internal(d) | ApiError::StoreUnavailable(d) => {
+                tracing::warn!(code = self.code(), detail = %d, "request failed")
+            }
+            _ => tracing::warn!(code = self.code(), status = status.as_u16(), "request refused"),
+        }
+        let body = ErrorBody { message: self.message(), code: self.code().to_string() };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if store {
+            resp.extensions_mut().insert(StoreErrorMark);
+        }
+        resp
+    }
+}

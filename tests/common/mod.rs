@@ -1,0 +1,153 @@
+//! Shared test fixtures: one catalog, and an engine per kind behind one
+//! interface, so every scenario runs on every engine from one definition.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use creditgate::calendar::{ms_of, Interval};
+use creditgate::model::*;
+use creditgate::{Amount, Engine, ManualClock, MemoryEngine};
+
+/// 2027-01-01T00:00Z: every scenario starts here.
+pub fn start() -> i64 {
+    ms_of(2027, 1, 1, 0, 0)
+}
+
+pub fn amt(s: &str) -> Amount {
+    Amount::parse(s).expect("test amount")
+}
+
+fn metered(id: &str) -> FeatureDef {
+    FeatureDef {
+        id: id.into(),
+        kind: FeatureType::Metered,
+        credit_schema: vec![],
+    }
+}
+
+fn credit_system(id: &str, items: &[(&str, &str)]) -> FeatureDef {
+    FeatureDef {
+        id: id.into(),
+        kind: FeatureType::CreditSystem,
+        credit_schema: items
+            .iter()
+            .map(|(f, c)| CreditSchemaItem {
+                metered_feature_id: (*f).into(),
+                credit_cost: c.parse().unwrap(),
+            })
+            .collect(),
+    }
+}
+
+/// The catalog every scenario uses.
+pub fn catalog() -> Arc<Catalog> {
+    Arc::new(
+        Catalog::new(vec![
+            metered("action1"),
+            metered("action2"),
+            credit_system("credits", &[("action1", "0.2"), ("action2", "0.6")]),
+            metered("basic_message"),
+            metered("premium_message"),
+            credit_system(
+                "msg_credits",
+                &[("basic_message", "1"), ("premium_message", "10")],
+            ),
+            metered("premium_request"),
+            credit_system("req_credits", &[("premium_request", "3")]),
+            metered("third"),
+            credit_system("thirds", &[("third", "0.333333")]),
+            metered("api_call"),
+        ])
+        .expect("test catalog"),
+    )
+}
+
+/// An engine and the clock it reads.
+pub struct Fx {
+    pub engine: Arc<dyn Engine>,
+    pub clock: Arc<ManualClock>,
+}
+
+impl Fx {
+    pub fn memory() -> Fx {
+        let clock = Arc::new(ManualClock::new(start()));
+        let engine = MemoryEngine::new(catalog(), clock.clone(), Retention::default());
+        Fx {
+            engine: Arc::new(engine),
+            clock,
+        }
+    }
+
+    pub async fn customer(&self, id: &str) -> &Self {
+        self.engine
+            .create_customer(id)
+            .await
+            .expect("create customer");
+        self
+    }
+
+    pub async fn grant(&self, customer: &str, g: Grant) -> String {
+        self.engine.grant(customer, &g).await.expect("grant")
+    }
+
+    pub async fn monthly(&self, customer: &str, pool: &str, n: &str) -> String {
+        self.grant(customer, Grant::new(pool, amt(n), Interval::Month))
+            .await
+    }
+
+    pub async fn one_off(&self, customer: &str, pool: &str, n: &str) -> String {
+        self.grant(customer, Grant::new(pool, amt(n), Interval::OneOff))
+            .await
+    }
+
+    pub async fn pool(&self, customer: &str, pool: &str) -> PoolBalance {
+        let b = self.engine.balances(customer).await.expect("balances");
+        b.pools
+            .into_iter()
+            .find(|p| p.pool == pool)
+            .unwrap_or_else(|| panic!("no pool {pool}"))
+    }
+
+    pub async fn remaining(&self, customer: &str, pool: &str) -> Amount {
+        self.pool(customer, pool).await.remaining
+    }
+
+    /// A bucket's own remaining (may be negative).
+    pub async fn bucket(&self, customer: &str, pool: &str, id: &str) -> BucketView {
+        let p = self.pool(customer, pool).await;
+        p.buckets
+            .into_iter()
+            .find(|b| b.balance_id == id)
+            .unwrap_or_else(|| panic!("no bucket {id}"))
+    }
+
+    pub async fn track(&self, customer: &str, feature: &str, units: &str) -> Outcome {
+        self.engine
+            .track(customer, feature, amt(units), OverageBehavior::Cap, None)
+            .await
+            .expect("track")
+    }
+
+    pub async fn consume(&self, customer: &str, feature: &str, units: &str) -> Outcome {
+        self.engine
+            .consume(customer, feature, amt(units), None)
+            .await
+            .expect("consume")
+    }
+}
+
+/// Generates one `#[tokio::test]` per engine for each named scenario
+/// `async fn name(fx: Fx)`.
+#[macro_export]
+macro_rules! on_every_engine {
+    ($($name:ident),* $(,)?) => {
+        mod memory_engine {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Fx::memory()).await
+                }
+            )*
+        }
+    };
+}
