@@ -14,7 +14,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::calendar::Interval;
-use crate::model::{validate_grant, Catalog, FeatureDef, Grant, RolloverConfig, RolloverDuration, MAX_ID_BYTES};
+use crate::model::{
+    validate_grant, Catalog, FeatureDef, Grant, RolloverConfig, RolloverDuration, MAX_ID_BYTES,
+};
 use crate::money::Amount;
 
 /// The prefix of every environment override.
@@ -29,7 +31,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError { key: key.into(), message: message.into() }
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -114,7 +119,11 @@ impl Plan {
     /// `BalanceAlreadyExists` instead of granting twice.
     pub fn balance_id(&self, index: usize) -> String {
         let feature = &self.items[index].feature_id;
-        let nth = self.items[..index].iter().filter(|i| &i.feature_id == feature).count() + 1;
+        let nth = self.items[..index]
+            .iter()
+            .filter(|i| &i.feature_id == feature)
+            .count()
+            + 1;
         if nth == 1 {
             format!("{}:{}", self.id, feature)
         } else {
@@ -224,16 +233,25 @@ impl Config {
     /// Parses the file's text with the environment's overrides (only
     /// `CREDITGATE_*` variables are read; lists are comma-separated). `now`
     /// is the instant plan items are validated against.
-    pub fn parse(text: &str, env: &BTreeMap<String, String>, now: i64) -> Result<Config, ConfigError> {
+    pub fn parse(
+        text: &str,
+        env: &BTreeMap<String, String>,
+        now: i64,
+    ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigError::new("(file)", format!("not valid TOML: {}", e.message()))
         })?;
         for (name, value) in env {
-            let Some(key) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             let key = key.to_ascii_lowercase();
             let Some((_, kind)) = TOP_LEVEL.iter().find(|(k, _)| *k == key) else {
                 if key == "features" || key == "plans" {
-                    return Err(ConfigError::new(name.clone(), "features and plans come from the file only"));
+                    return Err(ConfigError::new(
+                        name.clone(),
+                        "features and plans come from the file only",
+                    ));
                 }
                 continue;
             };
@@ -248,43 +266,72 @@ impl Config {
                         .collect(),
                 ),
                 Kind::Int => toml::Value::Integer(
-                    value.trim().parse().map_err(|_| ConfigError::new(name.clone(), "must be a whole number"))?,
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|_| ConfigError::new(name.clone(), "must be a whole number"))?,
                 ),
             };
             table.insert(key, v);
         }
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let path = e.path().to_string();
-            let key = if path == "." { "(file)".to_string() } else { path };
-            ConfigError::new(key, e.into_inner().message().to_string())
-        })?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                let key = if path == "." {
+                    "(file)".to_string()
+                } else {
+                    path
+                };
+                ConfigError::new(key, e.into_inner().message().to_string())
+            })?;
         Config::validate(raw, now)
     }
 
     /// Reads `path` and the process environment.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
-        let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-        Config::parse(&text, &env, crate::engine::Clock::now_ms(&crate::engine::SystemClock))
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        let env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Config::parse(
+            &text,
+            &env,
+            crate::engine::Clock::now_ms(&crate::engine::SystemClock),
+        )
     }
 
     fn validate(raw: RawConfig, now: i64) -> Result<Config, ConfigError> {
-        let listen: SocketAddr = raw
-            .listen
-            .parse()
-            .map_err(|_| ConfigError::new("listen", format!("{:?} is not an address like 127.0.0.1:8080", raw.listen)))?;
+        let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+            ConfigError::new(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", raw.listen),
+            )
+        })?;
         if raw.redis_url.is_some() && raw.redis_cluster.is_some() {
-            return Err(ConfigError::new("redis_cluster", "give redis_url or redis_cluster, not both"));
+            return Err(ConfigError::new(
+                "redis_cluster",
+                "give redis_url or redis_cluster, not both",
+            ));
         }
         if let Some(url) = &raw.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-                return Err(ConfigError::new("redis_url", "must start with redis://, rediss:// or unix://"));
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                return Err(ConfigError::new(
+                    "redis_url",
+                    "must start with redis://, rediss:// or unix://",
+                ));
             }
         }
         if let Some(nodes) = &raw.redis_cluster {
             if nodes.is_empty() {
-                return Err(ConfigError::new("redis_cluster", "must list at least one node"));
+                return Err(ConfigError::new(
+                    "redis_cluster",
+                    "must list at least one node",
+                ));
             }
         }
         for (field, keys) in [("api_keys", &raw.api_keys), ("admin_keys", &raw.admin_keys)] {
@@ -298,18 +345,28 @@ impl Config {
             }
         }
         if raw.idempotency_ttl_secs == 0 || raw.idempotency_ttl_secs > 366 * 24 * 3600 {
-            return Err(ConfigError::new("idempotency_ttl_secs", "must be between 1 and 31622400 (366 days)"));
+            return Err(ConfigError::new(
+                "idempotency_ttl_secs",
+                "must be between 1 and 31622400 (366 days)",
+            ));
         }
-        let catalog = Catalog::new(raw.features).map_err(|e| ConfigError::new("features", e.to_string()))?;
+        let catalog =
+            Catalog::new(raw.features).map_err(|e| ConfigError::new("features", e.to_string()))?;
         let mut seen = std::collections::BTreeSet::new();
         for (p, plan) in raw.plans.iter().enumerate() {
             crate::model::validate_id("plans.id", &plan.id)
                 .map_err(|e| ConfigError::new(format!("plans[{p}].id"), e.to_string()))?;
             if !seen.insert(plan.id.clone()) {
-                return Err(ConfigError::new(format!("plans[{p}].id"), format!("{:?} is defined twice", plan.id)));
+                return Err(ConfigError::new(
+                    format!("plans[{p}].id"),
+                    format!("{:?} is defined twice", plan.id),
+                ));
             }
             if plan.items.len() > crate::model::MAX_BUCKETS_PER_CUSTOMER {
-                return Err(ConfigError::new(format!("plans[{p}].items"), "at most 64 items"));
+                return Err(ConfigError::new(
+                    format!("plans[{p}].items"),
+                    "at most 64 items",
+                ));
             }
             for i in 0..plan.items.len() {
                 let key = format!("plans[{p}].items[{i}]");
@@ -320,7 +377,8 @@ impl Config {
                     ));
                 }
                 let grant = plan.grant(i);
-                validate_grant(&grant, &catalog, now).map_err(|e| ConfigError::new(key, e.to_string()))?;
+                validate_grant(&grant, &catalog, now)
+                    .map_err(|e| ConfigError::new(key, e.to_string()))?;
             }
         }
         Ok(Config {
@@ -364,7 +422,10 @@ mod tests {
     "#;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -393,17 +454,26 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let both = env(&[("CREDITGATE_REDIS_URL", "redis://a"), ("CREDITGATE_REDIS_CLUSTER", "a:1")]);
-        assert_eq!(Config::parse(SEED, &both, 0).unwrap_err().key, "redis_cluster");
+        let both = env(&[
+            ("CREDITGATE_REDIS_URL", "redis://a"),
+            ("CREDITGATE_REDIS_CLUSTER", "a:1"),
+        ]);
+        assert_eq!(
+            Config::parse(SEED, &both, 0).unwrap_err().key,
+            "redis_cluster"
+        );
         let e = Config::parse("listen = \"nope\"", &env(&[]), 0).unwrap_err();
         assert_eq!(e.key, "listen");
         let e = Config::parse("listen = 5", &env(&[]), 0).unwrap_err();
         assert_eq!(e.key, "listen");
         let e = Config::parse("lisen = \"a\"", &env(&[]), 0).unwrap_err();
         assert!(e.message.contains("lisen"), "{e}");
-        let e = Config::parse(SEED, &env(&[("CREDITGATE_IDEMPOTENCY_TTL_SECS", "x")]), 0).unwrap_err();
+        let e =
+            Config::parse(SEED, &env(&[("CREDITGATE_IDEMPOTENCY_TTL_SECS", "x")]), 0).unwrap_err();
         assert_eq!(e.key, "CREDITGATE_IDEMPOTENCY_TTL_SECS");
-        let bad_plan = format!("{SEED}\n[[plans]]\nid = \"x\"\nitems = [{{ feature_id = \"nope\", included = 1 }}]");
+        let bad_plan = format!(
+            "{SEED}\n[[plans]]\nid = \"x\"\nitems = [{{ feature_id = \"nope\", included = 1 }}]"
+        );
         let e = Config::parse(&bad_plan, &env(&[]), 0).unwrap_err();
         assert_eq!(e.key, "plans[1].items[0]");
         assert!(e.message.contains("nope"), "{e}");

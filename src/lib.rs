@@ -7,11 +7,14 @@
 //! - [`engine`]: the async interface and the in-process engine.
 
 pub mod calendar;
+pub mod config;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod model;
 pub mod money;
 pub mod rules;
+pub mod server;
 
 pub use engine::{Clock, Engine, ManualClock, MemoryEngine, SystemClock};
 pub use error::EngineError;

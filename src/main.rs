@@ -1,1 +1,186 @@
-fn main() {}
+//! `creditgate serve --config FILE` runs the Autumn-compatible sidecar;
+//! `creditgate demo` prints the seed example on the in-process engine.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use creditgate::config::{Config, LogFormat};
+use creditgate::model::{Catalog, CreditSchemaItem, FeatureDef, FeatureType, Grant, Retention};
+use creditgate::{calendar::Interval, Amount, Cost, Engine, MemoryEngine, SystemClock};
+
+#[derive(Parser)]
+#[command(
+    name = "creditgate",
+    version,
+    about = "Exact credit and rate limiting, Autumn-compatible"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the seed example on the in-process engine.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("creditgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::Demo => runtime.block_on(demo()),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let (state, in_process) = match creditgate::server::state_from_config(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if in_process {
+        tracing::warn!(
+            "NO REDIS CONFIGURED: running on the in-process engine; balances live only in this process \
+             and are lost when it exits"
+        );
+    }
+    if config.api_keys.is_empty() && config.admin_keys.is_empty() {
+        tracing::warn!(
+            "api_keys and admin_keys are both empty: every route is open without authentication"
+        );
+    }
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("creditgate: cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    tracing::info!(%addr, "creditgate listening");
+    match creditgate::server::run(listener, state, creditgate::server::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("creditgate: server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The seed: credits with basic_message = 1 and premium_message = 10, a plan
+/// of 200 credits a month; 15 premium + 50 basic leave 0, the next basic is denied.
+async fn demo() -> ExitCode {
+    let cost = |s: &str| Cost::parse(s).expect("literal cost");
+    let features = vec![
+        FeatureDef {
+            id: "basic_message".into(),
+            kind: FeatureType::Metered,
+            credit_schema: vec![],
+        },
+        FeatureDef {
+            id: "premium_message".into(),
+            kind: FeatureType::Metered,
+            credit_schema: vec![],
+        },
+        FeatureDef {
+            id: "credits".into(),
+            kind: FeatureType::CreditSystem,
+            credit_schema: vec![
+                CreditSchemaItem {
+                    metered_feature_id: "basic_message".into(),
+                    credit_cost: cost("1"),
+                },
+                CreditSchemaItem {
+                    metered_feature_id: "premium_message".into(),
+                    credit_cost: cost("10"),
+                },
+            ],
+        },
+    ];
+    let run = async {
+        let catalog = Arc::new(Catalog::new(features)?);
+        let engine = MemoryEngine::new(catalog, Arc::new(SystemClock), Retention::default());
+        engine.create_customer("alice").await?;
+        engine
+            .grant(
+                "alice",
+                &Grant::new("credits", Amount::whole(200), Interval::Month),
+            )
+            .await?;
+        println!(
+            "plan: 200 credits a month; basic_message = 1 credit, premium_message = 10 credits"
+        );
+        for _ in 0..15 {
+            engine
+                .consume("alice", "premium_message", Amount::whole(1), None)
+                .await?;
+        }
+        for _ in 0..50 {
+            engine
+                .consume("alice", "basic_message", Amount::whole(1), None)
+                .await?;
+        }
+        let left = engine.balances("alice").await?;
+        let credits = left
+            .pools
+            .iter()
+            .find(|p| p.pool == "credits")
+            .map_or(Amount::ZERO, |p| p.remaining);
+        println!("after 15 premium + 50 basic messages: {credits} credits left");
+        let next = engine
+            .consume("alice", "basic_message", Amount::whole(1), None)
+            .await?;
+        println!(
+            "next basic message: {}",
+            if next.allowed { "allowed" } else { "denied" }
+        );
+        Ok::<_, creditgate::EngineError>(())
+    };
+    match run.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("creditgate demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -92,7 +92,9 @@ impl ApiError {
             ApiError::NoSecretKey => "no secret key: send Authorization: Bearer <key>".into(),
             ApiError::InvalidSecretKey => "invalid secret key".into(),
             ApiError::Forbidden => "this key may not use this route".into(),
-            ApiError::NotFound { message, .. } | ApiError::Conflict { message, .. } => message.clone(),
+            ApiError::NotFound { message, .. } | ApiError::Conflict { message, .. } => {
+                message.clone()
+            }
             ApiError::MethodNotAllowed => "method not allowed".into(),
             ApiError::PayloadTooLarge => format!("request body over {} bytes", MAX_BODY_BYTES),
             ApiError::Internal(_) => "internal error".into(),
@@ -101,7 +103,10 @@ impl ApiError {
     }
 
     pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::NotFound { code, message: message.into() }
+        ApiError::NotFound {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -109,19 +114,30 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         match e {
             EngineError::InvalidInput { .. } => ApiError::InvalidInputs(e.to_string()),
-            EngineError::AmountOutOfRange => {
-                ApiError::InvalidInputs("invalid value: the result would leave a balance outside ±1e11".into())
+            EngineError::AmountOutOfRange => ApiError::InvalidInputs(
+                "invalid value: the result would leave a balance outside ±1e11".into(),
+            ),
+            EngineError::TooManyBuckets(n) => ApiError::InvalidInputs(format!(
+                "invalid feature_id: a customer may hold at most {n} balances"
+            )),
+            EngineError::CustomerNotFound => {
+                ApiError::not_found("customer_not_found", "customer not found")
             }
-            EngineError::TooManyBuckets(n) => {
-                ApiError::InvalidInputs(format!("invalid feature_id: a customer may hold at most {n} balances"))
+            EngineError::FeatureNotFound(ref f) => {
+                ApiError::not_found("feature_not_found", format!("feature {f:?} not found"))
             }
-            EngineError::CustomerNotFound => ApiError::not_found("customer_not_found", "customer not found"),
-            EngineError::FeatureNotFound(ref f) => ApiError::not_found("feature_not_found", format!("feature {f:?} not found")),
-            EngineError::BalanceNotFound => ApiError::not_found("balance_not_found", "balance not found"),
-            EngineError::LockNotFound(ref l) => ApiError::not_found("lock_not_found", format!("lock {l:?} not found")),
-            EngineError::BalanceAlreadyExists(_) | EngineError::LockAlreadyExists(_) | EngineError::IdempotencyKeyReused => {
-                ApiError::Conflict { code: e.code(), message: e.to_string() }
+            EngineError::BalanceNotFound => {
+                ApiError::not_found("balance_not_found", "balance not found")
             }
+            EngineError::LockNotFound(ref l) => {
+                ApiError::not_found("lock_not_found", format!("lock {l:?} not found"))
+            }
+            EngineError::BalanceAlreadyExists(_)
+            | EngineError::LockAlreadyExists(_)
+            | EngineError::IdempotencyKeyReused => ApiError::Conflict {
+                code: e.code(),
+                message: e.to_string(),
+            },
             EngineError::InsufficientBalance => ApiError::InsufficientBalance,
             EngineError::StoreUnavailable(d) => ApiError::StoreUnavailable(d),
             EngineError::Internal(d) => ApiError::Internal(d),
@@ -137,9 +153,16 @@ impl IntoResponse for ApiError {
             ApiError::Internal(d) | ApiError::StoreUnavailable(d) => {
                 tracing::warn!(code = self.code(), detail = %d, "request failed")
             }
-            _ => tracing::warn!(code = self.code(), status = status.as_u16(), "request refused"),
+            _ => tracing::warn!(
+                code = self.code(),
+                status = status.as_u16(),
+                "request refused"
+            ),
         }
-        let body = ErrorBody { message: self.message(), code: self.code().to_string() };
+        let body = ErrorBody {
+            message: self.message(),
+            code: self.code().to_string(),
+        };
         let mut resp = (status, axum::Json(body)).into_response();
         if store {
             resp.extensions_mut().insert(StoreErrorMark);

@@ -28,13 +28,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
             return Err(ApiError::PayloadTooLarge);
         }
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await.map_err(|e| {
-            if is_length_limit(&e) {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::invalid("body", "could not be read")
-            }
-        })?;
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|e| {
+                if is_length_limit(&e) {
+                    ApiError::PayloadTooLarge
+                } else {
+                    ApiError::invalid("body", "could not be read")
+                }
+            })?;
         parse(&bytes).map(ApiJson)
     }
 }
@@ -97,13 +99,15 @@ pub struct Millis(pub i64);
 impl<'de> Deserialize<'de> for Millis {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let n = Num::deserialize(d).map_err(|_| D::Error::custom("must be a millisecond timestamp"))?;
+        let n =
+            Num::deserialize(d).map_err(|_| D::Error::custom("must be a millisecond timestamp"))?;
         let v = match n {
             Num::Int(i) => Some(i),
             Num::Float(f) => integral(f),
             Num::Str(s) => s.trim().parse::<f64>().ok().and_then(integral),
         };
-        v.map(Millis).ok_or_else(|| D::Error::custom("must be a whole number of milliseconds"))
+        v.map(Millis)
+            .ok_or_else(|| D::Error::custom("must be a whole number of milliseconds"))
     }
 }
 
@@ -143,19 +147,33 @@ mod tests {
     #[test]
     fn names_the_field_at_fault() {
         let e = parse::<Body>(br#"{"customer_id": 5}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::InvalidInputs(m) if m.starts_with("invalid customer_id:")), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::InvalidInputs(m) if m.starts_with("invalid customer_id:")),
+            "{e:?}"
+        );
         let e = parse::<Body>(br#"{}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::InvalidInputs(m) if m.contains("missing field `customer_id`")), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::InvalidInputs(m) if m.contains("missing field `customer_id`")),
+            "{e:?}"
+        );
         let e = parse::<Body>(br#"{"customer_id": "a", "value": "1e3"}"#).unwrap_err();
-        assert!(matches!(&e, ApiError::InvalidInputs(m) if m.starts_with("invalid value:")), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::InvalidInputs(m) if m.starts_with("invalid value:")),
+            "{e:?}"
+        );
         let e = parse::<Body>(br#"{"customer_id": "a""#).unwrap_err();
-        assert!(matches!(&e, ApiError::InvalidInputs(m) if m.contains("malformed JSON")), "{e:?}");
+        assert!(
+            matches!(&e, ApiError::InvalidInputs(m) if m.contains("malformed JSON")),
+            "{e:?}"
+        );
         assert!(parse::<Body>(b"").is_err());
     }
 
     #[test]
     fn accepts_floats_for_counts_and_timestamps() {
-        let b: Body = parse(br#"{"customer_id":"a","value":25.0,"at":1764000000000.0,"n":1.0,"x":1}"#).unwrap();
+        let b: Body =
+            parse(br#"{"customer_id":"a","value":25.0,"at":1764000000000.0,"n":1.0,"x":1}"#)
+                .unwrap();
         assert_eq!(b.value, Some(Amount::whole(25)));
         assert_eq!(b.at, Some(Millis(1_764_000_000_000)));
         assert_eq!(b.n, Some(Count(1)));

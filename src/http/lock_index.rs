@@ -20,7 +20,13 @@ pub trait LockIndex: Send + Sync + 'static {
     /// Records (or refreshes) `lock_id → customer_id`. `keep_until` (ms) is
     /// when the entry may be forgotten; `None` keeps it until a later record
     /// sets a time (a pending lock without expiry).
-    async fn record(&self, lock_id: &str, customer_id: &str, keep_until: Option<i64>, now: i64) -> Result<(), EngineError>;
+    async fn record(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: Option<i64>,
+        now: i64,
+    ) -> Result<(), EngineError>;
     /// The customer that last reserved `lock_id`, if remembered.
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError>;
 }
@@ -35,7 +41,13 @@ const PRUNE_EVERY: usize = 4096;
 
 #[async_trait]
 impl LockIndex for MemoryLockIndex {
-    async fn record(&self, lock_id: &str, customer_id: &str, keep_until: Option<i64>, now: i64) -> Result<(), EngineError> {
+    async fn record(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: Option<i64>,
+        now: i64,
+    ) -> Result<(), EngineError> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() % PRUNE_EVERY == PRUNE_EVERY - 1 {
             map.retain(|_, (_, until)| until.is_none_or(|u| u > now));
@@ -46,7 +58,10 @@ impl LockIndex for MemoryLockIndex {
 
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(map.get(lock_id).filter(|(_, until)| until.is_none_or(|u| u > now)).map(|(c, _)| c.clone()))
+        Ok(map
+            .get(lock_id)
+            .filter(|(_, until)| until.is_none_or(|u| u > now))
+            .map(|(c, _)| c.clone()))
     }
 }
 

@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Latency bucket bounds, in seconds.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// What a decision route answered, attached to its response as an extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,31 +60,72 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP creditgate_decisions_total Decisions answered, by route and outcome.\n");
+        out.push_str(
+            "# HELP creditgate_decisions_total Decisions answered, by route and outcome.\n",
+        );
         out.push_str("# TYPE creditgate_decisions_total counter\n");
-        for ((route, outcome), n) in self.decisions.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "creditgate_decisions_total{{route=\"{}\",outcome=\"{}\"}} {n}", escape(route), outcome);
+        for ((route, outcome), n) in self
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "creditgate_decisions_total{{route=\"{}\",outcome=\"{}\"}} {n}",
+                escape(route),
+                outcome
+            );
         }
         out.push_str("# HELP creditgate_request_duration_seconds Request latency, by route.\n");
         out.push_str("# TYPE creditgate_request_duration_seconds histogram\n");
-        for (route, h) in self.latency.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (route, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             let r = escape(route);
             for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"{bound}\"}} {}", h.buckets[i]);
+                let _ = writeln!(
+                    out,
+                    "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"{bound}\"}} {}",
+                    h.buckets[i]
+                );
             }
-            let _ = writeln!(out, "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "creditgate_request_duration_seconds_sum{{route=\"{r}\"}} {}", h.sum_ns as f64 / 1e9);
-            let _ = writeln!(out, "creditgate_request_duration_seconds_count{{route=\"{r}\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "creditgate_request_duration_seconds_sum{{route=\"{r}\"}} {}",
+                h.sum_ns as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "creditgate_request_duration_seconds_count{{route=\"{r}\"}} {}",
+                h.count
+            );
         }
-        out.push_str("# HELP creditgate_store_errors_total Requests that failed in the store (5xx).\n");
+        out.push_str(
+            "# HELP creditgate_store_errors_total Requests that failed in the store (5xx).\n",
+        );
         out.push_str("# TYPE creditgate_store_errors_total counter\n");
-        let _ = writeln!(out, "creditgate_store_errors_total {}", self.store_errors.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "creditgate_store_errors_total {}",
+            self.store_errors.load(Ordering::Relaxed)
+        );
         out
     }
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -99,10 +142,21 @@ mod tests {
         m.latency("/v1/check", Duration::from_millis(30));
         m.store_error();
         let text = m.render();
-        assert!(text.contains("creditgate_decisions_total{route=\"/v1/check\",outcome=\"allowed\"} 2\n"), "{text}");
-        assert!(text.contains("creditgate_decisions_total{route=\"/v1/check\",outcome=\"denied\"} 1\n"));
-        assert!(text.contains("creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.0005\"} 1\n"));
-        assert!(text.contains("creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.05\"} 2\n"));
+        assert!(
+            text.contains(
+                "creditgate_decisions_total{route=\"/v1/check\",outcome=\"allowed\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("creditgate_decisions_total{route=\"/v1/check\",outcome=\"denied\"} 1\n")
+        );
+        assert!(text.contains(
+            "creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.0005\"} 1\n"
+        ));
+        assert!(text.contains(
+            "creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.05\"} 2\n"
+        ));
         assert!(text.contains("creditgate_request_duration_seconds_count{route=\"/v1/check\"} 2\n"));
         assert!(text.contains("creditgate_store_errors_total 1\n"));
     }

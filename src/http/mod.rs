@@ -1,0 +1,258 @@
+//! The Autumn-compatible HTTP API over any [`Engine`].
+//!
+//! [`app`] builds the router from an [`AppState`]; tests drive it directly
+//! with `tower::ServiceExt::oneshot`, and [`crate::server::run`] serves it.
+
+pub mod error;
+pub mod json;
+pub mod lock_index;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+pub mod views;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::config::{Config, DeployEnv, Plan};
+use crate::engine::{Clock, Engine};
+use crate::model::Catalog;
+
+pub use error::ApiError;
+pub use lock_index::{LockIndex, MemoryLockIndex};
+pub use metrics::Metrics;
+
+/// Whether the store can serve (reachable, scripts loaded). Kept outside the
+/// [`Engine`] trait; the in-process engine is always ready.
+#[async_trait]
+pub trait Readiness: Send + Sync + 'static {
+    async fn ready(&self) -> bool;
+}
+
+/// Always ready: the in-process engine.
+pub struct AlwaysReady;
+
+#[async_trait]
+impl Readiness for AlwaysReady {
+    async fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// Bearer keys. Both lists empty: no authentication.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    pub api_keys: Vec<String>,
+    pub admin_keys: Vec<String>,
+}
+
+/// Who a key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Api,
+    Admin,
+}
+
+impl Auth {
+    pub fn is_open(&self) -> bool {
+        self.api_keys.is_empty() && self.admin_keys.is_empty()
+    }
+
+    fn role(&self, key: &str) -> Option<Role> {
+        // Every key is compared in full, so timing tells nothing about which matched.
+        let admin = self
+            .admin_keys
+            .iter()
+            .fold(false, |acc, k| acc | ct_eq(k.as_bytes(), key.as_bytes()));
+        let api = self
+            .api_keys
+            .iter()
+            .fold(false, |acc, k| acc | ct_eq(k.as_bytes(), key.as_bytes()));
+        if admin {
+            Some(Role::Admin)
+        } else if api {
+            Some(Role::Api)
+        } else {
+            None
+        }
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Everything a request needs.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<dyn Engine>,
+    pub catalog: Arc<Catalog>,
+    pub plans: Arc<Vec<Plan>>,
+    pub clock: Arc<dyn Clock>,
+    pub auth: Arc<Auth>,
+    pub lock_index: Arc<dyn LockIndex>,
+    pub readiness: Arc<dyn Readiness>,
+    pub metrics: Arc<Metrics>,
+    pub env: DeployEnv,
+    /// How long a finalized lock stays findable by id alone (ms).
+    pub lock_retention_ms: i64,
+}
+
+impl AppState {
+    /// A state over `engine` with no plans, no authentication, the in-memory
+    /// lock index and always ready. `catalog` must be the engine's.
+    pub fn new(engine: Arc<dyn Engine>, catalog: Arc<Catalog>, clock: Arc<dyn Clock>) -> AppState {
+        AppState {
+            engine,
+            catalog,
+            plans: Arc::new(vec![]),
+            clock,
+            auth: Arc::new(Auth::default()),
+            lock_index: Arc::new(MemoryLockIndex::default()),
+            readiness: Arc::new(AlwaysReady),
+            metrics: Arc::new(Metrics::default()),
+            env: DeployEnv::Live,
+            lock_retention_ms: 24 * 3_600_000,
+        }
+    }
+
+    /// Takes plans, keys, env and retention from a configuration.
+    pub fn configured(mut self, config: &Config) -> AppState {
+        self.plans = Arc::new(config.plans.clone());
+        self.auth = Arc::new(Auth {
+            api_keys: config.api_keys.clone(),
+            admin_keys: config.admin_keys.clone(),
+        });
+        self.env = config.env;
+        self.lock_retention_ms = (config.idempotency_ttl_secs as i64).saturating_mul(1000);
+        self
+    }
+
+    pub fn with_plans(mut self, plans: Vec<Plan>) -> AppState {
+        self.plans = Arc::new(plans);
+        self
+    }
+
+    pub fn with_auth(mut self, auth: Auth) -> AppState {
+        self.auth = Arc::new(auth);
+        self
+    }
+
+    pub fn with_lock_index(mut self, index: Arc<dyn LockIndex>) -> AppState {
+        self.lock_index = index;
+        self
+    }
+
+    pub fn with_readiness(mut self, readiness: Arc<dyn Readiness>) -> AppState {
+        self.readiness = readiness;
+        self
+    }
+}
+
+/// Routes only admin keys may use.
+pub const ADMIN_ROUTES: &[&str] = &[
+    "/v1/billing.attach",
+    "/v1/balances.create",
+    "/v1/balances.update",
+];
+
+/// The router: every `/v1` route behind bearer auth, plus health, readiness,
+/// metrics and the OpenAPI document.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/customers.get_or_create", post(routes::get_or_create))
+        .route("/v1/customers.get", post(routes::get_customer))
+        .route("/v1/billing.attach", post(routes::attach))
+        .route("/v1/balances.create", post(routes::create_balance))
+        .route("/v1/balances.update", post(routes::update_balance))
+        .route("/v1/balances.check", post(routes::check))
+        .route("/v1/check", post(routes::check))
+        .route("/v1/entitled", post(routes::check))
+        .route("/v1/balances.track", post(routes::track))
+        .route("/v1/track", post(routes::track))
+        .route("/v1/events", post(routes::track))
+        .route("/v1/balances.finalize", post(routes::finalize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(openapi::serve))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::Internal("handler panicked".into()).into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if s.auth.is_open() {
+        return next.run(req).await;
+    }
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(header) = header.map(str::trim).filter(|h| !h.is_empty()) else {
+        return ApiError::NoSecretKey.into_response();
+    };
+    let key = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .unwrap_or(header)
+        .trim();
+    match s.auth.role(key) {
+        None => ApiError::InvalidSecretKey.into_response(),
+        Some(Role::Api) if ADMIN_ROUTES.contains(&req.uri().path()) => {
+            ApiError::Forbidden.into_response()
+        }
+        Some(_) => next.run(req).await,
+    }
+}
+
+/// One debug line per request, the latency histogram, decisions and store
+/// errors. Never logs a key or a body.
+async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let method = req.method().clone();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let elapsed = start.elapsed();
+    s.metrics.latency(&route, elapsed);
+    if let Some(d) = resp.extensions().get::<metrics::Decision>() {
+        s.metrics.decision(&route, d.0);
+    } else if route.starts_with("/v1/") && !resp.status().is_success() {
+        s.metrics.decision(&route, "error");
+    }
+    if resp.extensions().get::<error::StoreErrorMark>().is_some() {
+        s.metrics.store_error();
+    }
+    tracing::debug!(%method, route, status = resp.status().as_u16(), micros = elapsed.as_micros() as u64, "request");
+    resp
+}

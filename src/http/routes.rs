@@ -1,0 +1,562 @@
+//! The Autumn-compatible routes: request bodies, the engine call each makes,
+//! and the answers.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::json::{ApiJson, Count, Millis};
+use super::metrics::Decision;
+use super::views::{self, BalanceView, CustomerView, DeductionView};
+use super::AppState;
+use crate::calendar::Interval;
+use crate::error::EngineError;
+use crate::model::{
+    BalanceChange, BucketUpdate, FinalizeAction, Grant, Outcome, OverageBehavior, RolloverConfig,
+    RolloverDuration, MAX_BUCKETS_PER_CUSTOMER,
+};
+use crate::money::Amount;
+use crate::rules::Op;
+
+/// The header that marks an answer replayed from an idempotency record.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CustomerBody {
+    pub customer_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Success {
+    pub success: bool,
+}
+
+/// `{customer_id}` → the customer, created when new.
+#[utoipa::path(post, path = "/v1/customers.get_or_create", request_body = CustomerBody,
+    responses((status = 200, body = CustomerView), (status = 400, body = ErrorBody)))]
+pub async fn get_or_create(
+    State(s): State<AppState>,
+    ApiJson(b): ApiJson<CustomerBody>,
+) -> Result<Response, ApiError> {
+    s.engine.create_customer(&b.customer_id).await?;
+    let balances = s.engine.balances(&b.customer_id).await?;
+    Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
+}
+
+/// `{customer_id}` → the customer; 404 `customer_not_found`.
+#[utoipa::path(post, path = "/v1/customers.get", request_body = CustomerBody,
+    responses((status = 200, body = CustomerView), (status = 404, body = ErrorBody)))]
+pub async fn get_customer(
+    State(s): State<AppState>,
+    ApiJson(b): ApiJson<CustomerBody>,
+) -> Result<Response, ApiError> {
+    let balances = s.engine.balances(&b.customer_id).await?;
+    Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AttachBody {
+    pub customer_id: String,
+    pub plan_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttachResponse {
+    pub success: bool,
+    pub customer_id: String,
+    #[schema(value_type = Option<String>)]
+    pub payment_url: Option<()>,
+}
+
+/// Grants the plan's buckets anchored now (creating the customer if new);
+/// attaching a plan the customer already has changes nothing.
+#[utoipa::path(post, path = "/v1/billing.attach", request_body = AttachBody,
+    responses((status = 200, body = AttachResponse), (status = 404, body = ErrorBody)))]
+pub async fn attach(
+    State(s): State<AppState>,
+    ApiJson(b): ApiJson<AttachBody>,
+) -> Result<Response, ApiError> {
+    let plan = s.plans.iter().find(|p| p.id == b.plan_id).ok_or_else(|| {
+        ApiError::not_found("plan_not_found", format!("plan {:?} not found", b.plan_id))
+    })?;
+    s.engine.create_customer(&b.customer_id).await?;
+    let current = s.engine.balances(&b.customer_id).await?;
+    let held: Vec<&str> = current
+        .pools
+        .iter()
+        .flat_map(|p| p.buckets.iter())
+        .map(|x| x.balance_id.as_str())
+        .collect();
+    let attached = current
+        .pools
+        .iter()
+        .flat_map(|p| p.buckets.iter())
+        .any(|x| x.plan_id.as_deref() == Some(plan.id.as_str()));
+    if !attached {
+        let missing: Vec<usize> = (0..plan.items.len())
+            .filter(|&i| !held.contains(&plan.balance_id(i).as_str()))
+            .collect();
+        if held.len() + missing.len() > MAX_BUCKETS_PER_CUSTOMER {
+            return Err(ApiError::invalid(
+                "plan_id",
+                format!("the customer would hold more than {MAX_BUCKETS_PER_CUSTOMER} balances"),
+            ));
+        }
+        for i in missing {
+            match s.engine.grant(&b.customer_id, &plan.grant(i)).await {
+                // A racing attach granted it first: already attached.
+                Ok(_) | Err(EngineError::BalanceAlreadyExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(Json(AttachResponse {
+        success: true,
+        customer_id: b.customer_id,
+        payment_url: None,
+    })
+    .into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ResetBody {
+    #[schema(value_type = String)]
+    pub interval: Interval,
+    #[schema(value_type = Option<u32>)]
+    pub interval_count: Option<Count>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RolloverBody {
+    #[schema(value_type = Option<f64>)]
+    pub max: Option<Amount>,
+    #[schema(value_type = Option<f64>)]
+    pub max_percentage: Option<Amount>,
+    /// `month` (default) or `forever`.
+    #[schema(value_type = Option<String>)]
+    pub duration: Option<RolloverDuration>,
+    /// Months; ignored for `forever`.
+    #[schema(value_type = Option<u32>)]
+    pub length: Option<Count>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateBalanceBody {
+    pub customer_id: String,
+    pub feature_id: String,
+    #[schema(value_type = Option<f64>)]
+    pub included_grant: Option<Amount>,
+    #[serde(default)]
+    pub unlimited: Option<bool>,
+    /// Absent: a one-off balance.
+    pub reset: Option<ResetBody>,
+    pub rollover: Option<RolloverBody>,
+    #[schema(value_type = Option<i64>)]
+    pub expires_at: Option<Millis>,
+    /// The first boundary, and the anchor of later ones.
+    #[schema(value_type = Option<i64>)]
+    pub next_reset_at: Option<Millis>,
+    pub balance_id: Option<String>,
+    /// creditgate extension: allow going below zero.
+    pub overage_allowed: Option<bool>,
+    /// creditgate extension: how far below zero (≤ 0).
+    #[schema(value_type = Option<f64>)]
+    pub overage_floor: Option<Amount>,
+    /// creditgate extension: carry debt across resets.
+    pub carry_debt: Option<bool>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreateBalanceResponse {
+    pub success: bool,
+    pub balance_id: String,
+}
+
+/// Grants a bucket; an existing `balance_id` is 409 `balance_already_exists`.
+#[utoipa::path(post, path = "/v1/balances.create", request_body = CreateBalanceBody,
+    responses((status = 200, body = CreateBalanceResponse), (status = 409, body = ErrorBody)))]
+pub async fn create_balance(
+    State(s): State<AppState>,
+    ApiJson(b): ApiJson<CreateBalanceBody>,
+) -> Result<Response, ApiError> {
+    let rollover = b.rollover.map(|r| {
+        let duration = r.duration.unwrap_or_default();
+        RolloverConfig {
+            max: r.max,
+            max_percentage: r.max_percentage,
+            duration,
+            length: match duration {
+                RolloverDuration::Forever => None,
+                RolloverDuration::Month => r.length.map(|c| c.0),
+            },
+        }
+    });
+    let grant = Grant {
+        pool: b.feature_id,
+        balance_id: b.balance_id,
+        plan_id: None,
+        granted: b.included_grant.unwrap_or(Amount::ZERO),
+        interval: b.reset.as_ref().map(|r| r.interval),
+        interval_count: b.reset.as_ref().and_then(|r| r.interval_count).map(|c| c.0),
+        next_reset_at: b.next_reset_at.map(|m| m.0),
+        expires_at: b.expires_at.map(|m| m.0),
+        rollover,
+        unlimited: b.unlimited.unwrap_or(false),
+        overage_allowed: b.overage_allowed.unwrap_or(false),
+        overage_floor: b.overage_floor,
+        carry_debt: b.carry_debt.unwrap_or(false),
+    };
+    let id = s.engine.grant(&b.customer_id, &grant).await?;
+    Ok(Json(CreateBalanceResponse {
+        success: true,
+        balance_id: id,
+    })
+    .into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UpdateBalanceBody {
+    pub customer_id: String,
+    pub feature_id: String,
+    pub balance_id: Option<String>,
+    #[schema(value_type = Option<f64>)]
+    pub remaining: Option<Amount>,
+    #[schema(value_type = Option<f64>)]
+    pub add_to_balance: Option<Amount>,
+}
+
+/// Sets a bucket's remaining or adds to it (without `balance_id`: the pool's
+/// first bucket in deduction order).
+#[utoipa::path(post, path = "/v1/balances.update", request_body = UpdateBalanceBody,
+    responses((status = 200, body = Success), (status = 404, body = ErrorBody)))]
+pub async fn update_balance(
+    State(s): State<AppState>,
+    ApiJson(b): ApiJson<UpdateBalanceBody>,
+) -> Result<Response, ApiError> {
+    let change = match (b.remaining, b.add_to_balance) {
+        (Some(v), None) => BalanceChange::SetRemaining(v),
+        (None, Some(v)) => BalanceChange::AddToBalance(v),
+        _ => {
+            return Err(ApiError::invalid(
+                "remaining",
+                "give exactly one of remaining and add_to_balance",
+            ))
+        }
+    };
+    let update = BucketUpdate {
+        pool: b.feature_id,
+        balance_id: b.balance_id,
+        change,
+    };
+    s.engine.update_bucket(&b.customer_id, &update).await?;
+    Ok(Json(Success { success: true }).into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LockBody {
+    /// Default true when `lock` is given.
+    pub enabled: Option<bool>,
+    pub lock_id: Option<String>,
+    #[schema(value_type = Option<i64>)]
+    pub expires_at: Option<Millis>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CheckBody {
+    pub customer_id: String,
+    pub feature_id: String,
+    /// Default 1.
+    #[schema(value_type = Option<f64>)]
+    pub required_balance: Option<Amount>,
+    /// Consume atomically (all or nothing).
+    pub send_event: Option<bool>,
+    /// Reserve under `lock_id` until finalized or expired.
+    pub lock: Option<LockBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckResponse {
+    pub allowed: bool,
+    pub customer_id: String,
+    #[schema(value_type = Option<String>)]
+    pub entity_id: Option<()>,
+    /// In the units of `balance` (credits when it is a credit system).
+    #[schema(value_type = f64)]
+    pub required_balance: Amount,
+    pub balance: Option<BalanceView>,
+    /// The feature and every credit system containing it → Balance, or null when not owned.
+    #[schema(value_type = Object)]
+    pub balances: BTreeMap<String, Option<BalanceView>>,
+    #[schema(value_type = Option<Object>)]
+    pub flag: Option<()>,
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get(IDEMPOTENCY_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII")),
+    }
+}
+
+fn replayed(mut resp: Response, replayed: bool) -> Response {
+    if replayed {
+        resp.headers_mut()
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    resp
+}
+
+fn decision(mut resp: Response, allowed: bool) -> Response {
+    resp.extensions_mut()
+        .insert(Decision(if allowed { "allowed" } else { "denied" }));
+    resp
+}
+
+/// Check (dry run), consume (`send_event`) or reserve (`lock`).
+#[utoipa::path(post, path = "/v1/check", request_body = CheckBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "with send_event or lock")),
+    responses((status = 200, body = CheckResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn check(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(b): ApiJson<CheckBody>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let required = b.required_balance.unwrap_or(Amount::whole(1));
+    if required.is_negative() {
+        return Err(ApiError::invalid(
+            "required_balance",
+            "must not be negative",
+        ));
+    }
+    let costs = s.catalog.pools_for(&b.feature_id)?;
+    let lock = b.lock.filter(|l| l.enabled.unwrap_or(true));
+    let out: Outcome = if let Some(lock) = &lock {
+        let lock_id = lock
+            .lock_id
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("lock.lock_id", "is required"))?;
+        let expires_at = lock.expires_at.map(|m| m.0);
+        let out = s
+            .engine
+            .reserve(
+                &b.customer_id,
+                lock_id,
+                &b.feature_id,
+                required,
+                expires_at,
+                key.as_deref(),
+            )
+            .await?;
+        if out.allowed {
+            let keep = expires_at.map(|e| e.saturating_add(s.lock_retention_ms));
+            s.lock_index
+                .record(lock_id, &b.customer_id, keep, s.clock.now_ms())
+                .await?;
+        }
+        out
+    } else if b.send_event.unwrap_or(false) {
+        s.engine
+            .consume(&b.customer_id, &b.feature_id, required, key.as_deref())
+            .await?
+    } else {
+        s.engine
+            .check(&b.customer_id, &b.feature_id, required)
+            .await?
+    };
+    let spent = if out.replayed {
+        BTreeMap::new()
+    } else {
+        views::spent_by_pool(&out.entries)
+    };
+    let chosen = views::choose_balance(&costs, &out.pools, required, &spent);
+    let body = CheckResponse {
+        allowed: out.allowed,
+        customer_id: b.customer_id,
+        entity_id: None,
+        required_balance: chosen.as_ref().map_or(required, |c| c.1),
+        balance: chosen.map(|c| BalanceView::of(c.0)),
+        balances: views::balances_map(&out.pools),
+        flag: None,
+    };
+    Ok(decision(
+        replayed(Json(body).into_response(), out.replayed),
+        out.allowed,
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TrackBody {
+    pub customer_id: String,
+    pub feature_id: String,
+    /// Default 1; negative refunds.
+    #[schema(value_type = Option<f64>)]
+    pub value: Option<Amount>,
+    /// `cap` (default), `reject` or `overflow`.
+    #[schema(value_type = Option<String>)]
+    pub overage_behavior: Option<OverageBehavior>,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TrackResponse {
+    pub customer_id: String,
+    #[schema(value_type = f64)]
+    pub value: Amount,
+    pub balance: Option<BalanceView>,
+    /// The feature and every credit system containing it → Balance, or null when not owned.
+    #[schema(value_type = Object)]
+    pub balances: BTreeMap<String, Option<BalanceView>>,
+    pub deductions: Vec<DeductionView>,
+}
+
+/// Records usage (a negative value refunds). `reject` without enough
+/// balance is 400 `insufficient_balance`, nothing charged.
+#[utoipa::path(post, path = "/v1/track", request_body = TrackBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer")),
+    responses((status = 200, body = TrackResponse), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn track(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(b): ApiJson<TrackBody>,
+) -> Result<Response, ApiError> {
+    let key = match (idempotency_key(&headers)?, b.idempotency_key) {
+        (Some(h), Some(body)) if h != body => {
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                "differs from the Idempotency-Key header",
+            ))
+        }
+        (h, body) => h.or(body),
+    };
+    let value = b.value.unwrap_or(Amount::whole(1));
+    let costs = s.catalog.pools_for(&b.feature_id)?;
+    let op = Op::Track {
+        feature: b.feature_id.clone(),
+        units: value,
+        behavior: b.overage_behavior.unwrap_or_default(),
+    };
+    let out = s.engine.apply(&b.customer_id, &op, key.as_deref()).await?;
+    if out.insufficient {
+        let resp = decision(ApiError::InsufficientBalance.into_response(), false);
+        return Ok(replayed(resp, out.replayed));
+    }
+    let spent = if out.replayed {
+        BTreeMap::new()
+    } else {
+        views::spent_by_pool(&out.entries)
+    };
+    let chosen = views::choose_balance(&costs, &out.pools, value, &spent);
+    let body = TrackResponse {
+        customer_id: b.customer_id,
+        value,
+        balance: chosen.map(|c| BalanceView::of(c.0)),
+        balances: views::balances_map(&out.pools),
+        deductions: views::deductions(&out),
+    };
+    Ok(decision(
+        replayed(Json(body).into_response(), out.replayed),
+        out.allowed,
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct FinalizeBody {
+    pub lock_id: String,
+    /// `confirm` or `release`.
+    #[schema(value_type = String)]
+    pub action: FinalizeAction,
+    /// Confirm with this amount instead of the held one.
+    #[schema(value_type = Option<f64>)]
+    pub override_value: Option<Amount>,
+    /// Optional: without it the lock is found through the lock index.
+    pub customer_id: Option<String>,
+}
+
+/// Confirms or releases a lock; finalizing twice answers the first outcome.
+#[utoipa::path(post, path = "/v1/balances.finalize", request_body = FinalizeBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer")),
+    responses((status = 200, body = Success), (status = 404, body = ErrorBody)))]
+pub async fn finalize(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(b): ApiJson<FinalizeBody>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    crate::model::validate_id("lock_id", &b.lock_id)?;
+    let now = s.clock.now_ms();
+    let customer = match b.customer_id {
+        Some(c) => c,
+        None => s.lock_index.lookup(&b.lock_id, now).await?.ok_or_else(|| {
+            ApiError::not_found("lock_not_found", format!("lock {:?} not found", b.lock_id))
+        })?,
+    };
+    let out = s
+        .engine
+        .finalize(
+            &customer,
+            &b.lock_id,
+            b.action,
+            b.override_value,
+            key.as_deref(),
+        )
+        .await?;
+    s.lock_index
+        .record(
+            &b.lock_id,
+            &customer,
+            Some(now.saturating_add(s.lock_retention_ms)),
+            now,
+        )
+        .await?;
+    Ok(replayed(
+        Json(Success { success: true }).into_response(),
+        out.replayed,
+    ))
+}
+
+/// Process up.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Success)))]
+pub async fn healthz() -> Json<Success> {
+    Json(Success { success: true })
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+}
+
+/// Store reachable and scripts loaded: 200, else 503.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+pub async fn readyz(State(s): State<AppState>) -> Response {
+    let ready = s.readiness.ready().await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Ready { ready })).into_response()
+}
+
+/// Prometheus text.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}

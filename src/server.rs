@@ -1,0 +1,101 @@
+//! Wiring: the engine a configuration asks for, and serving the router with
+//! graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError};
+use crate::engine::{Clock, Engine, MemoryEngine, SystemClock};
+use crate::http::{self, AlwaysReady, AppState, LockIndex, MemoryLockIndex, Readiness};
+use crate::model::Retention;
+
+/// What the HTTP layer needs from a store: the engine, its readiness probe,
+/// and the lock-id → customer index `finalize` uses without a customer id.
+pub struct Backend {
+    pub engine: Arc<dyn Engine>,
+    pub readiness: Arc<dyn Readiness>,
+    pub lock_index: Arc<dyn LockIndex>,
+    /// `true` when balances live only in this process.
+    pub in_process: bool,
+}
+
+/// The engine a configuration asks for.
+///
+/// - No `redis_url` / `redis_cluster`: the in-process [`MemoryEngine`]
+///   (always ready, [`MemoryLockIndex`]); the caller warns loudly that
+///   balances live only in this process.
+/// - `redis_url` or `redis_cluster`: this is where the Redis engine plugs in
+///   (its readiness pings the store and checks the scripts are loaded; its
+///   lock index is a Redis key per lock id). Until it is wired, this answers
+///   an error naming the key, before any port is bound.
+pub fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Backend, ConfigError> {
+    let key = if config.redis_url.is_some() {
+        Some("redis_url")
+    } else if config.redis_cluster.is_some() {
+        Some("redis_cluster")
+    } else {
+        None
+    };
+    if let Some(key) = key {
+        return Err(ConfigError::new(
+            key,
+            "redis support not built yet: omit it to run on the in-process engine",
+        ));
+    }
+    let retention = Retention {
+        idempotency_ms: (config.idempotency_ttl_secs as i64).saturating_mul(1000),
+        finalized_lock_ms: (config.idempotency_ttl_secs as i64).saturating_mul(1000),
+    };
+    Ok(Backend {
+        engine: Arc::new(MemoryEngine::new(config.catalog.clone(), clock, retention)),
+        readiness: Arc::new(AlwaysReady),
+        lock_index: Arc::new(MemoryLockIndex::default()),
+        in_process: true,
+    })
+}
+
+/// The state a configuration describes, on the system clock.
+pub fn state_from_config(config: &Config) -> Result<(AppState, bool), ConfigError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let backend = build_engine(config, clock.clone())?;
+    let state = AppState::new(backend.engine, config.catalog.clone(), clock)
+        .configured(config)
+        .with_readiness(backend.readiness)
+        .with_lock_index(backend.lock_index);
+    Ok((state, backend.in_process))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then stops
+/// accepting and finishes in-flight requests before returning.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, http::app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
