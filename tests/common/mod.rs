@@ -2,6 +2,8 @@
 //! interface, so every scenario runs on every engine from one definition.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::sync::Arc;
 
 use creditgate::calendar::{ms_of, Interval};
