@@ -54,8 +54,15 @@ fn is_length_limit(e: &axum::Error) -> bool {
 
 /// Parses a body, naming the field at fault.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid("body", "must be a JSON object"));
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => {
+            return Err(ApiError::invalid(
+                "body",
+                "must be a JSON object, got nothing",
+            ))
+        }
+        Some(b'{') => {}
+        Some(_) => return Err(ApiError::invalid("body", "must be a JSON object")),
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {

@@ -341,6 +341,7 @@ pub async fn check(
     }
     let costs = s.catalog.pools_for(&b.feature_id)?;
     let lock = b.lock.filter(|l| l.enabled.unwrap_or(true));
+    let applies = lock.is_some() || b.send_event.unwrap_or(false);
     let out: Outcome = if let Some(lock) = &lock {
         let lock_id = lock
             .lock_id
@@ -374,10 +375,11 @@ pub async fn check(
             .check(&b.customer_id, &b.feature_id, required)
             .await?
     };
-    let spent = if out.replayed {
-        BTreeMap::new()
-    } else {
+    // Coverage is judged on the balances before this request took its part.
+    let spent = if applies && !out.replayed {
         views::spent_by_pool(&out.entries)
+    } else {
+        BTreeMap::new()
     };
     let chosen = views::choose_balance(&costs, &out.pools, required, &spent);
     let body = CheckResponse {

@@ -1,0 +1,167 @@
+//! Shared helpers for the HTTP tests: the seed catalog on a MemoryEngine with
+//! a ManualClock, and a request helper over `oneshot`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use creditgate::config::Config;
+use creditgate::http::{app, AppState, Auth};
+use creditgate::model::Retention;
+use creditgate::{ManualClock, MemoryEngine};
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// 2026-01-01T00:00:00Z.
+pub const T0: i64 = 1_767_225_600_000;
+
+pub const CONFIG: &str = r#"
+[[features]]
+id = "basic_message"
+[[features]]
+id = "premium_message"
+[[features]]
+id = "action1"
+[[features]]
+id = "action2"
+[[features]]
+id = "credits"
+type = "credit_system"
+credit_schema = [
+  { metered_feature_id = "basic_message", credit_cost = 1 },
+  { metered_feature_id = "premium_message", credit_cost = 10 },
+]
+[[features]]
+id = "ai_credits"
+type = "credit_system"
+credit_schema = [
+  { metered_feature_id = "action1", credit_cost = 0.2 },
+  { metered_feature_id = "action2", credit_cost = 0.6 },
+]
+[[plans]]
+id = "pro"
+items = [{ feature_id = "credits", included = 200, interval = "month" }]
+[[plans]]
+id = "roll"
+items = [{ feature_id = "action1", included = 400, interval = "month", rollover = { max = 500, length = 1 } }]
+"#;
+
+pub struct Harness {
+    pub clock: Arc<ManualClock>,
+    pub state: AppState,
+    pub router: Router,
+}
+
+pub fn config() -> Config {
+    Config::parse(CONFIG, &BTreeMap::new(), T0).expect("test config")
+}
+
+pub fn harness() -> Harness {
+    harness_with(Auth::default())
+}
+
+pub fn harness_with(auth: Auth) -> Harness {
+    let config = config();
+    let clock = Arc::new(ManualClock::new(T0));
+    let engine = Arc::new(MemoryEngine::new(
+        config.catalog.clone(),
+        clock.clone(),
+        Retention::default(),
+    ));
+    let state = AppState::new(engine, config.catalog.clone(), clock.clone())
+        .configured(&config)
+        .with_auth(auth);
+    let router = app(state.clone());
+    Harness {
+        clock,
+        state,
+        router,
+    }
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Answer {
+    pub fn code(&self) -> &str {
+        self.json["code"].as_str().unwrap_or("")
+    }
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+}
+
+impl Harness {
+    pub async fn send(&self, req: Request<Body>) -> Answer {
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            text,
+            json,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.post_with(path, &body.to_string(), &[]).await
+    }
+
+    pub async fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut req = Request::post(path).header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Body::from(body.to_string())).unwrap())
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Request::get(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    /// Creates `customer` and attaches `plan`.
+    pub async fn customer_on(&self, customer: &str, plan: &str) {
+        let a = self
+            .post(
+                "/v1/customers.get_or_create",
+                serde_json::json!({ "customer_id": customer }),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        let a = self
+            .post(
+                "/v1/billing.attach",
+                serde_json::json!({ "customer_id": customer, "plan_id": plan }),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+
+    pub async fn remaining(&self, customer: &str, pool: &str) -> Value {
+        let a = self
+            .post(
+                "/v1/customers.get",
+                serde_json::json!({ "customer_id": customer }),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        a.json["balances"][pool]["remaining"].clone()
+    }
+}
