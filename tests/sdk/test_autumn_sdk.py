@@ -1,0 +1,151 @@
+"""The official Autumn Python SDK (autumn-sdk) against a running creditgate.
+
+Every answer is read through the SDK's own models: where the SDK rejects an
+answer, our shape is wrong. `fail_open=False`, so a broken server fails.
+Started by tests/sdk/run.sh, which passes CREDITGATE_URL and the keys.
+"""
+
+import os
+import uuid
+
+import pytest
+from autumn_sdk import Autumn, models
+
+URL = os.environ["CREDITGATE_URL"]
+
+
+@pytest.fixture
+def admin():
+    return Autumn(secret_key=os.environ["CREDITGATE_ADMIN_KEY"], server_url=URL, fail_open=False)
+
+
+@pytest.fixture
+def app():
+    return Autumn(secret_key=os.environ["CREDITGATE_APP_KEY"], server_url=URL, fail_open=False)
+
+
+def sdk_model(obj):
+    """The SDK parsed the answer into its own pydantic model."""
+    assert type(obj).__module__.startswith("autumn_sdk.models"), type(obj)
+    return obj
+
+
+def new_customer(admin, plan="pro"):
+    cid = "sdk-" + uuid.uuid4().hex
+    customer = sdk_model(admin.customers.get_or_create(customer_id=cid))
+    assert customer.id == cid
+    assert customer.balances == {}
+    if plan:
+        attached = sdk_model(admin.billing.attach(customer_id=cid, plan_id=plan))
+        assert attached.customer_id == cid
+        assert attached.payment_url is None
+    return cid
+
+
+def credits_remaining(admin, cid):
+    return admin.customers.get(customer_id=cid).balances["credits"].remaining
+
+
+def test_get_or_create_and_attach(admin):
+    cid = new_customer(admin)
+    again = admin.customers.get_or_create(customer_id=cid)
+    bal = again.balances["credits"]
+    assert (bal.granted, bal.remaining, bal.usage) == (200, 200, 0)
+    assert bal.next_reset_at is not None and bal.next_reset_at > again.created_at
+    assert bal.breakdown[0].plan_id == "pro"
+    assert bal.breakdown[0].reset.interval == "month"
+    # Attaching again changes nothing.
+    admin.billing.attach(customer_id=cid, plan_id="pro")
+    assert len(admin.customers.get(customer_id=cid).balances["credits"].breakdown) == 1
+
+
+def test_balances_create_with_reset_and_rollover(admin, app):
+    cid = new_customer(admin, plan=None)
+    created = admin.balances.create(
+        customer_id=cid,
+        feature_id="basic_message",
+        included_grant=50,
+        reset={"interval": "month", "interval_count": 1},
+        rollover={"length": 1, "max": 100},
+        balance_id="topup",
+    )
+    assert sdk_model(created).success is True
+    res = app.check(customer_id=cid, feature_id="basic_message", required_balance=50)
+    assert res.allowed is True
+    assert res.balance.feature_id == "basic_message"
+    assert res.balance.remaining == 50
+    assert res.balances["credits"] is None
+    denied = app.check(customer_id=cid, feature_id="basic_message", required_balance=50.5)
+    assert denied.allowed is False
+
+
+def test_check_and_send_event_consume_the_seed(admin, app):
+    cid = new_customer(admin)
+    res = sdk_model(app.check(customer_id=cid, feature_id="premium_message"))
+    assert type(res.balance).__name__ == "Balance"
+    assert res.allowed is True
+    assert res.balance.feature_id == "credits"
+    assert res.balance.remaining == 200  # a plain check changes nothing
+    for _ in range(15):
+        assert app.check(customer_id=cid, feature_id="premium_message", send_event=True).allowed
+    for _ in range(50):
+        assert app.check(customer_id=cid, feature_id="basic_message", send_event=True).allowed
+    last = app.check(customer_id=cid, feature_id="basic_message", send_event=True)
+    assert last.allowed is False
+    assert last.balance.remaining == 0
+    assert credits_remaining(admin, cid) == 0
+
+
+def test_check_with_lock_then_finalize(admin, app):
+    cid = new_customer(admin)
+    held = app.check(
+        customer_id=cid,
+        feature_id="premium_message",
+        required_balance=3,
+        send_event=True,
+        lock={"lock_id": "job-1", "enabled": True},
+    )
+    assert held.allowed is True
+    assert credits_remaining(admin, cid) == 170
+    done = sdk_model(app.balances.finalize(lock_id="job-1", action="confirm", override_value=2))
+    assert done.success is True
+    assert credits_remaining(admin, cid) == 180
+
+    app.check(customer_id=cid, feature_id="basic_message", required_balance=40, send_event=True,
+              lock={"lock_id": "job-2", "enabled": True})
+    assert credits_remaining(admin, cid) == 140
+    assert app.balances.finalize(lock_id="job-2", action="release").success is True
+    assert credits_remaining(admin, cid) == 180
+
+
+def test_track_with_idempotency_key_header(admin, app):
+    cid = new_customer(admin)
+    headers = {"Idempotency-Key": "order-42"}
+    first = sdk_model(app.track(customer_id=cid, feature_id="basic_message", value=25, http_headers=headers))
+    assert first.deductions[0].plan_id == "pro"
+    assert first.customer_id == cid
+    assert first.value == 25
+    assert first.balance.remaining == 175
+    assert first.balance.feature_id == "credits"
+    again = app.track(customer_id=cid, feature_id="basic_message", value=25.0, http_headers=headers)
+    assert again.balance.remaining == 175  # charged once
+    assert credits_remaining(admin, cid) == 175
+    with pytest.raises(Exception) as err:
+        app.track(customer_id=cid, feature_id="basic_message", value=26, http_headers=headers)
+    assert "idempotency_key_reused" in str(err.value) or "409" in str(err.value)
+    # Exact decimals come back exact, and a refund gives back.
+    app.track(customer_id=cid, feature_id="basic_message", value=0.1)
+    t = app.track(customer_id=cid, feature_id="basic_message", value=0.2)
+    assert t.balance.remaining == 174.7
+    refund = app.track(customer_id=cid, feature_id="basic_message", value=-0.3)
+    assert refund.balance.remaining == 175
+
+
+def test_errors_are_raised_not_failed_open(admin, app):
+    with pytest.raises(Exception) as err:
+        app.check(customer_id="sdk-nobody-" + uuid.uuid4().hex, feature_id="basic_message")
+    assert "customer_not_found" in str(err.value) or "404" in str(err.value)
+    cid = new_customer(admin)
+    with pytest.raises(Exception) as err:
+        app.billing.attach(customer_id=cid, plan_id="pro")
+    assert "forbidden" in str(err.value) or "403" in str(err.value)
