@@ -15,6 +15,7 @@ pub mod model;
 pub mod money;
 pub mod rules;
 pub mod server;
+pub mod store;
 
 pub use engine::{Clock, Engine, ManualClock, MemoryEngine, SystemClock};
 pub use error::EngineError;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -80,6 +81,16 @@ impl Fx {
         }
     }
 
+    /// The Redis engine on this test binary's own redis-server.
+    pub async fn redis() -> Fx {
+        let clock = Arc::new(ManualClock::new(start()));
+        let engine = redis::engine(catalog(), clock.clone(), Retention::default()).await;
+        Fx {
+            engine: Arc::new(engine),
+            clock,
+        }
+    }
+
     pub async fn customer(&self, id: &str) -> &Self {
         self.engine
             .create_customer(id)
@@ -148,6 +159,14 @@ macro_rules! on_every_engine {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Fx::memory()).await
+                }
+            )*
+        }
+        mod redis_engine {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Fx::redis().await).await
                 }
             )*
         }

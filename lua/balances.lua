@@ -1,0 +1,10 @@
+-- balances: every bucket of the customer, after due resets.
+-- KEYS[1] customer hash cg1:{t}   KEYS[2] lock hash cg1:{t}:l   KEYS[3] due index cg1:due:{<slot tag>}
+-- ARGV[1] now ('' = TIME)  ARGV[2] idempotency retention ms  ARGV[3] lock retention ms  ARGV[4] customer id
+-- Reply: { created_at, { bucket view... } } in creation order.
+return run_main(function()
+  local C = open_customer()
+  prepare(C)
+  save(C)
+  return { C.created_at, views(C, nil) }
+end)

@@ -1,0 +1,143 @@
+//! Key layout (version 1). Every key of one customer carries the same hash
+//! tag, derived from the customer id by an injective escaping, so a script
+//! touches one Redis Cluster slot and no id can reach another customer's keys.
+//!
+//! - `<ns>cg1:{<tag>}`: hash: the customer record (field `\x1f`) and one
+//!   field per bucket (`<balance id>`, plus `<balance id>\x1fr` for its
+//!   rollover rows when it has any);
+//! - `<ns>cg1:{<tag>}:l`: hash: pending locks, field `<lock id>`;
+//! - `<ns>cg1:{<tag>}:f:<lock id>`: a finalized lock's receipt (PX retention);
+//! - `<ns>cg1:{<tag>}:i:<key>`: an idempotency record (PX retention);
+//! - `<ns>cg1:due:{<slot tag>}`: sorted set, one per cluster slot: member the
+//!   customer id, score the earliest instant something of it is due.
+
+use std::sync::OnceLock;
+
+/// The layout version, part of every key.
+pub const LAYOUT: &str = "cg1:";
+
+/// Number of Redis Cluster slots.
+pub const SLOTS: usize = 16384;
+
+/// Percent-encodes `{`, `}`, `%`, `:`, space, control and non-ASCII bytes.
+/// Injective: `%` itself is escaped, and every escape is `%` + two hex digits.
+pub fn escape(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for &b in id.as_bytes() {
+        if b.is_ascii_graphic() && !matches!(b, b'{' | b'}' | b'%' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// CRC16-CCITT (XMODEM), as Redis Cluster hashes keys.
+pub fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The cluster slot of a hash tag's content.
+pub fn slot(tag: &str) -> usize {
+    crc16(tag.as_bytes()) as usize % SLOTS
+}
+
+/// For every slot, a short string whose slot is that one (the due index's tag).
+pub fn slot_tags() -> &'static [String] {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); SLOTS];
+        let mut left = SLOTS;
+        let mut n: u64 = 0;
+        while left > 0 {
+            let s = base36(n);
+            let t = &mut tags[slot(&s)];
+            if t.is_empty() {
+                *t = s;
+                left -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = vec![];
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// The keys of one customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerKeys {
+    pub customer: String,
+    pub locks: String,
+    pub due: String,
+}
+
+/// Builds the keys of `customer_id` under namespace `ns` (empty in production).
+pub fn customer_keys(ns: &str, customer_id: &str) -> CustomerKeys {
+    let tag = escape(customer_id);
+    let customer = format!("{ns}{LAYOUT}{{{tag}}}");
+    let due = format!("{ns}{LAYOUT}due:{{{}}}", slot_tags()[slot(&tag)]);
+    CustomerKeys {
+        locks: format!("{customer}:l"),
+        customer,
+        due,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_is_injective_and_tag_safe() {
+        assert_eq!(escape("cus_123"), "cus_123");
+        assert_eq!(escape("a{b}:c d%"), "a%7Bb%7D%3Ac%20d%25");
+        assert_eq!(escape("é"), "%C3%A9");
+        assert_ne!(escape("%7B"), escape("{"));
+        let k = customer_keys("", "x}:{y");
+        assert_eq!(k.customer, "cg1:{x%7D%3A%7By}");
+    }
+
+    #[test]
+    fn crc16_matches_redis() {
+        // Redis Cluster spec test vector.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(slot("foo"), 12182);
+    }
+
+    #[test]
+    fn every_slot_has_a_tag() {
+        let tags = slot_tags();
+        for (i, t) in tags.iter().enumerate() {
+            assert_eq!(slot(t), i);
+            assert!(t.len() <= 4);
+        }
+        let k = customer_keys("", "cus_1");
+        let due_tag = k.due.split('{').nth(1).unwrap().trim_end_matches('}');
+        assert_eq!(slot(due_tag), slot("cus_1"));
+    }
+}
