@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Drives a real `creditgate serve` with the official Python SDK (autumn-sdk).
 # Usage: bash tests/sdk/run.sh   (from anywhere; needs python3, cargo, PyPI)
+# Also runs the JavaScript SDK test (autumn-js, node's test runner) when node
+# and npm are installed; CREDITGATE_SDK_JS=0 skips it.
 # Env: CREDITGATE_SDK_CONFIG_EXTRA — extra top-level TOML (e.g. a redis_url)
 #      prepended to the temporary config.
 set -euo pipefail
@@ -11,6 +13,14 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check autumn-sdk pytest
+
+run_js=""
+if [ "${CREDITGATE_SDK_JS:-1}" != "0" ] && command -v node >/dev/null && command -v npm >/dev/null; then
+  run_js=1
+  if [ ! -d .venv/js/node_modules/autumn-js ]; then
+    npm install --silent --no-audit --no-fund --prefix .venv/js autumn-js@1.3.13 >/dev/null
+  fi
+fi
 
 cargo build --quiet --bin creditgate
 bin="$root/target/debug/creditgate"
@@ -51,9 +61,12 @@ if [ -z "$ready" ]; then
   echo "creditgate did not become ready:"; cat "$tmp/server.log"; exit 1
 fi
 
+export CREDITGATE_URL="http://127.0.0.1:$port" CREDITGATE_ADMIN_KEY="sk_test_admin" CREDITGATE_APP_KEY="sk_test_app"
 status=0
-CREDITGATE_URL="http://127.0.0.1:$port" CREDITGATE_ADMIN_KEY="sk_test_admin" CREDITGATE_APP_KEY="sk_test_app" \
-  .venv/bin/python -m pytest -q "$root/tests/sdk" -p no:cacheprovider || status=$?
+.venv/bin/python -m pytest -q "$root/tests/sdk" -p no:cacheprovider || status=$?
+if [ -n "$run_js" ]; then
+  NODE_PATH="$root/.venv/js/node_modules" node --test "$root/tests/sdk/js/" || status=$?
+fi
 if [ "$status" -ne 0 ]; then
   echo "--- server log ---"; cat "$tmp/server.log"
 fi
