@@ -100,7 +100,7 @@ pub fn deduction_order(buckets: &[Bucket], pools: &[PoolCost]) -> Order {
     order
 }
 
-fn row_mut<'a>(b: &'a mut Bucket, expires_at: Option<i64>) -> Option<&'a mut RolloverRow> {
+fn row_mut(b: &mut Bucket, expires_at: Option<i64>) -> Option<&mut RolloverRow> {
     b.rollovers.iter_mut().find(|r| r.expires_at == expires_at)
 }
 
