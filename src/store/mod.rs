@@ -99,7 +99,7 @@ impl Default for Scripts {
 /// A multiplexed connection to a standalone server or a cluster.
 #[derive(Clone)]
 pub enum Conn {
-    Single(ConnectionManager),
+    Single(Box<ConnectionManager>),
     Cluster(ClusterConnection),
 }
 
@@ -193,7 +193,9 @@ impl RedisEngine {
         let conn = match &opts.target {
             RedisTarget::Standalone(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
-                Conn::Single(ConnectionManager::new(client).await.map_err(unavailable)?)
+                Conn::Single(Box::new(
+                    ConnectionManager::new(client).await.map_err(unavailable)?,
+                ))
             }
             RedisTarget::Cluster(urls) => {
                 let client =
@@ -246,8 +248,8 @@ impl RedisEngine {
 
     /// Loads every script (standalone); a cluster loads them on first use.
     pub async fn load_scripts(&self) -> Result<(), EngineError> {
-        if let Conn::Single(c) = &self.conn {
-            let mut c = c.clone();
+        if let Conn::Single(_) = &self.conn {
+            let mut c = self.conn.clone();
             for s in self.scripts.all() {
                 let sha: String = redis::cmd("SCRIPT")
                     .arg("LOAD")

@@ -1,0 +1,380 @@
+//! Differential test: random workloads give identical answers on the
+//! in-process engine (the reference, `rules.rs`) and the Redis engine (the
+//! Lua scripts): every step's result (Ok/Err, entries, allowed, uncovered,
+//! replayed, pools) and every customer's balances after every step.
+//!
+//! Cases: `PROPTEST_CASES` (default 1000, about 9 s), each a sequence of up to 60 steps
+//! across three customers (one with `{`, `}`, `:`, a space and UTF-8 in its
+//! id), every feature and credit system of the test catalog, and clock jumps
+//! from seconds to years.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{catalog, start};
+use creditgate::calendar::{Interval, DAY_MS, HOUR_MS, MINUTE_MS};
+use creditgate::model::*;
+use creditgate::rules::Op;
+use creditgate::{Amount, Clock, Engine, EngineError, ManualClock, MemoryEngine};
+use proptest::prelude::*;
+
+const CUSTOMERS: [&str; 3] = ["c0", "c1", "we{ir}d: é"];
+const FEATURES: [&str; 9] = [
+    "action1",
+    "action2",
+    "credits",
+    "api_call",
+    "third",
+    "thirds",
+    "premium_message",
+    "msg_credits",
+    "nope",
+];
+const POOLS: [&str; 6] = [
+    "action1",
+    "credits",
+    "api_call",
+    "thirds",
+    "msg_credits",
+    "action2",
+];
+const LOCKS: [&str; 3] = ["L1", "L2", "L3"];
+const KEYS: [&str; 3] = ["k1", "k2", "k3"];
+
+#[derive(Debug, Clone)]
+enum Step {
+    Create(usize),
+    Grant(usize, Grant),
+    Update(usize, BucketUpdate),
+    Check(usize, &'static str, Amount),
+    Apply(usize, Op, Option<&'static str>),
+    Advance(i64),
+    ResetDue(usize),
+    /// Repeats the last `Apply` with the same idempotency key (k1 if none).
+    Repeat,
+}
+
+fn raw_amount() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        6 => 0i64..2_000_000,             // 0..200 with 4 digits
+        3 => (0i64..300).prop_map(|n| n * 10_000),
+        1 => 0i64..=1_000_000_000_000_000, // the whole range
+        1 => Just(1_000_000_000_000_000i64),
+    ]
+}
+
+fn amount() -> impl Strategy<Value = Amount> {
+    raw_amount().prop_map(|r| Amount::from_raw(r).unwrap())
+}
+
+fn interval() -> impl Strategy<Value = Interval> {
+    prop_oneof![
+        4 => Just(Interval::OneOff),
+        1 => Just(Interval::Minute),
+        2 => Just(Interval::Hour),
+        1 => Just(Interval::Day),
+        1 => Just(Interval::Week),
+        4 => Just(Interval::Month),
+        1 => Just(Interval::Quarter),
+        1 => Just(Interval::Year),
+    ]
+}
+
+fn rollover() -> impl Strategy<Value = Option<RolloverConfig>> {
+    let cap = prop_oneof![
+        Just((None, None)),
+        (0i64..3_000_000).prop_map(|m| (Some(Amount::from_raw(m).unwrap()), None)),
+        (0i64..=1_000_000).prop_map(|p| (None, Some(Amount::from_raw(p).unwrap()))),
+    ];
+    prop_oneof![
+        3 => Just(None),
+        2 => (cap.clone(), 0u32..4).prop_map(|((max, pct), len)| Some(RolloverConfig {
+            max,
+            max_percentage: pct,
+            duration: RolloverDuration::Month,
+            length: (len > 0).then_some(len),
+        })),
+        1 => cap.prop_map(|(max, pct)| Some(RolloverConfig {
+            max,
+            max_percentage: pct,
+            duration: RolloverDuration::Forever,
+            length: None,
+        })),
+    ]
+}
+
+fn grant() -> impl Strategy<Value = Grant> {
+    (
+        (
+            pool(),
+            prop::option::weighted(0.15, prop::sample::select(&["x", "y", "b2"][..])),
+            prop::option::weighted(0.2, Just("pro")),
+            prop_oneof![8 => 0i64..5_000_000, 1 => Just(0i64), 1 => 0i64..=1_000_000_000_000_000],
+            interval(),
+            prop::option::weighted(0.2, 1u32..4),
+        ),
+        (
+            prop::option::weighted(0.1, 1i64..90 * DAY_MS),
+            prop::option::weighted(0.15, 1i64..400 * DAY_MS),
+            rollover(),
+            prop::bool::weighted(0.08),
+            prop::bool::weighted(0.25),
+            prop::option::weighted(0.4, -2_000_000i64..=0),
+            prop::bool::weighted(0.3),
+        ),
+    )
+        .prop_map(
+            |((pool, bid, plan, granted, iv, count), (next, exp, ro, unl, ovg, floor, debt))| {
+                Grant {
+                    pool: pool.into(),
+                    balance_id: bid.map(String::from),
+                    plan_id: plan.map(String::from),
+                    granted: Amount::from_raw(granted).unwrap(),
+                    interval: Some(iv),
+                    interval_count: count,
+                    // Offsets from now; made absolute when the step runs.
+                    next_reset_at: next,
+                    expires_at: exp,
+                    rollover: ro,
+                    unlimited: unl,
+                    overage_allowed: ovg,
+                    overage_floor: floor.filter(|_| ovg).map(|f| Amount::from_raw(f).unwrap()),
+                    carry_debt: debt,
+                }
+            },
+        )
+}
+
+fn behavior() -> impl Strategy<Value = OverageBehavior> {
+    prop_oneof![
+        Just(OverageBehavior::Cap),
+        Just(OverageBehavior::Reject),
+        Just(OverageBehavior::Overflow)
+    ]
+}
+
+fn key() -> impl Strategy<Value = Option<&'static str>> {
+    prop::option::weighted(0.3, prop::sample::select(&KEYS[..]))
+}
+
+fn customer() -> impl Strategy<Value = usize> + Clone {
+    prop_oneof![5 => Just(0usize), 2 => Just(1usize), 2 => Just(2usize)]
+}
+
+fn feature() -> impl Strategy<Value = &'static str> + Clone {
+    prop_oneof![
+        8 => Just("api_call"),
+        6 => Just("action1"),
+        3 => Just("action2"),
+        2 => Just("third"),
+        2 => Just("credits"),
+        1 => prop::sample::select(&FEATURES[4..]),
+    ]
+}
+
+fn pool() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        6 => Just("api_call"),
+        4 => Just("credits"),
+        3 => Just("action1"),
+        1 => prop::sample::select(&POOLS[..]),
+    ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let c = customer();
+    let f = feature();
+    prop_oneof![
+        1 => c.clone().prop_map(Step::Create),
+        4 => (c.clone(), grant()).prop_map(|(c, g)| Step::Grant(c, g)),
+        1 => (c.clone(), pool(),
+              prop::option::weighted(0.5, prop::sample::select(&["b1", "b2", "x"][..])),
+              prop::bool::ANY, raw_amount(), prop::bool::ANY)
+            .prop_map(|(c, pool, bid, set, v, neg)| {
+                let v = Amount::from_raw(if neg { -v } else { v }).unwrap();
+                Step::Update(c, BucketUpdate {
+                    pool: pool.into(),
+                    balance_id: bid.map(String::from),
+                    change: if set { BalanceChange::SetRemaining(v) } else { BalanceChange::AddToBalance(v) },
+                })
+            }),
+        3 => (c.clone(), f.clone(), amount()).prop_map(|(c, f, u)| Step::Check(c, f, u)),
+        4 => (c.clone(), f.clone(), amount(), key()).prop_map(|(c, f, u, k)| {
+            Step::Apply(c, Op::Consume { feature: f.into(), units: u }, k)
+        }),
+        6 => (c.clone(), f.clone(), amount(), prop::bool::weighted(0.25), behavior(), key())
+            .prop_map(|(c, f, u, neg, b, k)| {
+                let units = if neg { Amount::from_raw(-u.raw()).unwrap() } else { u };
+                Step::Apply(c, Op::Track { feature: f.into(), units, behavior: b }, k)
+            }),
+        3 => (c.clone(), prop::sample::select(&LOCKS[..]), f.clone(), amount(),
+              prop::option::weighted(0.5, 1i64..2 * HOUR_MS), key())
+            .prop_map(|(c, l, f, u, e, k)| Step::Apply(c, Op::Reserve {
+                lock_id: l.into(), feature: f.into(), units: u, expires_at: e,
+            }, k)),
+        3 => (c.clone(), prop::sample::select(&LOCKS[..]), prop::bool::ANY,
+              prop::option::weighted(0.4, amount()), key())
+            .prop_map(|(c, l, confirm, o, k)| Step::Apply(c, Op::Finalize {
+                lock_id: l.into(),
+                action: if confirm { FinalizeAction::Confirm } else { FinalizeAction::Release },
+                override_units: o,
+            }, k)),
+        4 => prop_oneof![
+            4 => 1i64..2 * MINUTE_MS,
+            3 => 1i64..DAY_MS,
+            2 => 1i64..40 * DAY_MS,
+            1 => 1i64..3 * 365 * DAY_MS,
+        ].prop_map(Step::Advance),
+        1 => c.prop_map(Step::ResetDue),
+        2 => Just(Step::Repeat),
+    ]
+}
+
+/// Makes a step's relative instants absolute at `now`.
+fn at(step: &Step, now: i64) -> Step {
+    match step {
+        Step::Grant(c, g) => Step::Grant(
+            *c,
+            Grant {
+                next_reset_at: g.next_reset_at.map(|d| now + d),
+                expires_at: g.expires_at.map(|d| now + d),
+                ..g.clone()
+            },
+        ),
+        Step::Apply(
+            c,
+            Op::Reserve {
+                lock_id,
+                feature,
+                units,
+                expires_at,
+            },
+            k,
+        ) => Step::Apply(
+            *c,
+            Op::Reserve {
+                lock_id: lock_id.clone(),
+                feature: feature.clone(),
+                units: *units,
+                expires_at: expires_at.map(|d| now + d),
+            },
+            *k,
+        ),
+        s => s.clone(),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Created(Result<bool, EngineError>),
+    Granted(Result<String, EngineError>),
+    Updated(Result<(), EngineError>),
+    Outcome(Result<Outcome, EngineError>),
+    Resets(Result<u32, EngineError>),
+    Moved,
+}
+
+async fn run(e: &dyn Engine, clock: &ManualClock, step: &Step) -> Answer {
+    match step {
+        Step::Create(c) => Answer::Created(e.create_customer(CUSTOMERS[*c]).await),
+        Step::Grant(c, g) => Answer::Granted(e.grant(CUSTOMERS[*c], g).await),
+        Step::Update(c, u) => Answer::Updated(e.update_bucket(CUSTOMERS[*c], u).await),
+        Step::Check(c, f, u) => Answer::Outcome(e.check(CUSTOMERS[*c], f, *u).await),
+        Step::Apply(c, op, k) => Answer::Outcome(e.apply(CUSTOMERS[*c], op, *k).await),
+        Step::ResetDue(c) => Answer::Resets(e.reset_due(CUSTOMERS[*c]).await),
+        Step::Repeat => Answer::Moved,
+        Step::Advance(ms) => {
+            clock.advance(*ms);
+            Answer::Moved
+        }
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        max_shrink_iters: 2000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn redis_answers_like_memory(
+        grants in prop::collection::vec((customer(), grant()), 1..6),
+        steps in prop::collection::vec(step(), 1..60),
+        start_customers in prop_oneof![1 => 1usize..3, 4 => Just(3usize)],
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mem_clock = Arc::new(ManualClock::new(start()));
+            let red_clock = Arc::new(ManualClock::new(start()));
+            let mem = MemoryEngine::new(catalog(), mem_clock.clone(), Retention::default());
+            let red = common::redis::engine(catalog(), red_clock.clone(), Retention::default()).await;
+            for c in CUSTOMERS.iter().take(start_customers) {
+                mem.create_customer(c).await.unwrap();
+                red.create_customer(c).await.unwrap();
+            }
+            let grants = grants.into_iter().map(|(c, g)| Step::Grant(c, g));
+            let mut last_apply: Option<Step> = None;
+            for (i, s) in grants.chain(steps).enumerate() {
+                let s = match s {
+                    Step::Repeat => match &last_apply {
+                        Some(Step::Apply(c, op, k)) => Step::Apply(*c, op.clone(), Some(k.unwrap_or("k1"))),
+                        _ => Step::Repeat,
+                    },
+                    s => at(&s, mem_clock.now_ms()),
+                };
+                if let Step::Apply(..) = s {
+                    last_apply = Some(s.clone());
+                }
+                let a = run(&mem, &mem_clock, &s).await;
+                let b = run(&red, &red_clock, &s).await;
+                tally(&a);
+                prop_assert_eq!(&a, &b, "step {} {:?}", i, s);
+                for c in CUSTOMERS {
+                    let a = mem.balances(c).await;
+                    let b = red.balances(c).await;
+                    prop_assert_eq!(a, b, "balances of {} after step {} {:?}", c, i, s);
+                }
+            }
+            Ok(())
+        })?;
+        if std::env::var("DIFF_STATS").is_ok() {
+            let mut st = STATS.lock().unwrap().clone();
+            st.sort();
+            eprintln!("{st:#?}");
+        }
+    }
+}
+
+static STATS: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
+
+fn tally(a: &Answer) {
+    let k = match a {
+        Answer::Outcome(Ok(o)) if !o.entries.is_empty() => format!(
+            "outcome entries={} replayed={}",
+            o.entries.len().min(3),
+            o.replayed
+        ),
+        Answer::Outcome(Ok(o)) => {
+            format!("outcome empty allowed={} nb={}", o.allowed, o.no_balance)
+        }
+        Answer::Outcome(Err(e)) => format!("outcome err {}", e.code()),
+        Answer::Granted(Err(e)) => format!("grant err {}", e.code()),
+        Answer::Granted(Ok(_)) => "grant ok".into(),
+        other => format!("{:?}", other).chars().take(30).collect(),
+    };
+    let mut s = STATS.lock().unwrap();
+    match s.iter_mut().find(|(n, _)| *n == k) {
+        Some(e) => e.1 += 1,
+        None => s.push((k, 1)),
+    }
+}
