@@ -183,6 +183,8 @@ struct RawConfig {
     features: Vec<FeatureDef>,
     #[serde(default)]
     plans: Vec<Plan>,
+    #[serde(default)]
+    gate: RawGate,
 }
 
 fn default_listen() -> String {
@@ -227,6 +229,8 @@ pub struct Config {
     pub env: DeployEnv,
     pub catalog: Arc<Catalog>,
     pub plans: Vec<Plan>,
+    /// The forward-auth gate (`/v1/gate`).
+    pub gate: GateConfig,
 }
 
 impl Config {
@@ -381,6 +385,7 @@ impl Config {
                     .map_err(|e| ConfigError::new(key, e.to_string()))?;
             }
         }
+        let gate = GateConfig::validate(raw.gate, &catalog)?;
         Ok(Config {
             listen,
             redis_url: raw.redis_url,
@@ -392,11 +397,185 @@ impl Config {
             env: raw.env,
             catalog: Arc::new(catalog),
             plans: raw.plans,
+            gate,
         })
     }
 
     pub fn plan(&self, id: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| p.id == id)
+    }
+}
+
+/// `[gate]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    #[serde(default = "default_customer_header")]
+    customer_header: String,
+    #[serde(default = "default_feature_header")]
+    feature_header: String,
+    #[serde(default = "default_cost_header")]
+    cost_header: String,
+    #[serde(default = "default_uri_header")]
+    uri_header: String,
+    #[serde(default)]
+    trust_cost_header: bool,
+    #[serde(default = "default_deny_status")]
+    deny_status: u16,
+    #[serde(default)]
+    routes: Vec<RawGateRoute>,
+}
+
+impl Default for RawGate {
+    fn default() -> Self {
+        RawGate {
+            customer_header: default_customer_header(),
+            feature_header: default_feature_header(),
+            cost_header: default_cost_header(),
+            uri_header: default_uri_header(),
+            trust_cost_header: false,
+            deny_status: default_deny_status(),
+            routes: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateRoute {
+    prefix: String,
+    feature: String,
+    #[serde(default)]
+    cost: Option<Amount>,
+}
+
+fn default_customer_header() -> String {
+    "X-Customer-Id".into()
+}
+fn default_feature_header() -> String {
+    "X-Feature-Id".into()
+}
+fn default_cost_header() -> String {
+    "X-Cost".into()
+}
+fn default_uri_header() -> String {
+    "X-Original-URI".into()
+}
+fn default_deny_status() -> u16 {
+    429
+}
+
+/// One row of the gate's route table: requests whose original path starts
+/// with `prefix` use `feature` and cost `cost` units of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateRoute {
+    pub prefix: String,
+    pub feature: String,
+    pub cost: Amount,
+}
+
+/// The forward-auth gate's settings (`[gate]`). Header names are stored
+/// lower-case, as HTTP compares them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateConfig {
+    /// Default `X-Customer-Id`.
+    pub customer_header: String,
+    /// Default `X-Feature-Id`; when present it wins over the route table.
+    pub feature_header: String,
+    /// Default `X-Cost`; read only with `trust_cost_header`.
+    pub cost_header: String,
+    /// Default `X-Original-URI`: the original request's path (and query),
+    /// matched against the route table.
+    pub uri_header: String,
+    pub trust_cost_header: bool,
+    /// The status of a denial (default 429; nginx needs 403).
+    pub deny_status: u16,
+    /// Longest matching prefix first.
+    pub routes: Vec<GateRoute>,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            customer_header: "x-customer-id".into(),
+            feature_header: "x-feature-id".into(),
+            cost_header: "x-cost".into(),
+            uri_header: "x-original-uri".into(),
+            trust_cost_header: false,
+            deny_status: 429,
+            routes: vec![],
+        }
+    }
+}
+
+impl GateConfig {
+    fn validate(raw: RawGate, catalog: &Catalog) -> Result<GateConfig, ConfigError> {
+        let header = |key: &str, v: &str| -> Result<String, ConfigError> {
+            axum::http::HeaderName::from_bytes(v.as_bytes())
+                .map(|h| h.as_str().to_string())
+                .map_err(|_| {
+                    ConfigError::new(
+                        format!("gate.{key}"),
+                        format!("{v:?} is not an HTTP header name"),
+                    )
+                })
+        };
+        if !(400..=499).contains(&raw.deny_status) {
+            return Err(ConfigError::new(
+                "gate.deny_status",
+                "must be a 4xx status (429 by default; 403 behind nginx auth_request)",
+            ));
+        }
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let key = format!("gate.routes[{i}]");
+            if !r.prefix.starts_with('/') || r.prefix.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(ConfigError::new(
+                    format!("{key}.prefix"),
+                    "must start with / and hold no spaces or control characters",
+                ));
+            }
+            if routes.iter().any(|x: &GateRoute| x.prefix == r.prefix) {
+                return Err(ConfigError::new(
+                    format!("{key}.prefix"),
+                    format!("{:?} is listed twice", r.prefix),
+                ));
+            }
+            if catalog.feature(&r.feature).is_none() {
+                return Err(ConfigError::new(
+                    format!("{key}.feature"),
+                    format!("unknown feature {:?}", r.feature),
+                ));
+            }
+            let cost = r.cost.unwrap_or(Amount::whole(1));
+            if cost.raw() <= 0 {
+                return Err(ConfigError::new(
+                    format!("{key}.cost"),
+                    "must be greater than zero",
+                ));
+            }
+            routes.push(GateRoute {
+                prefix: r.prefix,
+                feature: r.feature,
+                cost,
+            });
+        }
+        // Longest prefix first, so the first match is the longest.
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Ok(GateConfig {
+            customer_header: header("customer_header", &raw.customer_header)?,
+            feature_header: header("feature_header", &raw.feature_header)?,
+            cost_header: header("cost_header", &raw.cost_header)?,
+            uri_header: header("uri_header", &raw.uri_header)?,
+            trust_cost_header: raw.trust_cost_header,
+            deny_status: raw.deny_status,
+            routes,
+        })
+    }
+
+    /// The route of the longest prefix `path` starts with.
+    pub fn route_for(&self, path: &str) -> Option<&GateRoute> {
+        self.routes.iter().find(|r| path.starts_with(&r.prefix))
     }
 }
 
@@ -480,6 +659,52 @@ mod tests {
         let bad_amount = SEED.replace("included = 200", "included = 0.00001");
         let e = Config::parse(&bad_amount, &env(&[]), 0).unwrap_err();
         assert_eq!(e.key, "plans[0].items[0].included");
+    }
+
+    #[test]
+    fn gate_defaults_routes_and_errors() {
+        let c = Config::parse(SEED, &env(&[]), 0).unwrap();
+        assert_eq!(c.gate, GateConfig::default());
+        let text = format!(
+            "{SEED}\n[gate]\ndeny_status = 403\ncustomer_header = \"X-User\"\ntrust_cost_header = true\nroutes = [{{ prefix = \"/chat\", feature = \"basic_message\" }}, {{ prefix = \"/chat/premium\", feature = \"premium_message\", cost = 2 }}]"
+        );
+        let c = Config::parse(&text, &env(&[]), 0).unwrap();
+        assert_eq!(c.gate.deny_status, 403);
+        assert_eq!(c.gate.customer_header, "x-user");
+        assert!(c.gate.trust_cost_header);
+        let r = c.gate.route_for("/chat/premium/x").unwrap();
+        assert_eq!(
+            (r.feature.as_str(), r.cost),
+            ("premium_message", Amount::whole(2))
+        );
+        let r = c.gate.route_for("/chat/basic").unwrap();
+        assert_eq!(
+            (r.feature.as_str(), r.cost),
+            ("basic_message", Amount::whole(1))
+        );
+        assert!(c.gate.route_for("/other").is_none());
+        for (bad, key) in [
+            ("[gate]\ndeny_status = 200", "gate.deny_status"),
+            (
+                "[gate]\nfeature_header = \"bad header\"",
+                "gate.feature_header",
+            ),
+            (
+                "[gate]\nroutes = [{ prefix = \"x\", feature = \"credits\" }]",
+                "gate.routes[0].prefix",
+            ),
+            (
+                "[gate]\nroutes = [{ prefix = \"/x\", feature = \"nope\" }]",
+                "gate.routes[0].feature",
+            ),
+            (
+                "[gate]\nroutes = [{ prefix = \"/x\", feature = \"credits\", cost = 0 }]",
+                "gate.routes[0].cost",
+            ),
+        ] {
+            let e = Config::parse(&format!("{SEED}\n{bad}"), &env(&[]), 0).unwrap_err();
+            assert_eq!(e.key, key, "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! with `tower::ServiceExt::oneshot`, and [`crate::server::run`] serves it.
 
 pub mod error;
+pub mod gate;
 pub mod json;
 pub mod lock_index;
 pub mod metrics;
@@ -18,10 +19,10 @@ use async_trait::async_trait;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 
-use crate::config::{Config, DeployEnv, Plan};
+use crate::config::{Config, DeployEnv, GateConfig, Plan};
 use crate::engine::{Clock, Engine};
 use crate::model::Catalog;
 
@@ -106,6 +107,8 @@ pub struct AppState {
     pub env: DeployEnv,
     /// How long a finalized lock stays findable by id alone (ms).
     pub lock_retention_ms: i64,
+    /// The forward-auth gate's settings.
+    pub gate: Arc<GateConfig>,
 }
 
 impl AppState {
@@ -123,6 +126,7 @@ impl AppState {
             metrics: Arc::new(Metrics::default()),
             env: DeployEnv::Live,
             lock_retention_ms: 24 * 3_600_000,
+            gate: Arc::new(GateConfig::default()),
         }
     }
 
@@ -135,6 +139,12 @@ impl AppState {
         });
         self.env = config.env;
         self.lock_retention_ms = (config.idempotency_ttl_secs as i64).saturating_mul(1000);
+        self.gate = Arc::new(config.gate.clone());
+        self
+    }
+
+    pub fn with_gate(mut self, gate: GateConfig) -> AppState {
+        self.gate = Arc::new(gate);
         self
     }
 
@@ -182,6 +192,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/track", post(routes::track))
         .route("/v1/events", post(routes::track))
         .route("/v1/balances.finalize", post(routes::finalize))
+        .route("/v1/gate", any(gate::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)

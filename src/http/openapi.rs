@@ -4,6 +4,7 @@ use axum::Json;
 use utoipa::OpenApi;
 
 use super::error::ErrorBody;
+use super::gate::*;
 use super::routes::*;
 use super::views::*;
 
@@ -22,6 +23,7 @@ use super::views::*;
         check,
         track,
         finalize,
+        gate,
         healthz,
         readyz,
         metrics
@@ -39,6 +41,7 @@ use super::views::*;
         AttachResponse,
         CreateBalanceResponse,
         Success,
+        GateAllowed,
         Ready
     ))
 )]
