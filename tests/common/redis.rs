@@ -90,7 +90,10 @@ impl RedisServer {
         let out = Command::new("sh")
             .arg("-c")
             .arg(command)
-            .env("CLI", format!("redis-cli -s {}", self.socket.display()))
+            .env(
+                "CLI",
+                format!("redis-cli -s {} --no-raw", self.socket.display()),
+            )
             .current_dir(cwd)
             .stdin(Stdio::null())
             .output()

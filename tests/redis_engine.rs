@@ -1,0 +1,160 @@
+//! What only the Redis engine has: script loading and reload after
+//! `SCRIPT FLUSH`, the key layout, the due index, hash-tag isolation.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::redis::{engine, RedisServer};
+use common::{amt, catalog, start};
+use creditgate::calendar::{Interval, DAY_MS};
+use creditgate::model::*;
+use creditgate::store::keys::{escape, slot};
+use creditgate::{Engine, ManualClock};
+
+fn fresh_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(start()))
+}
+
+#[tokio::test]
+async fn scripts_reload_after_script_flush() {
+    let e = engine(catalog(), fresh_clock(), Retention::default()).await;
+    e.create_customer("c").await.unwrap();
+    e.grant("c", &Grant::new("api_call", amt("10"), Interval::Month))
+        .await
+        .unwrap();
+    let server = RedisServer::shared();
+    let sha = e.scripts().apply.sha.clone();
+    assert_eq!(server.cli(&["SCRIPT", "EXISTS", &sha]).trim(), "1");
+    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(server.cli(&["SCRIPT", "EXISTS", &sha]).trim(), "0");
+    let out = e.consume("c", "api_call", amt("3"), None).await.unwrap();
+    assert!(out.allowed);
+    assert_eq!(out.pool("api_call").unwrap().remaining, amt("7"));
+    // Reloaded by the call itself: the next one goes by SHA again.
+    assert_eq!(server.cli(&["SCRIPT", "EXISTS", &sha]).trim(), "1");
+    let out = e.consume("c", "api_call", amt("3"), None).await.unwrap();
+    assert_eq!(out.pool("api_call").unwrap().remaining, amt("4"));
+}
+
+fn ns_of(e: &creditgate::store::RedisEngine) -> String {
+    let k = e.keys("x");
+    k.customer.split("cg1:").next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn key_layout_and_due_index() {
+    let clock = fresh_clock();
+    let e = engine(catalog(), clock.clone(), Retention::default()).await;
+    let server = RedisServer::shared();
+    let ns = ns_of(&e);
+    e.create_customer("cus_1").await.unwrap();
+    let k = e.keys("cus_1");
+    assert_eq!(k.customer, format!("{ns}cg1:{{cus_1}}"));
+    assert_eq!(k.locks, format!("{ns}cg1:{{cus_1}}:l"));
+    let tag = k.due.split('{').nth(1).unwrap().trim_end_matches('}');
+    assert_eq!(slot(tag), slot("cus_1"), "the due index shares the slot");
+    // A one-off bucket is never due: no entry.
+    e.grant("cus_1", &Grant::new("api_call", amt("5"), Interval::OneOff))
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["ZSCORE", &k.due, "cus_1"]).trim(), "");
+    // A monthly one is due at its next reset.
+    e.grant(
+        "cus_1",
+        &Grant::new("api_call", amt("100"), Interval::Month),
+    )
+    .await
+    .unwrap();
+    let next = e.balances("cus_1").await.unwrap().pools[0]
+        .next_reset_at
+        .unwrap();
+    assert_eq!(
+        server.cli(&["ZSCORE", &k.due, "cus_1"]).trim(),
+        next.to_string()
+    );
+    // A pending lock expiring sooner moves it earlier; its release moves it back.
+    let soon = start() + DAY_MS;
+    e.reserve("cus_1", "L", "api_call", amt("1"), Some(soon), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        server.cli(&["ZSCORE", &k.due, "cus_1"]).trim(),
+        soon.to_string()
+    );
+    clock.set(soon);
+    assert_eq!(e.reset_due("cus_1").await.unwrap(), 0);
+    assert_eq!(
+        server.cli(&["ZSCORE", &k.due, "cus_1"]).trim(),
+        next.to_string()
+    );
+    assert_eq!(
+        server
+            .cli(&["EXISTS", &format!("{}:f:L", k.customer)])
+            .trim(),
+        "1",
+        "the released lock's receipt"
+    );
+    let ttl: i64 = server
+        .cli(&["PTTL", &format!("{}:f:L", k.customer)])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= 24 * 3_600_000,
+        "relative expiry, got {ttl}"
+    );
+    // The reset moves it a month on.
+    clock.set(next);
+    assert_eq!(e.reset_due("cus_1").await.unwrap(), 1);
+    let later = e.balances("cus_1").await.unwrap().pools[0]
+        .next_reset_at
+        .unwrap();
+    assert!(later > next);
+    assert_eq!(
+        server.cli(&["ZSCORE", &k.due, "cus_1"]).trim(),
+        later.to_string()
+    );
+    // Fields: the record and one compact field per bucket.
+    let fields = server.cli(&["HKEYS", &k.customer]);
+    let mut fields: Vec<&str> = fields.lines().collect();
+    fields.sort();
+    assert_eq!(fields, vec!["\u{1f}", "b1", "b2"]);
+    assert_eq!(
+        server.cli(&["OBJECT", "ENCODING", &k.customer]).trim(),
+        "listpack"
+    );
+}
+
+#[tokio::test]
+async fn hash_tags_keep_customers_apart() {
+    let e = engine(catalog(), fresh_clock(), Retention::default()).await;
+    let ids = ["a}b", "a", "a%7Db", "{a}", "a:b", "a b", "é", "a:l"];
+    for id in ids {
+        assert!(e.create_customer(id).await.unwrap());
+    }
+    let mut keys: Vec<String> = ids.iter().map(|id| e.keys(id).customer).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), ids.len());
+    for id in ids {
+        let k = e.keys(id);
+        // The tag is exactly the escaped id.
+        let tag = k
+            .customer
+            .split('{')
+            .nth(1)
+            .unwrap()
+            .split('}')
+            .next()
+            .unwrap();
+        assert_eq!(tag, escape(id));
+        assert!(!e.create_customer(id).await.unwrap(), "exists: {id}");
+    }
+    e.grant("a", &Grant::new("api_call", amt("5"), Interval::OneOff))
+        .await
+        .unwrap();
+    for id in ids.iter().filter(|i| **i != "a") {
+        assert!(e.balances(id).await.unwrap().pools.is_empty(), "{id}");
+    }
+}
