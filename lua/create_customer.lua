@@ -4,5 +4,5 @@
 -- Reply: 1 created, 0 already existed (nothing changed).
 return run_main(function()
   local now = now_arg(ARGV[1])
-  return redis.call('HSETNX', KEYS[1], CUSTOMER_FIELD, fmt(now) .. US .. '1')
+  return redis.call('HSETNX', KEYS[1], CUSTOMER_FIELD, e36(now) .. US .. '1')
 end)

@@ -325,7 +325,8 @@ end
 ---------------------------------------------------------------------------
 -- Storage codecs. A bucket is one hash field <balance id> whose value holds
 -- \31-separated fields (trailing empty ones dropped):
---   seq, pool, granted, remaining, interval code, count ('' = 1), anchor,
+--   seq, pool, granted, remaining, interval code ('' = 0, one_off),
+--   count ('' = 1), anchor,
 --   next boundary index, expires_at, flags (u unlimited, o overage allowed,
 --   d carry debt), overage floor, rollover ("max/pct/len", len '' = forever),
 --   plan id.
@@ -336,6 +337,45 @@ end
 -- rows "expires_at,granted,balance" (expires_at '' = never) joined by \30,
 -- oldest first.
 ---------------------------------------------------------------------------
+-- Stored integers are written in base 36 (digits 0-9a-z, '-' for negatives):
+-- a 13-digit instant takes 8 characters, which keeps a customer's hash small
+-- enough for Redis's compact encoding. Exact below 2^53 both ways.
+local DIGITS36 = '0123456789abcdefghijklmnopqrstuvwxyz'
+
+local function e36(n)
+  if n == 0 then
+    return '0'
+  end
+  local sign = ''
+  if n < 0 then
+    sign, n = '-', -n
+  end
+  local t = {}
+  while n > 0 do
+    local r = n % 36
+    t[#t + 1] = string.sub(DIGITS36, r + 1, r + 1)
+    n = (n - r) / 36
+  end
+  return sign .. string.reverse(table.concat(t))
+end
+
+local function o36(n)
+  if n == nil then
+    return ''
+  end
+  return e36(n)
+end
+
+local function d36(s)
+  if s == nil or s == '' then
+    return nil
+  end
+  if string.sub(s, 1, 1) == '-' then
+    return -tonumber(string.sub(s, 2), 36)
+  end
+  return tonumber(s, 36)
+end
+
 local function next_reset_at(b)
   if b.idx == nil then
     return nil
@@ -350,7 +390,7 @@ local function decode_rows(s)
   end
   for _, r in ipairs(split(s, RS)) do
     local f = split(r, ',')
-    rows[#rows + 1] = { exp = num(f[1]), granted = tonumber(f[2]), balance = tonumber(f[3]) }
+    rows[#rows + 1] = { exp = d36(f[1]), granted = d36(f[2]), balance = d36(f[3]) }
   end
   return rows
 end
@@ -358,32 +398,32 @@ end
 local function encode_rows(rows)
   local parts = {}
   for i, r in ipairs(rows) do
-    parts[i] = opt(r.exp) .. ',' .. fmt(r.granted) .. ',' .. fmt(r.balance)
+    parts[i] = o36(r.exp) .. ',' .. e36(r.granted) .. ',' .. e36(r.balance)
   end
   return table.concat(parts, RS)
 end
 
 local function decode_bucket(id, s, rows)
   local f = split(s, US)
-  local code = num(f[5]) or 0
-  local count = num(f[6]) or 1
+  local code = d36(f[5]) or 0
+  local count = d36(f[6]) or 1
   local flags = f[10] or ''
   local b = {
     id = id,
-    seq = tonumber(f[1]),
+    seq = d36(f[1]),
     pool = f[2],
-    granted = tonumber(f[3]),
-    remaining = tonumber(f[4]),
+    granted = d36(f[3]),
+    remaining = d36(f[4]),
     code = code,
     count = count,
     period = make_period(code, count),
-    anchor = num(f[7]) or 0,
-    idx = num(f[8]),
-    expires = num(f[9]),
+    anchor = d36(f[7]) or 0,
+    idx = d36(f[8]),
+    expires = d36(f[9]),
     unlimited = string.find(flags, 'u', 1, true) ~= nil,
     overage = string.find(flags, 'o', 1, true) ~= nil,
     carry = string.find(flags, 'd', 1, true) ~= nil,
-    floor = num(f[11]),
+    floor = d36(f[11]),
     plan = f[13],
     rows = decode_rows(rows),
   }
@@ -392,7 +432,7 @@ local function decode_bucket(id, s, rows)
   end
   if f[12] ~= nil and f[12] ~= '' then
     local r = split(f[12], '/')
-    b.ro = { max = num(r[1]), pct = num(r[2]), len = num(r[3]) }
+    b.ro = { max = d36(r[1]), pct = d36(r[2]), len = d36(r[3]) }
   end
   return b
 end
@@ -401,20 +441,20 @@ local function encode_bucket(b)
   local flags = (b.unlimited and 'u' or '') .. (b.overage and 'o' or '') .. (b.carry and 'd' or '')
   local ro = ''
   if b.ro then
-    ro = opt(b.ro.max) .. '/' .. opt(b.ro.pct) .. '/' .. opt(b.ro.len)
+    ro = o36(b.ro.max) .. '/' .. o36(b.ro.pct) .. '/' .. o36(b.ro.len)
   end
   local f = {
-    fmt(b.seq),
+    e36(b.seq),
     b.pool,
-    fmt(b.granted),
-    fmt(b.remaining),
-    fmt(b.code),
-    b.count == 1 and '' or fmt(b.count),
-    b.period and fmt(b.anchor) or '',
-    opt(b.idx),
-    opt(b.expires),
+    e36(b.granted),
+    e36(b.remaining),
+    b.code == 0 and '' or e36(b.code),
+    b.count == 1 and '' or e36(b.count),
+    b.period and e36(b.anchor) or '',
+    o36(b.idx),
+    o36(b.expires),
     flags,
-    opt(b.floor),
+    o36(b.floor),
     ro,
     b.plan or '',
   }
@@ -491,9 +531,9 @@ local function load_customer(keys, now, ret_idem, ret_lock)
     now = now,
     ret_idem = ret_idem,
     ret_lock = ret_lock,
-    created_at = tonumber(r[1]),
-    next_seq = tonumber(r[2]),
-    le = num(r[3]),
+    created_at = d36(r[1]),
+    next_seq = d36(r[2]),
+    le = d36(r[3]),
     rec = rec,
     fields = fields,
     buckets = {},
@@ -516,9 +556,9 @@ local function load_customer(keys, now, ret_idem, ret_lock)
 end
 
 local function encode_record(C)
-  local f = fmt(C.created_at) .. US .. fmt(C.next_seq)
+  local f = e36(C.created_at) .. US .. e36(C.next_seq)
   if C.le then
-    f = f .. US .. fmt(C.le)
+    f = f .. US .. e36(C.le)
   end
   return f
 end

@@ -12,6 +12,23 @@ use proptest::prelude::*;
 
 const HUGE: i128 = 1 << 53;
 
+fn base36(x: i64) -> String {
+    let mut n = x.unsigned_abs();
+    let mut d = vec![];
+    loop {
+        d.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    if x < 0 {
+        d.push(b'-');
+    }
+    d.reverse();
+    String::from_utf8(d).unwrap()
+}
+
 /// Runs `body` (after the library) with `args`; returns the reply as strings.
 fn eval(body: &str, args: &[String]) -> Vec<String> {
     let server = RedisServer::shared();
@@ -110,7 +127,11 @@ proptest! {
     fn integers_format_exactly(xs in prop::collection::vec(-(1i64 << 53)..=(1i64 << 53), 1..200)) {
         let args: Vec<String> = xs.iter().map(|x| x.to_string()).collect();
         let got = eval("local o = {} for i, a in ipairs(ARGV) do o[i] = fmt(tonumber(a)) end return o", &args);
-        prop_assert_eq!(got, args);
+        prop_assert_eq!(&got, &args);
+        // Base 36 as stored: round trip, and the same digits as Rust's.
+        let got = eval("local o = {} for i, a in ipairs(ARGV) do local n = tonumber(a) o[i] = e36(n) .. ' ' .. fmt(d36(e36(n))) end return o", &args);
+        let want: Vec<String> = xs.iter().map(|&x| format!("{} {x}", base36(x))).collect();
+        prop_assert_eq!(got, want);
     }
 
     #[test]
