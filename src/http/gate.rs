@@ -15,7 +15,7 @@
 //! does, else the first owned credit system, else the feature's own balance.
 //! Quota and remaining are in that pool's units, rounded down.
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -123,7 +123,18 @@ pub fn normalize_path(uri: &str) -> Option<String> {
     Some(out)
 }
 
-fn ask(s: &AppState, headers: &HeaderMap) -> Result<Ask, ApiError> {
+/// `/v1/gate/<original path>` (Envoy's `path_prefix` appends the original
+/// path): the original path when no URI header says otherwise.
+fn path_suffix(uri: &Uri) -> Option<&str> {
+    let pq = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    pq.strip_prefix(GATE_PATH)
+        .filter(|rest| rest.starts_with('/'))
+}
+
+/// The gate's path.
+pub const GATE_PATH: &str = "/v1/gate";
+
+fn ask(s: &AppState, headers: &HeaderMap, suffix: Option<&str>) -> Result<Ask, ApiError> {
     let g = &s.gate;
     let customer = required(headers, &g.customer_header)?.to_string();
     crate::model::validate_id("customer", &customer)
@@ -131,7 +142,9 @@ fn ask(s: &AppState, headers: &HeaderMap) -> Result<Ask, ApiError> {
     let (feature, mut cost) = match header(headers, &g.feature_header)? {
         Some(f) if !f.is_empty() => (f.to_string(), Amount::whole(1)),
         _ => {
-            let uri = header(headers, &g.uri_header)?.filter(|u| !u.is_empty());
+            let uri = header(headers, &g.uri_header)?
+                .filter(|u| !u.is_empty())
+                .or(suffix);
             let Some(uri) = uri else {
                 return Err(ApiError::invalid(
                     &g.feature_header,
@@ -178,7 +191,9 @@ fn ask(s: &AppState, headers: &HeaderMap) -> Result<Ask, ApiError> {
 }
 
 /// Consumes the request's cost and answers allowed (200) or denied
-/// (`[gate] deny_status`, default 429) with rate-limit headers.
+/// (`[gate] deny_status`, default 429) with rate-limit headers. Also mounted
+/// at `/v1/gate/*path`, where `path` stands for the original request path
+/// when the URI header is absent.
 #[utoipa::path(get, path = "/v1/gate",
     description = "Answers every method. Customer, feature and cost come from headers set by the gateway (X-Customer-Id, X-Feature-Id or the [gate] route table matched against X-Original-URI, X-Cost only with trust_cost_header).",
     params(
@@ -195,9 +210,10 @@ fn ask(s: &AppState, headers: &HeaderMap) -> Result<Ask, ApiError> {
     ))]
 pub async fn gate(
     axum::extract::State(s): axum::extract::State<AppState>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let ask = ask(&s, &headers)?;
+    let ask = ask(&s, &headers, path_suffix(&uri))?;
     let key = header(&headers, IDEMPOTENCY_HEADER)?.map(str::to_string);
     let costs = s.catalog.pools_for(&ask.feature)?;
     let deny = StatusCode::from_u16(s.gate.deny_status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);

@@ -193,6 +193,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events", post(routes::track))
         .route("/v1/balances.finalize", post(routes::finalize))
         .route("/v1/gate", any(gate::gate))
+        .route("/v1/gate/*path", any(gate::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(v1)
