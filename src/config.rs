@@ -179,6 +179,10 @@ struct RawConfig {
     idempotency_ttl_secs: u64,
     #[serde(default)]
     env: DeployEnv,
+    #[serde(default = "default_reset_interval")]
+    reset_interval_secs: u64,
+    #[serde(default)]
+    accept_eviction: bool,
     #[serde(default)]
     features: Vec<FeatureDef>,
     #[serde(default)]
@@ -195,12 +199,17 @@ fn default_idempotency_ttl() -> u64 {
     24 * 3600
 }
 
+fn default_reset_interval() -> u64 {
+    60
+}
+
 /// The kinds of the top-level settings, for parsing environment overrides.
 #[derive(Clone, Copy)]
 enum Kind {
     Str,
     List,
     Int,
+    Bool,
 }
 
 const TOP_LEVEL: &[(&str, Kind)] = &[
@@ -212,6 +221,8 @@ const TOP_LEVEL: &[(&str, Kind)] = &[
     ("log_format", Kind::Str),
     ("idempotency_ttl_secs", Kind::Int),
     ("env", Kind::Str),
+    ("reset_interval_secs", Kind::Int),
+    ("accept_eviction", Kind::Bool),
 ];
 
 /// The validated configuration.
@@ -227,6 +238,10 @@ pub struct Config {
     /// How long idempotency records (and finalized locks) are remembered.
     pub idempotency_ttl_secs: u64,
     pub env: DeployEnv,
+    /// How often the periodic reset task sweeps (seconds).
+    pub reset_interval_secs: u64,
+    /// Run on a Redis whose `maxmemory-policy` may evict balances.
+    pub accept_eviction: bool,
     pub catalog: Arc<Catalog>,
     pub plans: Vec<Plan>,
     /// The forward-auth gate (`/v1/gate`).
@@ -269,6 +284,11 @@ impl Config {
                         .map(|s| toml::Value::String(s.to_string()))
                         .collect(),
                 ),
+                Kind::Bool => toml::Value::Boolean(match value.trim() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(ConfigError::new(name.clone(), "must be true or false")),
+                }),
                 Kind::Int => toml::Value::Integer(
                     value
                         .trim()
@@ -354,6 +374,12 @@ impl Config {
                 "must be between 1 and 31622400 (366 days)",
             ));
         }
+        if raw.reset_interval_secs == 0 || raw.reset_interval_secs > 24 * 3600 {
+            return Err(ConfigError::new(
+                "reset_interval_secs",
+                "must be between 1 and 86400",
+            ));
+        }
         let catalog =
             Catalog::new(raw.features).map_err(|e| ConfigError::new("features", e.to_string()))?;
         let mut seen = std::collections::BTreeSet::new();
@@ -395,6 +421,8 @@ impl Config {
             log_format: raw.log_format,
             idempotency_ttl_secs: raw.idempotency_ttl_secs,
             env: raw.env,
+            reset_interval_secs: raw.reset_interval_secs,
+            accept_eviction: raw.accept_eviction,
             catalog: Arc::new(catalog),
             plans: raw.plans,
             gate,

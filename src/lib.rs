@@ -16,6 +16,7 @@ pub mod money;
 pub mod rules;
 pub mod server;
 pub mod store;
+pub mod sweeper;
 
 pub use engine::{Clock, Engine, ManualClock, MemoryEngine, SystemClock};
 pub use error::EngineError;

@@ -29,6 +29,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Apply due resets once for every customer (for cron), then exit.
+    ResetDue {
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print the seed example on the in-process engine.
     Demo,
 }
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve { config } => runtime.block_on(serve(config)),
+        Command::ResetDue { config } => runtime.block_on(reset_due(config)),
         Command::Demo => runtime.block_on(demo()),
     }
 }
@@ -98,10 +105,62 @@ async fn serve(path: PathBuf) -> ExitCode {
         .local_addr()
         .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
     tracing::info!(%addr, "creditgate listening");
-    match creditgate::server::run(listener, state, creditgate::server::shutdown_signal()).await {
+    // One signal stops both the server and the reset task.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        creditgate::server::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let sweeper = tokio::spawn(creditgate::sweeper::run(
+        state.engine.clone(),
+        state.metrics.clone(),
+        std::time::Duration::from_secs(config.reset_interval_secs),
+        stopped(stop_rx.clone()),
+    ));
+    let served = creditgate::server::run(listener, state, stopped(stop_rx)).await;
+    let _ = sweeper.await;
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("creditgate: server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `creditgate reset-due`: one sweep, for cron.
+async fn reset_due(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let (state, _) = match creditgate::server::state_from_config(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match creditgate::sweeper::sweep_once(state.engine.as_ref(), &state.metrics).await {
+        Ok((r, took)) => {
+            println!(
+                "swept {} customers, applied {} resets in {} ms ({} shards leased elsewhere)",
+                r.customers_swept,
+                r.resets_applied,
+                took.as_millis(),
+                r.shards_leased_elsewhere
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("creditgate: reset sweep failed: {e}");
             ExitCode::FAILURE
         }
     }

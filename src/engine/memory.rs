@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{Clock, Engine};
+use super::{Clock, Engine, SweepReport};
 use crate::error::EngineError;
 use crate::model::*;
 use crate::money::Amount;
@@ -75,20 +75,6 @@ impl MemoryEngine {
         pools
             .iter()
             .map(|p| rules::pool_balance(&state.buckets, &p.pool))
-            .collect()
-    }
-
-    /// Every customer id (the periodic reset task's view of this engine).
-    pub fn customer_ids(&self) -> Vec<String> {
-        self.shards
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
             .collect()
     }
 }
@@ -180,5 +166,24 @@ impl Engine for MemoryEngine {
             .get_mut(customer_id)
             .ok_or(EngineError::CustomerNotFound)?;
         Ok(rules::prepare(state, now, self.retention))
+    }
+
+    /// Visits every customer, one shard lock at a time, so no batch holds up
+    /// requests to other shards for long.
+    async fn sweep_due(&self) -> Result<SweepReport, EngineError> {
+        let mut report = SweepReport::default();
+        for shard in &self.shards {
+            let now = self.clock.now_ms();
+            {
+                let mut customers = shard.lock().unwrap_or_else(|e| e.into_inner());
+                for state in customers.values_mut() {
+                    let resets = rules::prepare(state, now, self.retention);
+                    report.customers_swept += 1;
+                    report.resets_applied += resets as u64;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(report)
     }
 }

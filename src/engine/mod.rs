@@ -59,6 +59,17 @@ impl<C: Clock> Clock for std::sync::Arc<C> {
     }
 }
 
+/// What one sweep of the periodic reset task did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Customers the sweep applied `reset_due` to.
+    pub customers_swept: u64,
+    /// Buckets that reset.
+    pub resets_applied: u64,
+    /// Index shards skipped because another sweeper held their lease.
+    pub shards_leased_elsewhere: u64,
+}
+
 /// A store of customers' balances. Every method applies the customer's due
 /// resets (and expired locks) first, then acts atomically.
 #[async_trait]
@@ -94,6 +105,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Applies due resets, releases expired locks, forgets old records.
     /// Returns how many buckets reset.
     async fn reset_due(&self, customer_id: &str) -> Result<u32, EngineError>;
+    /// Applies [`Engine::reset_due`] to every customer with something due
+    /// now, in bounded batches: the periodic reset task. Correctness never
+    /// depends on it, since every operation does the same lazily first; it
+    /// keeps idle customers' balances (and what gateways read) on time.
+    async fn sweep_due(&self) -> Result<SweepReport, EngineError> {
+        Err(EngineError::Internal("this engine cannot sweep".into()))
+    }
 
     async fn consume(
         &self,

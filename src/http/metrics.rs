@@ -29,6 +29,12 @@ pub struct Metrics {
     decisions: Mutex<BTreeMap<(String, &'static str), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     store_errors: AtomicU64,
+    sweeps: AtomicU64,
+    customers_swept: AtomicU64,
+    resets_applied: AtomicU64,
+    /// Microseconds the last sweep took.
+    last_sweep_us: AtomicU64,
+    sweep_us_total: AtomicU64,
 }
 
 impl Metrics {
@@ -51,6 +57,18 @@ impl Metrics {
         }
         h.count += 1;
         h.sum_ns += elapsed.as_nanos();
+    }
+
+    /// Records one sweep of the periodic reset task.
+    pub fn sweep(&self, report: &crate::engine::SweepReport, took: Duration) {
+        let us = took.as_micros() as u64;
+        self.sweeps.fetch_add(1, Ordering::Relaxed);
+        self.customers_swept
+            .fetch_add(report.customers_swept, Ordering::Relaxed);
+        self.resets_applied
+            .fetch_add(report.resets_applied, Ordering::Relaxed);
+        self.last_sweep_us.store(us, Ordering::Relaxed);
+        self.sweep_us_total.fetch_add(us, Ordering::Relaxed);
     }
 
     pub fn store_error(&self) {
@@ -118,6 +136,44 @@ impl Metrics {
             "creditgate_store_errors_total {}",
             self.store_errors.load(Ordering::Relaxed)
         );
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "creditgate_reset_sweeps_total",
+                "counter",
+                "Sweeps of the periodic reset task.",
+                load(&self.sweeps) as f64,
+            ),
+            (
+                "creditgate_customers_swept_total",
+                "counter",
+                "Customers the reset task applied due resets to.",
+                load(&self.customers_swept) as f64,
+            ),
+            (
+                "creditgate_resets_applied_total",
+                "counter",
+                "Bucket resets applied by the reset task.",
+                load(&self.resets_applied) as f64,
+            ),
+            (
+                "creditgate_sweep_duration_seconds_total",
+                "counter",
+                "Time spent sweeping.",
+                load(&self.sweep_us_total) as f64 / 1e6,
+            ),
+            (
+                "creditgate_last_sweep_duration_seconds",
+                "gauge",
+                "How long the last sweep took.",
+                load(&self.last_sweep_us) as f64 / 1e6,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
         out
     }
 }
