@@ -127,6 +127,9 @@ return run_main(function()
         C.receipts[lock_id] = { now + C.ret_lock, lock[1], pack_outcome(o), lock[4] }
         C.receipt_del[lock_id] = nil
         set_lock(C, lock_id, nil)
+        if lock[3] and lock[3] == C.le then
+          recompute_le(C)
+        end
       end
     end
   end

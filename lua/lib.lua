@@ -606,6 +606,28 @@ local function get_receipt(C, id)
   return nil
 end
 
+-- The earliest expiry of the pending locks left (after a finalize removed one).
+local function recompute_le(C)
+  local raw = redis.call('HGETALL', C.lock_key)
+  local le = nil
+  for i = 1, #raw, 2 do
+    local id = raw[i]
+    local l = C.locks[id]
+    if l == nil then
+      l = cmsgpack.unpack(raw[i + 1])
+    end
+    if l and l[3] then
+      le = opt_min(le, l[3])
+    end
+  end
+  for id, l in pairs(C.locks) do
+    if l and l[3] and C.lock_dirty[id] then
+      le = opt_min(le, l[3])
+    end
+  end
+  C.le = le
+end
+
 local function save(C)
   local hset, hdel = {}, {}
   local rec = encode_record(C)

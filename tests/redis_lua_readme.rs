@@ -49,6 +49,12 @@ fn readme_examples_give_the_documented_replies() {
             "no example runs {script}.lua"
         );
     }
+    // A script loaded by hand has the engine's SHA.
+    let scripts = creditgate::store::Scripts::new();
+    for s in scripts.all() {
+        let cmd = format!("$CLI SCRIPT LOAD \"$(cat lua/lib.lua lua/{}.lua)\"", s.name);
+        assert_eq!(server.sh(root, &cmd).trim(), format!("\"{}\"", s.sha));
+    }
     for (command, expected) in examples {
         let got = server.sh(root, &command);
         assert_eq!(got, expected, "example:\n{command}");

@@ -12,9 +12,10 @@
 pub mod keys;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
 
@@ -39,8 +40,11 @@ pub struct Script {
 }
 
 impl Script {
+    /// The body is exactly `"$(cat lua/lib.lua lua/<op>.lua)"` (trailing
+    /// newlines dropped, as the shell does), so a script loaded with
+    /// `redis-cli SCRIPT LOAD` has the same SHA as the engine's.
     fn new(name: &'static str, op: &str) -> Script {
-        let body = format!("{LIB_LUA}\n{op}");
+        let body = format!("{LIB_LUA}{op}").trim_end_matches('\n').to_string();
         let sha = sha1_smol::Sha1::from(&body).digest().to_string();
         Script { name, body, sha }
     }
@@ -151,6 +155,9 @@ pub struct RedisOptions {
     /// evicted silently).
     pub accept_eviction: bool,
     pub retention: Retention,
+    /// Bound on connecting and on each reply; past it a call answers
+    /// `StoreUnavailable` rather than hanging.
+    pub timeout: Duration,
 }
 
 impl RedisOptions {
@@ -160,6 +167,7 @@ impl RedisOptions {
             namespace: String::new(),
             accept_eviction: false,
             retention: Retention::default(),
+            timeout: Duration::from_secs(2),
         }
     }
 }
@@ -193,8 +201,16 @@ impl RedisEngine {
         let conn = match &opts.target {
             RedisTarget::Standalone(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(opts.timeout)
+                    .set_response_timeout(opts.timeout)
+                    .set_number_of_retries(2)
+                    .set_factor(2)
+                    .set_max_delay(500);
                 Conn::Single(Box::new(
-                    ConnectionManager::new(client).await.map_err(unavailable)?,
+                    ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map_err(unavailable)?,
                 ))
             }
             RedisTarget::Cluster(urls) => {

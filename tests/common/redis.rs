@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -35,12 +35,20 @@ impl RedisServer {
         let script = format!(
             "'{bin}' --port 0 --unixsocket '{sock}' --unixsocketperm 700 --save '' \
              --appendonly no --dir '{dir}' --maxmemory-policy noeviction \
-             >'{dir}/log' 2>&1 & pid=$!; cat >/dev/null; kill $pid; wait $pid",
+             >'{dir}/log' 2>&1 & pid=$!; cat >/dev/null; kill $pid; wait $pid; rm -rf '{dir}'",
             sock = socket.display(),
             dir = dir.path().display(),
         );
-        let mut child = Command::new("sh")
-            .arg("-c")
+        // `setsid`: the watchdog shell leaves our process group, so a signal
+        // to the whole group (Ctrl-C, `timeout`) cannot kill it before it
+        // kills redis-server.
+        let (program, args) = if Path::new("/usr/bin/setsid").exists() {
+            ("/usr/bin/setsid", vec!["sh", "-c"])
+        } else {
+            ("sh", vec!["-c"])
+        };
+        let mut child = Command::new(program)
+            .args(args)
             .arg(script)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -101,10 +109,12 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Stops the server and waits until it has exited.
     pub fn stop_now(&self) {
         if let Some(mut s) = self._lifeline.lock().unwrap().take() {
             let _ = s.flush();
         }
+        let _ = self._child.lock().unwrap().wait();
     }
 }
 
