@@ -158,3 +158,31 @@ async fn hash_tags_keep_customers_apart() {
         assert!(e.balances(id).await.unwrap().pools.is_empty(), "{id}");
     }
 }
+
+#[tokio::test]
+async fn lock_index_finds_a_locks_customer() {
+    use creditgate::http::LockIndex;
+    let e = engine(catalog(), fresh_clock(), Retention::default()).await;
+    let idx = e.lock_index();
+    let t = start();
+    assert_eq!(idx.lookup("L{1}", t).await.unwrap(), None);
+    idx.record("L{1}", "cus:a", None, t).await.unwrap();
+    assert_eq!(
+        idx.lookup("L{1}", t + DAY_MS).await.unwrap().as_deref(),
+        Some("cus:a")
+    );
+    idx.record("L{1}", "cus:a", Some(t + 100), t).await.unwrap();
+    assert_eq!(
+        idx.lookup("L{1}", t + 99).await.unwrap().as_deref(),
+        Some("cus:a")
+    );
+    assert_eq!(idx.lookup("L{1}", t + 100).await.unwrap(), None);
+    let server = RedisServer::shared();
+    let pttl: i64 = server
+        .cli(&["PTTL", &idx.key("L{1}")])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 100, "relative expiry, got {pttl}");
+    assert!(idx.key("L{1}").ends_with("cg1:lock:{L%7B1%7D}"));
+}

@@ -10,6 +10,7 @@
 //! blocking use of a connection, so there is no deadpool.
 
 pub mod keys;
+pub mod lock_index;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use crate::money::Amount;
 use crate::rules::{self, Op};
 
 pub use keys::{customer_keys, CustomerKeys, LAYOUT};
+pub use lock_index::RedisLockIndex;
 
 /// The shared library, prepended to every operation script.
 pub const LIB_LUA: &str = include_str!("../../lua/lib.lua");
@@ -283,6 +285,11 @@ impl RedisEngine {
 
     pub fn scripts(&self) -> &Scripts {
         &self.scripts
+    }
+
+    /// The lock-id → customer index, on the same connection and namespace.
+    pub fn lock_index(&self) -> RedisLockIndex {
+        RedisLockIndex::new(self.conn.clone(), &self.namespace)
     }
 
     /// A clone of the shared connection.

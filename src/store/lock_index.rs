@@ -1,0 +1,75 @@
+//! The lock-id → customer index in Redis, for a `finalize` that does not send
+//! its customer (Autumn's SDK does not). One small key per lock id, outside
+//! every customer's slot (its hash tag is the escaped lock id), never touched
+//! by a script: `<ns>cg1:lock:{<escaped lock id>}` = `<customer id>\x1f<keep until ms>`
+//! with a relative expiry (`PX`). The stored instant is also compared with
+//! `now`, so an injected clock sees the same answers as the in-process index.
+
+use async_trait::async_trait;
+use redis::RedisError;
+
+use super::keys::{escape, LAYOUT};
+use super::Conn;
+use crate::error::EngineError;
+use crate::http::LockIndex;
+
+/// [`LockIndex`] over the engine's shared connection.
+#[derive(Clone)]
+pub struct RedisLockIndex {
+    conn: Conn,
+    namespace: String,
+}
+
+impl RedisLockIndex {
+    pub fn new(conn: Conn, namespace: &str) -> RedisLockIndex {
+        RedisLockIndex {
+            conn,
+            namespace: namespace.to_string(),
+        }
+    }
+
+    pub fn key(&self, lock_id: &str) -> String {
+        format!("{}{LAYOUT}lock:{{{}}}", self.namespace, escape(lock_id))
+    }
+}
+
+fn unavailable(e: RedisError) -> EngineError {
+    EngineError::StoreUnavailable(e.to_string())
+}
+
+#[async_trait]
+impl LockIndex for RedisLockIndex {
+    async fn record(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: Option<i64>,
+        now: i64,
+    ) -> Result<(), EngineError> {
+        let mut conn = self.conn.clone();
+        let value = format!(
+            "{customer_id}\x1f{}",
+            keep_until.map_or(String::new(), |k| k.to_string())
+        );
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(lock_id)).arg(value);
+        if let Some(k) = keep_until {
+            cmd.arg("PX").arg(k.saturating_sub(now).max(1));
+        }
+        cmd.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError> {
+        let mut conn = self.conn.clone();
+        let v: Option<String> = redis::cmd("GET")
+            .arg(self.key(lock_id))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(v.and_then(|v| {
+            let (customer, until) = v.rsplit_once('\x1f')?;
+            let live = until.parse::<i64>().map_or(true, |u| u > now);
+            live.then(|| customer.to_string())
+        }))
+    }
+}
