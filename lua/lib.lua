@@ -280,14 +280,22 @@ local STEP_MS = { [1] = MINUTE, [2] = HOUR, [3] = DAY, [4] = 7 * DAY }
 local STEP_MONTHS = { [5] = 1, [6] = 3, [7] = 6, [8] = 12 }
 
 -- calendar::Period::new: nil for one_off; else { ms = n } or { months = n }.
+local PERIODS = {}
+
 local function make_period(code, count)
+  local key = code * 10000 + count
+  local p = PERIODS[key]
+  if p ~= nil then
+    return p or nil
+  end
+  p = nil
   if STEP_MS[code] then
-    return { ms = STEP_MS[code] * count }
+    p = { ms = STEP_MS[code] * count }
+  elseif STEP_MONTHS[code] then
+    p = { months = STEP_MONTHS[code] * count }
   end
-  if STEP_MONTHS[code] then
-    return { months = STEP_MONTHS[code] * count }
-  end
-  return nil
+  PERIODS[key] = p or false
+  return p
 end
 
 local function nominal_ms(p)
@@ -342,6 +350,11 @@ end
 -- enough for Redis's compact encoding. Exact below 2^53 both ways.
 local DIGITS36 = '0123456789abcdefghijklmnopqrstuvwxyz'
 
+local DIGIT36 = {}
+for i = 1, 36 do
+  DIGIT36[i - 1] = string.sub(DIGITS36, i, i)
+end
+
 local function e36(n)
   if n == 0 then
     return '0'
@@ -350,13 +363,14 @@ local function e36(n)
   if n < 0 then
     sign, n = '-', -n
   end
-  local t = {}
+  local t, i = {}, 12 -- 36^11 > 2^53: at most 11 digits
   while n > 0 do
     local r = n % 36
-    t[#t + 1] = string.sub(DIGITS36, r + 1, r + 1)
+    t[i] = DIGIT36[r]
+    i = i - 1
     n = (n - r) / 36
   end
-  return sign .. string.reverse(table.concat(t))
+  return sign .. table.concat(t, '', i + 1, 12)
 end
 
 local function o36(n)
@@ -427,6 +441,9 @@ local function decode_bucket(id, s, rows)
     plan = f[13],
     rows = decode_rows(rows),
   }
+  -- Only remaining, the next boundary index and the rows ever change once a
+  -- bucket exists; save() re-encodes a bucket only when they did.
+  b.stored_remaining, b.stored_idx = b.remaining, b.idx
   if b.plan == '' then
     b.plan = nil
   end
@@ -638,20 +655,24 @@ local function save(C)
   local kept = {}
   for _, b in ipairs(C.buckets) do
     kept[b.id] = true
-    local v = encode_bucket(b)
-    if v ~= C.fields[b.id] then
-      hset[#hset + 1] = b.id
-      hset[#hset + 1] = v
+    if C.fields[b.id] == nil or b.remaining ~= b.stored_remaining or b.idx ~= b.stored_idx then
+      local v = encode_bucket(b)
+      if v ~= C.fields[b.id] then
+        hset[#hset + 1] = b.id
+        hset[#hset + 1] = v
+      end
     end
-    local rows = encode_rows(b.rows)
     local old = C.fields[b.id .. ROWS_SUFFIX]
-    if rows == '' then
+    if #b.rows == 0 then
       if old then
         hdel[#hdel + 1] = b.id .. ROWS_SUFFIX
       end
-    elseif rows ~= old then
-      hset[#hset + 1] = b.id .. ROWS_SUFFIX
-      hset[#hset + 1] = rows
+    else
+      local rows = encode_rows(b.rows)
+      if rows ~= old then
+        hset[#hset + 1] = b.id .. ROWS_SUFFIX
+        hset[#hset + 1] = rows
+      end
     end
   end
   for f, _ in pairs(C.fields) do
