@@ -39,7 +39,7 @@ const POOLS: [&str; 6] = [
     "msg_credits",
     "action2",
 ];
-const LOCKS: [&str; 3] = ["L1", "L2", "L3"];
+const LOCKS: [&str; 4] = ["L1", "L2", "L3", "L{1}: é"];
 const KEYS: [&str; 3] = ["k1", "k2", "k3"];
 
 #[derive(Debug, Clone)]
@@ -155,7 +155,10 @@ fn behavior() -> impl Strategy<Value = OverageBehavior> {
 }
 
 fn key() -> impl Strategy<Value = Option<&'static str>> {
-    prop::option::weighted(0.3, prop::sample::select(&KEYS[..]))
+    prop_oneof![
+        40 => prop::option::weighted(0.3, prop::sample::select(&KEYS[..])),
+        1 => prop::sample::select(&["", "bad\u{1}key", "\u{85}"][..]).prop_map(Some),
+    ]
 }
 
 fn customer() -> impl Strategy<Value = usize> + Clone {
@@ -209,7 +212,7 @@ fn step() -> impl Strategy<Value = Step> {
                 Step::Apply(c, Op::Track { feature: f.into(), units, behavior: b }, k)
             }),
         3 => (c.clone(), prop::sample::select(&LOCKS[..]), f.clone(), amount(),
-              prop::option::weighted(0.5, 1i64..2 * HOUR_MS), key())
+              prop::option::weighted(0.5, -MINUTE_MS..2 * HOUR_MS), key())
             .prop_map(|(c, l, f, u, e, k)| Step::Apply(c, Op::Reserve {
                 lock_id: l.into(), feature: f.into(), units: u, expires_at: e,
             }, k)),

@@ -747,9 +747,24 @@ impl Engine for RedisEngine {
         key: Option<&str>,
     ) -> Result<Outcome, EngineError> {
         validate_id("customer_id", customer_id)?;
-        let (_, now) = self.now();
+        let (now_ms, now) = self.now();
         let pre = prevalidate(op).and_then(|_| match key {
-            Some(k) => validate_id("idempotency_key", k),
+            Some(k) => {
+                // `Op::validate` checks a reservation's expiry before the key.
+                if let (
+                    Op::Reserve {
+                        expires_at: Some(e),
+                        ..
+                    },
+                    true,
+                ) = (op, !now.is_empty())
+                {
+                    if *e <= now_ms {
+                        return Err(invalid("expires_at", "must be in the future"));
+                    }
+                }
+                validate_id("idempotency_key", k)
+            }
             None => Ok(()),
         });
         if let Err(e) = pre {
