@@ -78,4 +78,11 @@ async fn cluster_answers_like_memory() {
         }
         clock.advance(31 * DAY_MS);
     }
+    // The sweep reads every slot's due index across the nodes.
+    let r = red.sweep_due().await.unwrap();
+    assert_eq!((r.customers_swept, r.resets_applied), (12, 12));
+    assert_eq!(red.sweep_due().await.unwrap().customers_swept, 0);
+    for c in &customers {
+        assert_eq!(mem.balances(c).await, red.balances(c).await);
+    }
 }

@@ -186,3 +186,47 @@ async fn lock_index_finds_a_locks_customer() {
     assert!(pttl > 0 && pttl <= 100, "relative expiry, got {pttl}");
     assert!(idx.key("L{1}").ends_with("cg1:lock:{L%7B1%7D}"));
 }
+
+#[tokio::test]
+async fn sweep_resets_each_due_customer_once() {
+    let clock = fresh_clock();
+    let e = engine(catalog(), clock.clone(), Retention::default()).await;
+    for i in 0..50 {
+        let c = format!("c{i}");
+        e.create_customer(&c).await.unwrap();
+        e.grant(&c, &Grant::new("api_call", amt("100"), Interval::Month))
+            .await
+            .unwrap();
+        e.grant(&c, &Grant::new("credits", amt("5"), Interval::OneOff))
+            .await
+            .unwrap();
+        e.track(&c, "api_call", amt("60"), OverageBehavior::Cap, None)
+            .await
+            .unwrap();
+    }
+    let none = e.sweep_due().await.unwrap();
+    assert_eq!((none.customers_swept, none.resets_applied), (0, 0));
+    clock.set(creditgate::calendar::ms_of(2027, 2, 1, 0, 0));
+    let r = e.sweep_due().await.unwrap();
+    assert_eq!((r.customers_swept, r.resets_applied), (50, 50));
+    assert_eq!(r.shards_leased_elsewhere, 0);
+    let again = e.sweep_due().await.unwrap();
+    assert_eq!(again.resets_applied, 0, "a second sweep finds nothing due");
+    assert_eq!(e.reset_due("c7").await.unwrap(), 0);
+    let p = e.balances("c7").await.unwrap();
+    let api = p.pools.iter().find(|p| p.pool == "api_call").unwrap();
+    assert_eq!(api.remaining, amt("100"));
+    // A second sweeper on the same keys finds every shard leased.
+    let other = creditgate::store::RedisEngine::connect(
+        creditgate::store::RedisOptions {
+            namespace: ns_of(&e),
+            ..creditgate::store::RedisOptions::standalone(&RedisServer::shared().url())
+        },
+        catalog(),
+        None,
+    )
+    .await
+    .unwrap();
+    let r = other.sweep_due().await.unwrap();
+    assert_eq!(r.shards_leased_elsewhere, 16);
+}

@@ -21,7 +21,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::calendar::Interval;
-use crate::engine::{Clock, Engine, SystemClock};
+use crate::engine::{Clock, Engine, SweepReport, SystemClock};
 use crate::error::{invalid, EngineError};
 use crate::model::*;
 use crate::money::Amount;
@@ -183,7 +183,19 @@ pub struct RedisEngine {
     retention: Retention,
     namespace: String,
     scripts: Scripts,
+    /// Identifies this process's sweeper in shard leases.
+    sweeper_id: String,
 }
+
+/// The due index is swept in this many shards of consecutive slots, each
+/// under its own lease, so several sidecars share the work.
+pub const SWEEP_SHARDS: usize = 16;
+/// How long a sweeper keeps a shard's lease (ms).
+pub const SWEEP_LEASE_MS: u64 = 30_000;
+/// Due customers read per slot and round.
+const SWEEP_BATCH: usize = 100;
+/// Slots read per pipelined round trip.
+const SWEEP_PIPELINE: usize = 256;
 
 /// Maps a connection-level failure.
 fn unavailable(e: RedisError) -> EngineError {
@@ -228,6 +240,7 @@ impl RedisEngine {
             retention: opts.retention,
             namespace: opts.namespace,
             scripts: Scripts::new(),
+            sweeper_id: format!("{:016x}", rand::random::<u64>()),
         };
         engine.check_eviction(opts.accept_eviction).await?;
         engine.load_scripts().await?;
@@ -362,6 +375,68 @@ impl RedisEngine {
             Ok(_) => err,
             Err(e) => unavailable(e),
         }
+    }
+
+    /// Takes (or keeps) the lease on sweep shard `shard`; false when another
+    /// sweeper holds it.
+    async fn lease(&self, shard: usize) -> Result<bool, EngineError> {
+        let key = format!("{}{LAYOUT}sweep:{shard}", self.namespace);
+        let mut conn = self.conn.clone();
+        let took: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&self.sweeper_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(SWEEP_LEASE_MS)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if took.is_some() {
+            return Ok(true);
+        }
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(holder.as_deref() == Some(self.sweeper_id.as_str()))
+    }
+
+    /// The customers due at or before `now` in the due-index keys `keys`:
+    /// one pipelined round trip on a standalone server; on a cluster (where a
+    /// pipeline may not cross slots) one concurrent query per key.
+    async fn due_members(&self, keys: &[String], now: i64) -> Result<Vec<String>, EngineError> {
+        let query = |k: &str| {
+            let mut c = redis::cmd("ZRANGEBYSCORE");
+            c.arg(k)
+                .arg("-inf")
+                .arg(now)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH);
+            c
+        };
+        let mut conn = self.conn.clone();
+        if let Conn::Cluster(_) = &self.conn {
+            let mut tasks = tokio::task::JoinSet::new();
+            for k in keys {
+                let cmd = query(k);
+                let mut conn = conn.clone();
+                tasks.spawn(async move { cmd.query_async::<Vec<String>>(&mut conn).await });
+            }
+            let mut out = vec![];
+            while let Some(r) = tasks.join_next().await {
+                let r = r.map_err(|e| EngineError::Internal(e.to_string()))?;
+                out.extend(r.map_err(unavailable)?);
+            }
+            return Ok(out);
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.add_command(query(k));
+        }
+        let found: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(found.into_iter().flatten().collect())
     }
 
     fn pool_args(&self, feature: &str) -> Vec<String> {
@@ -883,5 +958,60 @@ impl Engine for RedisEngine {
             )
             .await?;
         Ok(int(&v)? as u32)
+    }
+
+    /// Reads the due index slot by slot (16 leased shards of 1024 slots) and
+    /// applies `reset_due` to every customer due now. A customer's entry moves
+    /// to its next due instant in the same script, so it is swept once.
+    async fn sweep_due(&self) -> Result<SweepReport, EngineError> {
+        let mut report = SweepReport::default();
+        let tags = keys::slot_tags();
+        let per_shard = keys::SLOTS / SWEEP_SHARDS;
+        for shard in 0..SWEEP_SHARDS {
+            if !self.lease(shard).await? {
+                report.shards_leased_elsewhere += 1;
+                continue;
+            }
+            let slots: Vec<String> = tags[shard * per_shard..(shard + 1) * per_shard]
+                .iter()
+                .map(|t| format!("{}{LAYOUT}due:{{{t}}}", self.namespace))
+                .collect();
+            for chunk in slots.chunks(SWEEP_PIPELINE) {
+                let mut swept = std::collections::HashSet::new();
+                loop {
+                    let now = self.now().0;
+                    let due = self.due_members(chunk, now).await?;
+                    // Every entry swept moves past `now`; one that did not
+                    // (it cannot, but never loop on it) waits for the next sweep.
+                    let due: Vec<String> = due
+                        .into_iter()
+                        .filter(|c| swept.insert(c.clone()))
+                        .collect();
+                    if due.is_empty() {
+                        break;
+                    }
+                    for customer in &due {
+                        report.customers_swept += 1;
+                        match self.reset_due(customer).await {
+                            Ok(n) => report.resets_applied += n as u64,
+                            Err(EngineError::CustomerNotFound)
+                            | Err(EngineError::InvalidInput { .. }) => {
+                                // An entry without a customer: drop it.
+                                let k = self.keys(customer);
+                                let mut conn = self.conn.clone();
+                                redis::cmd("ZREM")
+                                    .arg(&k.due)
+                                    .arg(customer)
+                                    .query_async::<()>(&mut conn)
+                                    .await
+                                    .map_err(unavailable)?;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
     }
 }
