@@ -230,3 +230,38 @@ async fn sweep_resets_each_due_customer_once() {
     let r = other.sweep_due().await.unwrap();
     assert_eq!(r.shards_leased_elsewhere, 16);
 }
+
+#[tokio::test]
+async fn without_a_clock_the_scripts_read_redis_time() {
+    let server = RedisServer::shared();
+    let opts = creditgate::store::RedisOptions {
+        namespace: common::redis::namespace(),
+        ..creditgate::store::RedisOptions::standalone(&server.url())
+    };
+    let e = creditgate::store::RedisEngine::connect(opts, catalog(), None)
+        .await
+        .unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    e.create_customer("c").await.unwrap();
+    e.grant("c", &Grant::new("api_call", amt("10"), Interval::Day))
+        .await
+        .unwrap();
+    let b = e.balances("c").await.unwrap();
+    let after = before + 60_000;
+    assert!((before - 1_000..after).contains(&b.created_at), "{b:?}");
+    let next = b.pools[0].next_reset_at.unwrap();
+    assert!((before + DAY_MS - 1_000..after + DAY_MS).contains(&next));
+    let out = e
+        .consume("c", "api_call", amt("4"), Some("k"))
+        .await
+        .unwrap();
+    assert_eq!(out.pool("api_call").unwrap().remaining, amt("6"));
+    let again = e
+        .consume("c", "api_call", amt("4"), Some("k"))
+        .await
+        .unwrap();
+    assert!(again.replayed);
+}
