@@ -345,6 +345,15 @@ proptest! {
                 for c in CUSTOMERS {
                     let a = mem.balances(c).await;
                     let b = red.balances(c).await;
+                    if let Ok(bal) = &a {
+                        let rows: usize = bal.pools.iter().map(|p| p.rollovers.len()).sum();
+                        if rows > 0 {
+                            tally_name(if rows > 1 { "balances with 2+ rollover rows" } else { "balances with a rollover row" });
+                        }
+                        if bal.pools.iter().any(|p| p.buckets.iter().any(|b| b.remaining.is_negative())) {
+                            tally_name("balances with a negative bucket");
+                        }
+                    }
                     prop_assert_eq!(a, b, "balances of {} after step {} {:?}", c, i, s);
                 }
             }
@@ -359,6 +368,14 @@ proptest! {
 }
 
 static STATS: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
+
+fn tally_name(k: &str) {
+    let mut s = STATS.lock().unwrap();
+    match s.iter_mut().find(|(n, _)| n == k) {
+        Some(e) => e.1 += 1,
+        None => s.push((k.to_string(), 1)),
+    }
+}
 
 fn tally(a: &Answer) {
     let k = match a {
