@@ -33,7 +33,7 @@ fn start_server(config_text: &str, env: BTreeMap<String, String>) -> String {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let (state, _) = server::state_from_config(&config).expect("state");
+            let (state, _) = server::state_from_config(&config).await.expect("state");
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
             server::run(listener, state, std::future::pending())
                 .await

@@ -183,6 +183,8 @@ struct RawConfig {
     reset_interval_secs: u64,
     #[serde(default)]
     accept_eviction: bool,
+    #[serde(default = "default_redis_timeout")]
+    redis_timeout_ms: u64,
     #[serde(default)]
     features: Vec<FeatureDef>,
     #[serde(default)]
@@ -201,6 +203,10 @@ fn default_idempotency_ttl() -> u64 {
 
 fn default_reset_interval() -> u64 {
     60
+}
+
+fn default_redis_timeout() -> u64 {
+    2000
 }
 
 /// The kinds of the top-level settings, for parsing environment overrides.
@@ -223,6 +229,7 @@ const TOP_LEVEL: &[(&str, Kind)] = &[
     ("env", Kind::Str),
     ("reset_interval_secs", Kind::Int),
     ("accept_eviction", Kind::Bool),
+    ("redis_timeout_ms", Kind::Int),
 ];
 
 /// The validated configuration.
@@ -242,6 +249,9 @@ pub struct Config {
     pub reset_interval_secs: u64,
     /// Run on a Redis whose `maxmemory-policy` may evict balances.
     pub accept_eviction: bool,
+    /// Bound on connecting to Redis and on each reply; past it a request
+    /// answers 503 `store_unavailable` instead of hanging.
+    pub redis_timeout_ms: u64,
     pub catalog: Arc<Catalog>,
     pub plans: Vec<Plan>,
     /// The forward-auth gate (`/v1/gate`).
@@ -374,6 +384,12 @@ impl Config {
                 "must be between 1 and 31622400 (366 days)",
             ));
         }
+        if raw.redis_timeout_ms == 0 || raw.redis_timeout_ms > 60_000 {
+            return Err(ConfigError::new(
+                "redis_timeout_ms",
+                "must be between 1 and 60000",
+            ));
+        }
         if raw.reset_interval_secs == 0 || raw.reset_interval_secs > 24 * 3600 {
             return Err(ConfigError::new(
                 "reset_interval_secs",
@@ -423,6 +439,7 @@ impl Config {
             env: raw.env,
             reset_interval_secs: raw.reset_interval_secs,
             accept_eviction: raw.accept_eviction,
+            redis_timeout_ms: raw.redis_timeout_ms,
             catalog: Arc::new(catalog),
             plans: raw.plans,
             gate,

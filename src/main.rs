@@ -76,7 +76,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let (state, in_process) = match creditgate::server::state_from_config(&config) {
+    let (state, in_process) = match creditgate::server::state_from_config(&config).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("creditgate: {e}");
@@ -141,7 +141,7 @@ async fn reset_due(path: PathBuf) -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let (state, _) = match creditgate::server::state_from_config(&config) {
+    let (state, _) = match creditgate::server::state_from_config(&config).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("creditgate: {e}");

@@ -3,11 +3,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{Config, ConfigError};
 use crate::engine::{Clock, Engine, MemoryEngine, SystemClock};
 use crate::http::{self, AlwaysReady, AppState, LockIndex, MemoryLockIndex, Readiness};
 use crate::model::Retention;
+use crate::store::{RedisEngine, RedisOptions, RedisTarget};
 
 /// What the HTTP layer needs from a store: the engine, its readiness probe,
 /// and the lock-id → customer index `finalize` uses without a customer id.
@@ -24,40 +26,52 @@ pub struct Backend {
 /// - No `redis_url` / `redis_cluster`: the in-process [`MemoryEngine`]
 ///   (always ready, [`MemoryLockIndex`]); the caller warns loudly that
 ///   balances live only in this process.
-/// - `redis_url` or `redis_cluster`: this is where the Redis engine plugs in
-///   (its readiness pings the store and checks the scripts are loaded; its
-///   lock index is a Redis key per lock id). Until it is wired, this answers
-///   an error naming the key, before any port is bound.
-pub fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Backend, ConfigError> {
-    let key = if config.redis_url.is_some() {
-        Some("redis_url")
-    } else if config.redis_cluster.is_some() {
-        Some("redis_cluster")
-    } else {
-        None
-    };
-    if let Some(key) = key {
-        return Err(ConfigError::new(
-            key,
-            "redis support not built yet: omit it to run on the in-process engine",
-        ));
-    }
+/// - `redis_url` or `redis_cluster`: the [`RedisEngine`], whose scripts read
+///   Redis `TIME` so every sidecar shares one clock; its readiness pings the
+///   store and (re)loads the scripts; its lock index is a Redis key per lock.
+///   A store that cannot be reached, or that may evict balances, is an error
+///   naming the key, before any port is bound.
+pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Backend, ConfigError> {
     let retention = Retention {
         idempotency_ms: (config.idempotency_ttl_secs as i64).saturating_mul(1000),
         finalized_lock_ms: (config.idempotency_ttl_secs as i64).saturating_mul(1000),
     };
+    let target = match (&config.redis_url, &config.redis_cluster) {
+        (Some(url), _) => Some(("redis_url", RedisTarget::Standalone(url.clone()))),
+        (None, Some(nodes)) => Some(("redis_cluster", RedisTarget::Cluster(nodes.clone()))),
+        (None, None) => None,
+    };
+    let Some((key, target)) = target else {
+        return Ok(Backend {
+            engine: Arc::new(MemoryEngine::new(config.catalog.clone(), clock, retention)),
+            readiness: Arc::new(AlwaysReady),
+            lock_index: Arc::new(MemoryLockIndex::default()),
+            in_process: true,
+        });
+    };
+    let opts = RedisOptions {
+        target,
+        namespace: String::new(),
+        accept_eviction: config.accept_eviction,
+        retention,
+        timeout: Duration::from_millis(config.redis_timeout_ms),
+    };
+    let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
+        .await
+        .map_err(|e| ConfigError::new(key, format!("cannot use this Redis: {e}")))?;
+    let engine = Arc::new(engine);
     Ok(Backend {
-        engine: Arc::new(MemoryEngine::new(config.catalog.clone(), clock, retention)),
-        readiness: Arc::new(AlwaysReady),
-        lock_index: Arc::new(MemoryLockIndex::default()),
-        in_process: true,
+        lock_index: Arc::new(engine.lock_index()),
+        readiness: engine.clone(),
+        engine,
+        in_process: false,
     })
 }
 
 /// The state a configuration describes, on the system clock.
-pub fn state_from_config(config: &Config) -> Result<(AppState, bool), ConfigError> {
+pub async fn state_from_config(config: &Config) -> Result<(AppState, bool), ConfigError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let backend = build_engine(config, clock.clone())?;
+    let backend = build_engine(config, clock.clone()).await?;
     let state = AppState::new(backend.engine, config.catalog.clone(), clock)
         .configured(config)
         .with_readiness(backend.readiness)

@@ -109,9 +109,7 @@ pub trait Engine: Send + Sync + 'static {
     /// now, in bounded batches: the periodic reset task. Correctness never
     /// depends on it, since every operation does the same lazily first; it
     /// keeps idle customers' balances (and what gateways read) on time.
-    async fn sweep_due(&self) -> Result<SweepReport, EngineError> {
-        Err(EngineError::Internal("this engine cannot sweep".into()))
-    }
+    async fn sweep_due(&self) -> Result<SweepReport, EngineError>;
 
     async fn consume(
         &self,

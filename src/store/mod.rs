@@ -1015,3 +1015,14 @@ impl Engine for RedisEngine {
         Ok(report)
     }
 }
+
+/// Ready when the store answers and the scripts are loaded (loading them
+/// again if the server lost them, e.g. after a restart).
+#[async_trait::async_trait]
+impl crate::http::Readiness for RedisEngine {
+    async fn ready(&self) -> bool {
+        let mut conn = self.conn.clone();
+        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
+        pong.is_ok() && self.load_scripts().await.is_ok()
+    }
+}
