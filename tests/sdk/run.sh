@@ -3,8 +3,9 @@
 # Usage: bash tests/sdk/run.sh   (from anywhere; needs python3, cargo, PyPI)
 # Also runs the JavaScript SDK test (autumn-js, node's test runner) when node
 # and npm are installed; CREDITGATE_SDK_JS=0 skips it.
-# Env: CREDITGATE_SDK_CONFIG_EXTRA — extra top-level TOML (e.g. a redis_url)
-#      prepended to the temporary config.
+# The suites run twice: on a private redis-server this script starts (its own
+# port and temp dir, stopped at the end), then on the in-process engine.
+# Env: CREDITGATE_SDK_ENGINES — which to run (default "redis memory").
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -27,47 +28,73 @@ bin="$root/target/debug/creditgate"
 
 tmp="$(mktemp -d)"
 server_pid=""
-cleanup() {
+redis_pid=""
+stop_server() {
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     kill -TERM "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true
   fi
+  server_pid=""
+}
+cleanup() {
+  stop_server
+  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT INT TERM
 
-port="$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')"
-{
-  printf 'listen = "127.0.0.1:%s"\n' "$port"
-  printf 'api_keys = ["sk_test_app"]\nadmin_keys = ["sk_test_admin"]\n'
-  printf '%s\n' "${CREDITGATE_SDK_CONFIG_EXTRA:-}"
-  cat examples/creditgate.toml | grep -vE '^(listen|api_keys|admin_keys|log_format) '
-} > "$tmp/creditgate.toml"
+free_port() {
+  .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
 
-RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --config "$tmp/creditgate.toml" > "$tmp/server.log" 2>&1 &
-server_pid=$!
-
-ready=""
-for _ in $(seq 1 100); do
-  if ! kill -0 "$server_pid" 2>/dev/null; then
-    echo "creditgate exited early:"; cat "$tmp/server.log"; exit 1
-  fi
-  if .venv/bin/python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/readyz', timeout=1)" 2>/dev/null; then
-    ready=1; break
-  fi
-  sleep 0.1
-done
-if [ -z "$ready" ]; then
+# Starts creditgate with `$1` as extra top-level TOML; sets $port.
+start_server() {
+  port="$(free_port)"
+  {
+    printf 'listen = "127.0.0.1:%s"\n' "$port"
+    printf 'api_keys = ["sk_test_app"]\nadmin_keys = ["sk_test_admin"]\n'
+    printf '%s\n' "$1"
+    grep -vE '^(listen|api_keys|admin_keys|log_format) ' examples/creditgate.toml
+  } > "$tmp/creditgate.toml"
+  RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --config "$tmp/creditgate.toml" > "$tmp/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 1 100); do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      echo "creditgate exited early:"; cat "$tmp/server.log"; exit 1
+    fi
+    if .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/readyz', timeout=1)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
   echo "creditgate did not become ready:"; cat "$tmp/server.log"; exit 1
-fi
+}
 
-export CREDITGATE_URL="http://127.0.0.1:$port" CREDITGATE_ADMIN_KEY="sk_test_admin" CREDITGATE_APP_KEY="sk_test_app"
 status=0
-.venv/bin/python -m pytest -q "$root/tests/sdk" -p no:cacheprovider || status=$?
-if [ -n "$run_js" ]; then
-  NODE_PATH="$root/.venv/js/node_modules" node --test "$root/tests/sdk/js/" || status=$?
-fi
-if [ "$status" -ne 0 ]; then
-  echo "--- server log ---"; cat "$tmp/server.log"
-fi
+for engine in ${CREDITGATE_SDK_ENGINES:-redis memory}; do
+  extra=""
+  if [ "$engine" = redis ]; then
+    rport="$(free_port)"
+    mkdir -p "$tmp/redis"
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp/redis" >/dev/null 2>&1 &
+    redis_pid=$!
+    for _ in $(seq 1 100); do
+      redis-cli -p "$rport" ping >/dev/null 2>&1 && break
+      sleep 0.05
+    done
+    extra="redis_url = \"redis://127.0.0.1:$rport\""
+  fi
+  echo "--- SDK suites on the $engine engine"
+  start_server "$extra"
+  export CREDITGATE_URL="http://127.0.0.1:$port" CREDITGATE_ADMIN_KEY="sk_test_admin" CREDITGATE_APP_KEY="sk_test_app"
+  before=$status
+  .venv/bin/python -m pytest -q "$root/tests/sdk" -p no:cacheprovider || status=$?
+  if [ -n "$run_js" ]; then
+    NODE_PATH="$root/.venv/js/node_modules" node --test "$root/tests/sdk/js/" || status=$?
+  fi
+  if [ "$status" -ne "$before" ]; then
+    echo "--- server log ($engine) ---"; cat "$tmp/server.log"
+  fi
+  stop_server
+done
 exit "$status"
