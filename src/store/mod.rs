@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
@@ -190,6 +191,8 @@ pub struct RedisEngine {
 /// The due index is swept in this many shards of consecutive slots, each
 /// under its own lease, so several sidecars share the work.
 pub const SWEEP_SHARDS: usize = 16;
+/// Reset scripts a sweep keeps in flight at once.
+const SWEEP_CONCURRENCY: usize = 32;
 /// How long a sweeper keeps a shard's lease (ms).
 pub const SWEEP_LEASE_MS: u64 = 30_000;
 /// Due customers read per slot and round.
@@ -379,27 +382,61 @@ impl RedisEngine {
 
     /// Takes (or keeps) the lease on sweep shard `shard`; false when another
     /// sweeper holds it.
-    async fn lease(&self, shard: usize) -> Result<bool, EngineError> {
-        let key = format!("{}{LAYOUT}sweep:{shard}", self.namespace);
-        let mut conn = self.conn.clone();
-        let took: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(&self.sweeper_id)
-            .arg("NX")
-            .arg("PX")
-            .arg(SWEEP_LEASE_MS)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if took.is_some() {
-            return Ok(true);
+    /// `reset_due` for the sweeper: an index entry whose customer is gone is
+    /// dropped rather than failing the sweep.
+    async fn sweep_one(&self, customer: &str) -> Result<u32, EngineError> {
+        match self.reset_due(customer).await {
+            Err(EngineError::CustomerNotFound) | Err(EngineError::InvalidInput { .. }) => {
+                let k = self.keys(customer);
+                let mut conn = self.conn.clone();
+                redis::cmd("ZREM")
+                    .arg(&k.due)
+                    .arg(customer)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(0)
+            }
+            other => other,
         }
-        let holder: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
+    }
+
+    fn lease_key(&self, shard: usize) -> String {
+        format!("{}{LAYOUT}sweep:{shard}", self.namespace)
+    }
+
+    /// Takes (or, if this sweeper already holds it, renews) a shard's lease:
+    /// one atomic script on the lease key alone, so it is cluster-safe. A
+    /// sweeper that dies mid-shard simply stops renewing: its lease lapses
+    /// after [`SWEEP_LEASE_MS`] and the next sweep, anyone's, takes the shard.
+    async fn lease(&self, shard: usize) -> Result<bool, EngineError> {
+        const TAKE_OR_RENEW: &str = "local v = redis.call('GET', KEYS[1]) \
+            if v == false or v == ARGV[1] then \
+              redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0";
+        let mut conn = self.conn.clone();
+        let took: i64 = redis::Script::new(TAKE_OR_RENEW)
+            .key(self.lease_key(shard))
+            .arg(&self.sweeper_id)
+            .arg(SWEEP_LEASE_MS)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(holder.as_deref() == Some(self.sweeper_id.as_str()))
+        Ok(took == 1)
+    }
+
+    /// Gives a shard's lease back if this sweeper still holds it, so the next
+    /// sweep need not wait for it to lapse.
+    async fn release_lease(&self, shard: usize) -> Result<(), EngineError> {
+        const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+            return redis.call('DEL', KEYS[1]) end return 0";
+        let mut conn = self.conn.clone();
+        redis::Script::new(RELEASE)
+            .key(self.lease_key(shard))
+            .arg(&self.sweeper_id)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     /// The customers due at or before `now` in the due-index keys `keys`:
@@ -979,6 +1016,12 @@ impl Engine for RedisEngine {
             for chunk in slots.chunks(SWEEP_PIPELINE) {
                 let mut swept = std::collections::HashSet::new();
                 loop {
+                    // Renewing per round keeps a long shard ours; losing the
+                    // lease (we stalled past it) hands the shard over.
+                    if !self.lease(shard).await? {
+                        report.shards_leased_elsewhere += 1;
+                        break;
+                    }
                     let now = self.now().0;
                     let due = self.due_members(chunk, now).await?;
                     // Every entry swept moves past `now`; one that did not
@@ -990,27 +1033,26 @@ impl Engine for RedisEngine {
                     if due.is_empty() {
                         break;
                     }
-                    for customer in &due {
+                    // Each reset is its own short script; several in flight
+                    // share the multiplexed connection.
+                    type Reset<'a> = std::pin::Pin<
+                        Box<dyn std::future::Future<Output = Result<u32, EngineError>> + Send + 'a>,
+                    >;
+                    let resets: Vec<Reset<'_>> = due
+                        .iter()
+                        .map(|c| Box::pin(self.sweep_one(c)) as Reset<'_>)
+                        .collect();
+                    let results: Vec<Result<u32, EngineError>> = futures_util::stream::iter(resets)
+                        .buffer_unordered(SWEEP_CONCURRENCY)
+                        .collect()
+                        .await;
+                    for r in results {
                         report.customers_swept += 1;
-                        match self.reset_due(customer).await {
-                            Ok(n) => report.resets_applied += n as u64,
-                            Err(EngineError::CustomerNotFound)
-                            | Err(EngineError::InvalidInput { .. }) => {
-                                // An entry without a customer: drop it.
-                                let k = self.keys(customer);
-                                let mut conn = self.conn.clone();
-                                redis::cmd("ZREM")
-                                    .arg(&k.due)
-                                    .arg(customer)
-                                    .query_async::<()>(&mut conn)
-                                    .await
-                                    .map_err(unavailable)?;
-                            }
-                            Err(e) => return Err(e),
-                        }
+                        report.resets_applied += r? as u64;
                     }
                 }
             }
+            self.release_lease(shard).await?;
         }
         Ok(report)
     }
