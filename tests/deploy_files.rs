@@ -308,9 +308,9 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn the_documented_nginx_configuration_is_the_tested_one() {
     let template = std::fs::read_to_string(root().join("tests/nginx/nginx.conf.template")).unwrap();
-    let docs = std::fs::read_to_string(root().join("docs/gateways.md")).unwrap();
+    let docs = std::fs::read_to_string(root().join("README.md")).unwrap();
     assert!(
         docs.contains(&format!("```nginx\n{template}```")),
-        "docs/gateways.md must quote tests/nginx/nginx.conf.template verbatim"
+        "README.md must quote tests/nginx/nginx.conf.template verbatim"
     );
 }
