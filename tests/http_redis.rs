@@ -1,0 +1,123 @@
+//! The sidecar on a real Redis, wired from configuration as `serve` wires it:
+//! it serves, reports ready, and when Redis goes away it answers 503
+//! `store_unavailable` within a few times the configured timeout, and says
+//! so on `/readyz` and `/metrics`. A Redis that cannot be reached at startup
+//! is a configuration error naming the key.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::redis::RedisServer;
+use creditgate::config::Config;
+use creditgate::http::app;
+use creditgate::server::state_from_config;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const CONFIG: &str = include_str!("../examples/creditgate.toml");
+
+fn config(redis_url: &str, timeout_ms: u64) -> Config {
+    let env = BTreeMap::from([
+        ("CREDITGATE_REDIS_URL".to_string(), redis_url.to_string()),
+        (
+            "CREDITGATE_REDIS_TIMEOUT_MS".to_string(),
+            timeout_ms.to_string(),
+        ),
+    ]);
+    Config::parse(CONFIG, &env, 0).expect("config")
+}
+
+async fn call(router: &axum::Router, method: &str, path: &str, body: Value) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let res = router.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_redis_and_answers_503_quickly_when_it_goes_away() {
+    let server = RedisServer::shared();
+    let timeout_ms = 300;
+    let (state, in_process) = state_from_config(&config(&server.url(), timeout_ms))
+        .await
+        .unwrap();
+    assert!(!in_process);
+    let router = app(state);
+    let c = json!({"customer_id": "outage"});
+    assert_eq!(
+        call(&router, "POST", "/v1/customers.get_or_create", c)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let attach = json!({"customer_id": "outage", "plan_id": "pro"});
+    assert_eq!(
+        call(&router, "POST", "/v1/billing.attach", attach).await.0,
+        StatusCode::OK
+    );
+    let check =
+        json!({"customer_id": "outage", "feature_id": "premium_message", "send_event": true});
+    let (status, body) = call(&router, "POST", "/v1/check", check.clone()).await;
+    assert_eq!(
+        (status, body["allowed"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+    assert_eq!(body["balance"]["remaining"], json!(190));
+    assert_eq!(
+        call(&router, "GET", "/readyz", Value::Null).await.0,
+        StatusCode::OK
+    );
+    assert!(
+        server.cli(&["EXISTS", "cg1:{outage}"]).trim() == "1",
+        "balances live in Redis"
+    );
+
+    server.stop_now();
+    let started = Instant::now();
+    let (status, body) = call(&router, "POST", "/v1/check", check).await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["code"], json!("store_unavailable"));
+    // The bound is the feature: an answer within a few times the timeout.
+    assert!(
+        took < Duration::from_millis(6 * timeout_ms),
+        "answered after {took:?}"
+    );
+    assert_eq!(
+        call(&router, "GET", "/readyz", Value::Null).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let res = router.clone().oneshot(req).await.unwrap();
+    let text = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&text);
+    assert!(!text.contains("creditgate_store_errors_total 0"), "{text}");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_startup_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = format!("unix://{}", dir.path().join("no.sock").display());
+    let err = match state_from_config(&config(&nowhere, 200)).await {
+        Err(e) => e,
+        Ok(_) => panic!("connected to nothing"),
+    };
+    assert_eq!(err.key, "redis_url");
+}
