@@ -67,21 +67,30 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("creditgate: {e}");
-            return ExitCode::from(2);
-        }
-    };
+/// Reads the configuration and builds the state it describes; a bad
+/// configuration or an unusable store ends the process with status 2
+/// before any port is bound.
+async fn load(
+    path: &std::path::Path,
+) -> Result<(Config, creditgate::http::AppState, bool), ExitCode> {
+    let config = Config::load(path).map_err(|e| {
+        eprintln!("creditgate: {e}");
+        ExitCode::from(2)
+    })?;
     init_logging(config.log_format);
-    let (state, in_process) = match creditgate::server::state_from_config(&config).await {
-        Ok(s) => s,
-        Err(e) => {
+    let (state, in_process) = creditgate::server::state_from_config(&config)
+        .await
+        .map_err(|e| {
             eprintln!("creditgate: {e}");
-            return ExitCode::from(2);
-        }
+            ExitCode::from(2)
+        })?;
+    Ok((config, state, in_process))
+}
+
+async fn serve(path: PathBuf) -> ExitCode {
+    let (config, state, in_process) = match load(&path).await {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     if in_process {
         tracing::warn!(
@@ -133,20 +142,9 @@ async fn serve(path: PathBuf) -> ExitCode {
 
 /// `creditgate reset-due`: one sweep, for cron.
 async fn reset_due(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("creditgate: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    init_logging(config.log_format);
-    let (state, _) = match creditgate::server::state_from_config(&config).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("creditgate: {e}");
-            return ExitCode::from(2);
-        }
+    let (_, state, _) = match load(&path).await {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
     };
     match creditgate::sweeper::sweep_once(state.engine.as_ref(), &state.metrics).await {
         Ok((r, took)) => {

@@ -637,7 +637,10 @@ impl Op {
         }
     }
 
-    fn validate(&self, now: i64) -> Result<(), EngineError> {
+    /// Every check of the request that needs no clock (ids, signs,
+    /// instants in range). The Redis engine runs this before its script,
+    /// which checks the rest against its own `now`.
+    pub fn validate_shape(&self) -> Result<(), EngineError> {
         match self {
             Op::Consume { feature, units } | Op::Reserve { feature, units, .. } => {
                 validate_id("feature_id", feature)?;
@@ -661,13 +664,24 @@ impl Op {
                 validate_id("lock_id", lock_id)?;
                 if let Some(e) = *expires_at {
                     validate_instant("expires_at", e)?;
-                    if e <= now {
-                        return Err(invalid("expires_at", "must be in the future"));
-                    }
                 }
             }
             Op::Finalize { lock_id, .. } => validate_id("lock_id", lock_id)?,
             _ => {}
+        }
+        Ok(())
+    }
+
+    fn validate(&self, now: i64) -> Result<(), EngineError> {
+        self.validate_shape()?;
+        if let Op::Reserve {
+            expires_at: Some(e),
+            ..
+        } = self
+        {
+            if *e <= now {
+                return Err(invalid("expires_at", "must be in the future"));
+            }
         }
         Ok(())
     }

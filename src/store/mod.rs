@@ -690,39 +690,6 @@ fn opt_num(n: Option<i64>) -> String {
     n.map_or(String::new(), |n| n.to_string())
 }
 
-/// `Op::validate` without the clock (the script checks `expires_at > now`).
-fn prevalidate(op: &Op) -> Result<(), EngineError> {
-    match op {
-        Op::Consume { feature, units } | Op::Reserve { feature, units, .. } => {
-            validate_id("feature_id", feature)?;
-            if units.is_negative() {
-                return Err(invalid("required_balance", "must not be negative"));
-            }
-        }
-        Op::Track { feature, .. } => validate_id("feature_id", feature)?,
-        Op::Finalize { override_units, .. } => {
-            if override_units.is_some_and(|u| u.is_negative()) {
-                return Err(invalid("override_value", "must not be negative"));
-            }
-        }
-    }
-    match op {
-        Op::Reserve {
-            lock_id,
-            expires_at,
-            ..
-        } => {
-            validate_id("lock_id", lock_id)?;
-            if let Some(e) = *expires_at {
-                validate_instant("expires_at", e)?;
-            }
-        }
-        Op::Finalize { lock_id, .. } => validate_id("lock_id", lock_id)?,
-        _ => {}
-    }
-    Ok(())
-}
-
 fn interval_code(i: Interval) -> usize {
     Interval::ALL.iter().position(|x| *x == i).unwrap_or(0)
 }
@@ -860,7 +827,7 @@ impl Engine for RedisEngine {
     ) -> Result<Outcome, EngineError> {
         validate_id("customer_id", customer_id)?;
         let (now_ms, now) = self.now();
-        let pre = prevalidate(op).and_then(|_| match key {
+        let pre = op.validate_shape().and_then(|_| match key {
             Some(k) => {
                 // `Op::validate` checks a reservation's expiry before the key.
                 if let (
