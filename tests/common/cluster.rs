@@ -49,7 +49,12 @@ impl RedisCluster {
             std::fs::create_dir_all(&node_dir).unwrap();
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
                 .arg("--dir")
                 .arg(&node_dir)
@@ -60,34 +65,62 @@ impl RedisCluster {
             children.push(child);
             ports.push(port);
         }
-        let cluster = RedisCluster { children, ports, _dir: dir };
+        let cluster = RedisCluster {
+            children,
+            ports,
+            _dir: dir,
+        };
         for &p in &cluster.ports {
             cluster.wait_until(|| cli(p, &["PING"]).trim() == "PONG", "node answers PING");
         }
-        let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let addrs: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let mut args: Vec<&str> = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-        let out = Command::new("redis-cli").args(&args).output().expect("redis-cli --cluster create");
-        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         for &p in &cluster.ports {
-            cluster.wait_until(|| cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"), "cluster_state:ok");
+            cluster.wait_until(
+                || cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
+                "cluster_state:ok",
+            );
         }
         cluster
     }
 
     /// `redis://` URLs of every node, for a cluster client.
     pub fn urls(&self) -> Vec<String> {
-        self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect()
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
     }
 
     /// The port of the node serving `key`'s slot.
     pub fn node_for(&self, key: &str) -> u16 {
-        let slot: u16 = cli(self.ports[0], &["CLUSTER", "KEYSLOT", key]).trim().parse().expect("keyslot");
+        let slot: u16 = cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("keyslot");
         let nodes = cli(self.ports[0], &["CLUSTER", "NODES"]);
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split(' ').collect();
-            let port: u16 = fields[1].split(['@', ':']).nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let port: u16 = fields[1]
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
             for range in &fields[8..] {
                 let (lo, hi) = match range.split_once('-') {
                     Some((a, b)) => (a.parse::<u16>().unwrap_or(1), b.parse::<u16>().unwrap_or(0)),
@@ -104,7 +137,10 @@ impl RedisCluster {
     fn wait_until(&self, mut ready: impl FnMut() -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready() {
-            assert!(Instant::now() < deadline, "redis cluster: timed out waiting for {what}");
+            assert!(
+                Instant::now() < deadline,
+                "redis cluster: timed out waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
