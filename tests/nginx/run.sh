@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real nginx with auth_request in front of a tiny counting upstream, asking
-# a real `creditgate serve` (the in-process engine) before every request.
+# a real `creditgate serve` on a private redis-server before every request.
 #
 # Usage: bash tests/nginx/run.sh   (from anywhere; needs nginx with the
 # auth_request module — Debian's nginx-light has it —, curl, python3, cargo)
@@ -34,7 +34,7 @@ bin="$root/target/debug/creditgate"
 tmp="$(mktemp -d)"
 # nginx workers may run as another user when started as root.
 chmod 755 "$tmp"
-app_pid="" gate_pid="" nginx_pid=""
+app_pid="" gate_pid="" nginx_pid="" redis_pid=""
 stop() {
   local pid="$1"
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
@@ -46,6 +46,7 @@ cleanup() {
   stop "$nginx_pid"
   stop "$gate_pid"
   stop "$app_pid"
+  stop "$redis_pid"
   rm -rf "$tmp"
 }
 trap cleanup EXIT INT TERM
@@ -73,6 +74,14 @@ app_pid=$!
 wait_for upstream "$app_pid" '[ -s "$tmp/app.port" ]' "$tmp/app.log"
 app_port="$(cat "$tmp/app.port")"
 
+# --- redis (creditgate's store) ----------------------------------------------
+redis_port="$(free_port)"
+mkdir -p "$tmp/redis"
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp/redis" \
+  > "$tmp/redis.log" 2>&1 &
+redis_pid=$!
+wait_for redis-server "$redis_pid" 'redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG' "$tmp/redis.log"
+
 # --- creditgate -------------------------------------------------------------
 gate_port="$(free_port)"
 gate_key="sk_gate_nginx"
@@ -80,6 +89,7 @@ admin_key="sk_admin_nginx"
 {
   printf 'listen = "127.0.0.1:%s"\n' "$gate_port"
   printf 'api_keys = ["%s"]\nadmin_keys = ["%s"]\n' "$gate_key" "$admin_key"
+  printf 'redis_url = "redis://127.0.0.1:%s"\n' "$redis_port"
   grep -vE '^(listen|api_keys|admin_keys|log_format) ' "$root/examples/creditgate.toml"
   cat <<'TOML'
 
