@@ -390,11 +390,17 @@ local function d36(s)
   return tonumber(s, 36)
 end
 
+-- Memoized per boundary index: a request asks it several times per bucket
+-- (due score on load and save, resets, views), and a calendar boundary costs
+-- a civil-date round trip.
 local function next_reset_at(b)
   if b.idx == nil then
     return nil
   end
-  return min(boundary(b.period, b.anchor, b.idx), MAX_INSTANT + 1)
+  if b.nra_idx ~= b.idx then
+    b.nra_idx, b.nra = b.idx, min(boundary(b.period, b.anchor, b.idx), MAX_INSTANT + 1)
+  end
+  return b.nra
 end
 
 local function decode_rows(s)
