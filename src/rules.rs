@@ -506,8 +506,14 @@ pub fn prepare(state: &mut CustomerState, now: i64, retention: Retention) -> u32
     state.locks.retain(
         |_, l| !matches!(l.state, LockState::Finalized { forget_at, .. } if forget_at <= now),
     );
-    state.idempotency.retain(|_, r| r.expires_at > now);
     resets
+}
+
+/// Frees idempotency records past their retention. Lookups already ignore
+/// them, so this is memory hygiene only, run by the periodic task rather than
+/// on every request (a busy customer may hold many records).
+pub fn forget_expired_records(state: &mut CustomerState, now: i64) {
+    state.idempotency.retain(|_, r| r.expires_at > now);
 }
 
 /// One pool's balance as shown to callers.
@@ -711,7 +717,9 @@ pub fn apply(
     let fingerprint = op.fingerprint();
     if let Some(key) = idempotency_key {
         validate_id("idempotency_key", key)?;
-        if let Some(rec) = state.idempotency.get(key) {
+        // A record past its retention counts as absent (it is overwritten
+        // below; `forget_expired_records` frees the rest).
+        if let Some(rec) = state.idempotency.get(key).filter(|r| r.expires_at > now) {
             if rec.fingerprint != fingerprint {
                 return Err(EngineError::IdempotencyKeyReused);
             }

@@ -61,11 +61,9 @@ impl MemoryEngine {
             .get_mut(customer_id)
             .ok_or(EngineError::CustomerNotFound)?;
         rules::prepare(state, now, self.retention);
-        // Work on a copy so an error leaves nothing half-done.
-        let mut work = state.clone();
-        let out = f(&mut work, now)?;
-        *state = work;
-        Ok(out)
+        // No copy needed: every rule works on its own copy of the buckets and
+        // commits by assignment only once it can no longer fail.
+        f(state, now)
     }
 
     fn pools_of(&self, state: &CustomerState, feature: Option<&str>) -> Vec<PoolBalance> {
@@ -165,7 +163,9 @@ impl Engine for MemoryEngine {
         let state = shard
             .get_mut(customer_id)
             .ok_or(EngineError::CustomerNotFound)?;
-        Ok(rules::prepare(state, now, self.retention))
+        let resets = rules::prepare(state, now, self.retention);
+        rules::forget_expired_records(state, now);
+        Ok(resets)
     }
 
     /// Visits every customer, one shard lock at a time, so no batch holds up
@@ -178,6 +178,7 @@ impl Engine for MemoryEngine {
                 let mut customers = shard.lock().unwrap_or_else(|e| e.into_inner());
                 for state in customers.values_mut() {
                     let resets = rules::prepare(state, now, self.retention);
+                    rules::forget_expired_records(state, now);
                     report.customers_swept += 1;
                     report.resets_applied += resets as u64;
                 }
