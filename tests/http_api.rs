@@ -403,6 +403,51 @@ async fn lock_and_finalize_without_customer_id() {
 }
 
 #[tokio::test]
+async fn a_lock_id_another_customer_holds_is_refused() {
+    let h = harness();
+    for c in ["a", "b"] {
+        h.post("/v1/customers.get_or_create", json!({"customer_id": c}))
+            .await;
+        h.post(
+            "/v1/balances.create",
+            json!({"customer_id": c, "feature_id": "action1", "included_grant": 10}),
+        )
+        .await;
+    }
+    let reserve = |c: &'static str| {
+        json!({"customer_id": c, "feature_id": "action1", "required_balance": 4, "send_event": true,
+               "lock": {"enabled": true, "lock_id": "shared", "expires_at": T0 + 3_600_000}})
+    };
+    assert_eq!(
+        h.post("/v1/check", reserve("a")).await.json["allowed"],
+        true
+    );
+    let b = h.post("/v1/check", reserve("b")).await;
+    assert_eq!(b.status, StatusCode::CONFLICT, "{}", b.text);
+    assert_eq!(b.code(), "lock_already_exists");
+    assert_eq!(
+        h.remaining("b", "action1").await,
+        json!(10),
+        "b was not charged"
+    );
+    // A finalize without customer_id reaches a's lock, never b's balance.
+    let f = h
+        .post(
+            "/v1/balances.finalize",
+            json!({"lock_id": "shared", "action": "release"}),
+        )
+        .await;
+    assert_eq!(f.status, StatusCode::OK, "{}", f.text);
+    assert_eq!(h.remaining("a", "action1").await, json!(10));
+    assert_eq!(h.remaining("b", "action1").await, json!(10));
+    // Once a's finalized lock is forgotten, b may use the id.
+    h.clock.advance(25 * 3_600_000);
+    let later = json!({"customer_id": "b", "feature_id": "action1", "required_balance": 4, "send_event": true,
+                       "lock": {"enabled": true, "lock_id": "shared"}});
+    assert_eq!(h.post("/v1/check", later).await.json["allowed"], true);
+}
+
+#[tokio::test]
 async fn an_expired_lock_returns_its_hold_at_the_next_operation() {
     let h = harness();
     h.customer_on("e", "pro").await;

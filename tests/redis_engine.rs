@@ -188,6 +188,52 @@ async fn lock_index_finds_a_locks_customer() {
 }
 
 #[tokio::test]
+async fn lock_index_refuses_a_claim_on_another_customers_live_id() {
+    use creditgate::http::LockIndex;
+    let e = engine(catalog(), fresh_clock(), Retention::default()).await;
+    let idx = e.lock_index();
+    // Whole days, so the keys' real TTLs never lapse during the test.
+    let (t, d) = (start(), DAY_MS);
+    assert!(idx.claim("L", "cus:a", t + 10 * d, t).await.unwrap());
+    assert!(!idx
+        .claim("L", "cus:b", t + 50 * d, t + 5 * d)
+        .await
+        .unwrap());
+    assert_eq!(
+        idx.lookup("L", t + 5 * d).await.unwrap().as_deref(),
+        Some("cus:a")
+    );
+    assert!(
+        idx.claim("L", "cus:a", t + 5 * d, t + d).await.unwrap(),
+        "the holder claims again"
+    );
+    assert_eq!(
+        idx.lookup("L", t + 9 * d).await.unwrap().as_deref(),
+        Some("cus:a"),
+        "never shortened"
+    );
+    // A pending lock without expiry is kept until finalized.
+    idx.record("L", "cus:a", None, t).await.unwrap();
+    assert!(!idx
+        .claim("L", "cus:b", t + 50 * d, t + 20 * d)
+        .await
+        .unwrap());
+    idx.record("L", "cus:a", Some(t + 30 * d), t + 20 * d)
+        .await
+        .unwrap();
+    assert!(
+        idx.claim("L", "cus:b", t + 50 * d, t + 30 * d)
+            .await
+            .unwrap(),
+        "free once lapsed"
+    );
+    assert_eq!(
+        idx.lookup("L", t + 31 * d).await.unwrap().as_deref(),
+        Some("cus:b")
+    );
+}
+
+#[tokio::test]
 async fn sweep_resets_each_due_customer_once() {
     let clock = fresh_clock();
     let e = engine(catalog(), clock.clone(), Retention::default()).await;

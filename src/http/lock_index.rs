@@ -5,8 +5,11 @@
 //! This is a seam: [`MemoryLockIndex`] serves the in-process engine; a
 //! Redis-backed index (one key per lock id, e.g. `cg1:{<escaped lock id>}:lockidx`,
 //! with a TTL, so it stays cluster-safe) plugs in through the same trait.
-//! Lock ids are unique per customer only; when two customers reuse one lock
-//! id, the most recent reserve wins the index (send `customer_id` to be exact).
+//! The engine keeps lock ids unique per customer; the index makes them unique
+//! across customers while it remembers them: a reserve first *claims* the id,
+//! and a claim for an id another customer holds is refused (409
+//! `lock_already_exists`), so a finalize without `customer_id` can never reach
+//! another customer's lock.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,6 +30,16 @@ pub trait LockIndex: Send + Sync + 'static {
         keep_until: Option<i64>,
         now: i64,
     ) -> Result<(), EngineError>;
+    /// Claims `lock_id` for `customer_id` until `keep_until` unless another
+    /// customer holds it (a live entry): `false` then, and nothing changes.
+    /// One atomic step, so two customers racing for one id cannot both win.
+    async fn claim(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: i64,
+        now: i64,
+    ) -> Result<bool, EngineError>;
     /// The customer that last reserved `lock_id`, if remembered.
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError>;
 }
@@ -56,6 +69,29 @@ impl LockIndex for MemoryLockIndex {
         Ok(())
     }
 
+    async fn claim(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: i64,
+        now: i64,
+    ) -> Result<bool, EngineError> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let held_by_other = map
+            .get(lock_id)
+            .is_some_and(|(c, until)| c != customer_id && until.is_none_or(|u| u > now));
+        if held_by_other {
+            return Ok(false);
+        }
+        let until = match map.get(lock_id) {
+            // Our own entry: never shorten it.
+            Some((c, until)) if c == customer_id => until.map(|u| u.max(keep_until)),
+            _ => Some(keep_until),
+        };
+        map.insert(lock_id.to_string(), (customer_id.to_string(), until));
+        Ok(true)
+    }
+
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         Ok(map
@@ -78,5 +114,22 @@ mod tests {
         assert_eq!(idx.lookup("l1", 99).await.unwrap().as_deref(), Some("c1"));
         assert_eq!(idx.lookup("l1", 100).await.unwrap(), None);
         assert_eq!(idx.lookup("other", 0).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_claim_on_another_customers_live_id_is_refused() {
+        let idx = MemoryLockIndex::default();
+        assert!(idx.claim("l1", "c1", 100, 0).await.unwrap());
+        assert!(!idx.claim("l1", "c2", 100, 50).await.unwrap());
+        assert_eq!(idx.lookup("l1", 50).await.unwrap().as_deref(), Some("c1"));
+        assert!(
+            idx.claim("l1", "c1", 200, 50).await.unwrap(),
+            "the holder may claim again"
+        );
+        assert!(
+            idx.claim("l1", "c2", 300, 200).await.unwrap(),
+            "free once lapsed"
+        );
+        assert_eq!(idx.lookup("l1", 250).await.unwrap().as_deref(), Some("c2"));
     }
 }

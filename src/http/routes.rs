@@ -24,6 +24,10 @@ use crate::model::{
 use crate::money::Amount;
 use crate::rules::Op;
 
+/// How long a reserve's claim on a lock id lasts before the reserve itself
+/// records the lock's real lifetime (ms).
+const CLAIM_MS: i64 = 60_000;
+
 /// The header that marks an answer replayed from an idempotency record.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -348,6 +352,17 @@ pub async fn check(
             .as_deref()
             .ok_or_else(|| ApiError::invalid("lock.lock_id", "is required"))?;
         let expires_at = lock.expires_at.map(|m| m.0);
+        // Claim the id across customers first (briefly: a refused reserve
+        // lets it lapse), so a finalize without customer_id finds only ours.
+        let now = s.clock.now_ms();
+        let claim_until = now.saturating_add(CLAIM_MS);
+        if !s
+            .lock_index
+            .claim(lock_id, &b.customer_id, claim_until, now)
+            .await?
+        {
+            return Err(EngineError::LockAlreadyExists(lock_id.to_string()).into());
+        }
         let out = s
             .engine
             .reserve(

@@ -59,6 +59,44 @@ impl LockIndex for RedisLockIndex {
         cmd.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 
+    async fn claim(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: i64,
+        now: i64,
+    ) -> Result<bool, EngineError> {
+        // One script on the one index key: read the holder, refuse if another
+        // customer's entry is live, else write ours (never shortening our own).
+        const CLAIM: &str = r#"
+local v = redis.call('GET', KEYS[1])
+local now, keep = tonumber(ARGV[3]), tonumber(ARGV[2])
+if v then
+  local sep = string.find(v, '\31', 1, true)
+  local holder, until_s = string.sub(v, 1, sep - 1), string.sub(v, sep + 1)
+  local until_ms = tonumber(until_s)
+  local live = until_ms == nil or until_ms > now
+  if holder ~= ARGV[1] and live then return 0 end
+  if holder == ARGV[1] then
+    if until_ms == nil then return 1 end
+    if until_ms > keep then keep = until_ms end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '\31' .. string.format('%d', keep), 'PX', math.max(keep - now, 1))
+return 1
+"#;
+        let mut conn = self.conn.clone();
+        let claimed: i64 = redis::Script::new(CLAIM)
+            .key(self.key(lock_id))
+            .arg(customer_id)
+            .arg(keep_until)
+            .arg(now)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(claimed == 1)
+    }
+
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError> {
         let mut conn = self.conn.clone();
         let v: Option<String> = redis::cmd("GET")
