@@ -111,6 +111,40 @@ async fn serves_on_redis_and_answers_503_quickly_when_it_goes_away() {
     assert!(!text.contains("creditgate_store_errors_total 0"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_a_redis_cluster_from_configuration() {
+    let cluster = common::cluster::RedisCluster::start(3);
+    let env = BTreeMap::from([(
+        "CREDITGATE_REDIS_CLUSTER".to_string(),
+        cluster.urls().join(","),
+    )]);
+    let config = Config::parse(CONFIG, &env, 0).expect("config");
+    let (state, in_process) = state_from_config(&config).await.unwrap();
+    assert!(!in_process);
+    let router = app(state);
+    for i in 0..20 {
+        let c = format!("cluster-{i}");
+        let attach = json!({"customer_id": c, "plan_id": "pro"});
+        assert_eq!(
+            call(&router, "POST", "/v1/billing.attach", attach).await.0,
+            StatusCode::OK
+        );
+        let track = json!({"customer_id": c, "feature_id": "premium_message", "value": 2});
+        let (status, body) = call(&router, "POST", "/v1/track", track).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["balance"]["remaining"], json!(180));
+    }
+    // The customers landed on more than one node, each on its slot's node.
+    let nodes: std::collections::BTreeSet<u16> = (0..20)
+        .map(|i| cluster.node_for(&format!("cg1:{{cluster-{i}}}")))
+        .collect();
+    assert!(nodes.len() > 1);
+    assert_eq!(
+        call(&router, "GET", "/readyz", Value::Null).await.0,
+        StatusCode::OK
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_redis_at_startup_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
