@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Latency bucket bounds, in seconds.
@@ -17,17 +17,23 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision(pub &'static str);
 
+/// Outcomes a decision route reports.
+const OUTCOMES: [&str; 3] = ["allowed", "denied", "error"];
+
+/// One route's counters: atomics, so recording never takes a lock once the
+/// route has been seen.
 #[derive(Default)]
-struct Histogram {
-    buckets: [u64; LATENCY_BUCKETS.len()],
-    count: u64,
-    sum_ns: u128,
+struct RouteStats {
+    decisions: [AtomicU64; OUTCOMES.len()],
+    /// Cumulative: bucket i counts requests at or under `LATENCY_BUCKETS[i]`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
 }
 
 #[derive(Default)]
 pub struct Metrics {
-    decisions: Mutex<BTreeMap<(String, &'static str), u64>>,
-    latency: Mutex<BTreeMap<String, Histogram>>,
+    routes: RwLock<BTreeMap<String, Arc<RouteStats>>>,
     store_errors: AtomicU64,
     sweeps: AtomicU64,
     customers_swept: AtomicU64,
@@ -38,25 +44,42 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The route's counters; a write lock only the first time a route is seen
+    /// (routes are matched paths, so there are few).
+    fn route(&self, route: &str) -> Arc<RouteStats> {
+        if let Some(r) = self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(route)
+        {
+            return r.clone();
+        }
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        routes.entry(route.to_string()).or_default().clone()
+    }
+
     pub fn decision(&self, route: &str, outcome: &'static str) {
-        let mut d = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        *d.entry((route.to_string(), outcome)).or_default() += 1;
+        let i = OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(OUTCOMES.len() - 1);
+        self.route(route).decisions[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn latency(&self, route: &str, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        let h = match l.get_mut(route) {
-            Some(h) => h,
-            None => l.entry(route.to_string()).or_default(),
-        };
+        let r = self.route(route);
         for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
             if secs <= *bound {
-                h.buckets[i] += 1;
+                r.buckets[i].fetch_add(1, Ordering::Relaxed);
             }
         }
-        h.count += 1;
-        h.sum_ns += elapsed.as_nanos();
+        r.count.fetch_add(1, Ordering::Relaxed);
+        r.sum_ns.fetch_add(
+            elapsed.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Records one sweep of the periodic reset task.
@@ -82,51 +105,46 @@ impl Metrics {
             "# HELP creditgate_decisions_total Decisions answered, by route and outcome.\n",
         );
         out.push_str("# TYPE creditgate_decisions_total counter\n");
-        for ((route, outcome), n) in self
-            .decisions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "creditgate_decisions_total{{route=\"{}\",outcome=\"{}\"}} {n}",
-                escape(route),
-                outcome
-            );
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        for (route, r) in routes.iter() {
+            for (i, outcome) in OUTCOMES.iter().enumerate() {
+                let n = r.decisions[i].load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "creditgate_decisions_total{{route=\"{}\",outcome=\"{outcome}\"}} {n}",
+                        escape(route)
+                    );
+                }
+            }
         }
         out.push_str("# HELP creditgate_request_duration_seconds Request latency, by route.\n");
         out.push_str("# TYPE creditgate_request_duration_seconds histogram\n");
-        for (route, h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for (route, h) in routes.iter() {
             let r = escape(route);
+            let count = h.count.load(Ordering::Relaxed);
             for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
                 let _ = writeln!(
                     out,
                     "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"{bound}\"}} {}",
-                    h.buckets[i]
+                    h.buckets[i].load(Ordering::Relaxed)
                 );
             }
             let _ = writeln!(
                 out,
-                "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {}",
-                h.count
+                "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {count}"
             );
             let _ = writeln!(
                 out,
                 "creditgate_request_duration_seconds_sum{{route=\"{r}\"}} {}",
-                h.sum_ns as f64 / 1e9
+                h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
             );
             let _ = writeln!(
                 out,
-                "creditgate_request_duration_seconds_count{{route=\"{r}\"}} {}",
-                h.count
+                "creditgate_request_duration_seconds_count{{route=\"{r}\"}} {count}"
             );
         }
+        drop(routes);
         out.push_str(
             "# HELP creditgate_store_errors_total Requests that failed in the store (5xx).\n",
         );
