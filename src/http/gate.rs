@@ -412,15 +412,7 @@ pub fn retry_after_ms(
     units: Amount,
     now: i64,
 ) -> Option<i64> {
-    let owned: Vec<(&PoolCost, &PoolBalance)> = costs
-        .iter()
-        .filter_map(|c| {
-            pools
-                .iter()
-                .find(|p| p.pool == c.pool && p.owned)
-                .map(|p| (c, p))
-        })
-        .collect();
+    let owned = super::views::owned_pools(costs, pools);
     let live_at = |expires: Option<i64>, t: i64| expires.is_none_or(|e| e > t);
     let mut times: Vec<i64> = owned
         .iter()
