@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{amt, catalog, start};
-use creditgate::calendar::{Interval, DAY_MS, HOUR_MS};
+use creditgate::calendar::{add_months, Interval, DAY_MS, HOUR_MS};
 use creditgate::model::*;
 use creditgate::money::{Amount, AMOUNT_SCALE};
 use creditgate::rules::Op;
@@ -304,30 +304,10 @@ proptest! {
         spend in prop::collection::vec((0..FEATURES.len(), units()), 0..6),
         periods in 1i64..80,
     ) {
-        block_on(async {
-            let (lazy, lazy_clock) = engine();
-            let (eager, eager_clock) = engine();
-            for e in [&lazy, &eager] {
-                e.create_customer("c").await.unwrap();
-                for g in &grants {
-                    let _ = e.grant("c", g).await;
-                }
-                for (f, u) in &spend {
-                    let _ = e.track("c", FEATURES[*f], Amount::from_raw(*u).unwrap(), OverageBehavior::Overflow, None).await;
-                }
-            }
-            let target = start() + periods * HOUR_MS + 7;
-            // Eager: stop at every hour boundary (and every day, week and
-            // month boundary falls on one of them).
-            for h in 1..=periods {
-                eager_clock.set(start() + h * HOUR_MS);
-                eager.reset_due("c").await.unwrap();
-            }
-            eager_clock.set(target);
-            lazy_clock.set(target);
-            prop_assert_eq!(lazy.balances("c").await.unwrap(), eager.balances("c").await.unwrap());
-            Ok(())
-        })?;
+        // Every day, week and month boundary falls on an hour boundary.
+        let stops = (1..=periods).map(|h| start() + h * HOUR_MS).collect();
+        let (lazy, eager) = block_on(lazy_and_stepwise(&grants, &spend, stops, start() + periods * HOUR_MS + 7));
+        prop_assert_eq!(lazy, eager);
     }
 
     /// Months of idleness: one jump equals stepping month by month.
@@ -337,29 +317,48 @@ proptest! {
         spend in prop::collection::vec((0..FEATURES.len(), units()), 0..6),
         months in 1i64..140,
     ) {
-        block_on(async {
-            let (lazy, lazy_clock) = engine();
-            let (eager, eager_clock) = engine();
-            for e in [&lazy, &eager] {
-                e.create_customer("c").await.unwrap();
-                for g in grants.iter().filter(|g| !matches!(g.interval, Some(Interval::Hour | Interval::Day | Interval::Week))) {
-                    let _ = e.grant("c", g).await;
-                }
-                for (f, u) in &spend {
-                    let _ = e.track("c", FEATURES[*f], Amount::from_raw(*u).unwrap(), OverageBehavior::Overflow, None).await;
-                }
-            }
-            let target = creditgate::calendar::add_months(start(), months) + 5;
-            for m in 1..=months {
-                eager_clock.set(creditgate::calendar::add_months(start(), m));
-                eager.reset_due("c").await.unwrap();
-            }
-            eager_clock.set(target);
-            lazy_clock.set(target);
-            prop_assert_eq!(lazy.balances("c").await.unwrap(), eager.balances("c").await.unwrap());
-            Ok(())
-        })?;
+        let monthly: Vec<Grant> = grants
+            .into_iter()
+            .filter(|g| !matches!(g.interval, Some(Interval::Hour | Interval::Day | Interval::Week)))
+            .collect();
+        let stops = (1..=months).map(|m| add_months(start(), m)).collect();
+        let (lazy, eager) = block_on(lazy_and_stepwise(&monthly, &spend, stops, add_months(start(), months) + 5));
+        prop_assert_eq!(lazy, eager);
     }
+}
+
+/// The same customer on two engines: one jumps straight to `target`, the
+/// other stops at every instant of `stops` first. Returns both balances.
+async fn lazy_and_stepwise(
+    grants: &[Grant],
+    spend: &[(usize, i64)],
+    stops: Vec<i64>,
+    target: i64,
+) -> (CustomerBalances, CustomerBalances) {
+    let (lazy, lazy_clock) = engine();
+    let (eager, eager_clock) = engine();
+    for e in [&lazy, &eager] {
+        e.create_customer("c").await.unwrap();
+        for g in grants {
+            let _ = e.grant("c", g).await;
+        }
+        for (f, u) in spend {
+            let units = Amount::from_raw(*u).unwrap();
+            let _ = e
+                .track("c", FEATURES[*f], units, OverageBehavior::Overflow, None)
+                .await;
+        }
+    }
+    for t in stops {
+        eager_clock.set(t);
+        eager.reset_due("c").await.unwrap();
+    }
+    eager_clock.set(target);
+    lazy_clock.set(target);
+    (
+        lazy.balances("c").await.unwrap(),
+        eager.balances("c").await.unwrap(),
+    )
 }
 
 #[test]
