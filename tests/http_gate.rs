@@ -4,14 +4,11 @@
 mod http_support;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use creditgate::config::Config;
-use creditgate::http::{app, AppState, Auth};
-use creditgate::model::Retention;
-use creditgate::{ManualClock, MemoryEngine};
+use creditgate::http::Auth;
 use http_support::*;
 use serde_json::json;
 
@@ -30,21 +27,7 @@ routes = [
 
 fn gate_harness(gate: &str, auth: Auth) -> Harness {
     let config = Config::parse(&format!("{CONFIG}\n{gate}"), &BTreeMap::new(), T0).unwrap();
-    let clock = Arc::new(ManualClock::new(T0));
-    let engine = Arc::new(MemoryEngine::new(
-        config.catalog.clone(),
-        clock.clone(),
-        Retention::default(),
-    ));
-    let state = AppState::new(engine, config.catalog.clone(), clock.clone())
-        .configured(&config)
-        .with_auth(auth);
-    let router = app(state.clone());
-    Harness {
-        clock,
-        state,
-        router,
-    }
+    harness_from(config, auth)
 }
 
 async fn gate_req(h: &Harness, method: Method, headers: &[(&str, &str)]) -> Answer {

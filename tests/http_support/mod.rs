@@ -64,7 +64,11 @@ pub fn harness() -> Harness {
 }
 
 pub fn harness_with(auth: Auth) -> Harness {
-    let config = config();
+    harness_from(config(), auth)
+}
+
+/// A harness over `config`: the in-process engine on a ManualClock at T0.
+pub fn harness_from(config: Config, auth: Auth) -> Harness {
     let clock = Arc::new(ManualClock::new(T0));
     let engine = Arc::new(MemoryEngine::new(
         config.catalog.clone(),
