@@ -348,12 +348,12 @@ end
 -- Stored integers are written in base 36 (digits 0-9a-z, '-' for negatives):
 -- a 13-digit instant takes 8 characters, which keeps a customer's hash small
 -- enough for Redis's compact encoding. Exact below 2^53 both ways.
-local DIGITS36 = '0123456789abcdefghijklmnopqrstuvwxyz'
-
-local DIGIT36 = {}
-for i = 1, 36 do
-  DIGIT36[i - 1] = string.sub(DIGITS36, i, i)
-end
+-- A literal, not a loop: this chunk runs on every call.
+local DIGIT36 = {
+  [0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9',
+  'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm',
+  'n', 'o', 'p', 'q', 'r', 's', 't', 'u', 'v', 'w', 'x', 'y', 'z',
+}
 
 local function e36(n)
   if n == 0 then
