@@ -489,19 +489,25 @@ local function encode_bucket(b)
   return table.concat(f, US)
 end
 
-local function clone(t)
-  if type(t) ~= 'table' then
-    return t
-  end
-  local c = {}
-  for k, v in pairs(t) do
-    if k == 'period' then
-      c[k] = v -- immutable
-    else
-      c[k] = clone(v)
+-- A working copy of the buckets for a dry run or an all-or-nothing change.
+-- Only `remaining` and the rollover rows change during one, so each bucket is
+-- copied field by field and its rows one level deep; `period` and `ro` are
+-- shared (they never change once a bucket exists).
+local function work_copy(buckets)
+  local out = {}
+  for i, b in ipairs(buckets) do
+    local c = {}
+    for k, v in pairs(b) do
+      c[k] = v
     end
+    local rows = {}
+    for j, r in ipairs(b.rows) do
+      rows[j] = { exp = r.exp, granted = r.granted, balance = r.balance }
+    end
+    c.rows = rows
+    out[i] = c
   end
-  return c
+  return out
 end
 
 ---------------------------------------------------------------------------
@@ -791,7 +797,7 @@ local function deduction_order(buckets, pools)
   return order
 end
 
--- The sources refer to bucket tables; a dry run works on clone(buckets).
+-- The sources refer to bucket tables; a dry run works on work_copy(buckets).
 local function row_of(b, exp)
   for _, r in ipairs(b.rows) do
     if r.exp == exp then
@@ -1240,7 +1246,7 @@ local function check(C, pools, units)
   if #owned == 0 then
     return no_balance(units, false), nil
   end
-  local work = clone(C.buckets)
+  local work = work_copy(C.buckets)
   local order = deduction_order(work, owned)
   local entries, rest = deduct(order, units)
   if rest > 0 then
@@ -1255,7 +1261,7 @@ local function track(C, pools, units, behavior)
   if #owned == 0 then
     return no_balance(units, behavior == 'reject' and units > 0)
   end
-  local work = clone(C.buckets)
+  local work = work_copy(C.buckets)
   local order = deduction_order(work, owned)
   local o
   if units < 0 then
