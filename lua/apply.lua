@@ -68,21 +68,15 @@ return run_main(function()
   if not o then
     replayed = false
     if op == 'consume' then
-      local work
-      o, work = check(C, pools, units)
-      if o.allowed then
-        C.buckets = work
-      end
+      o = check(C, pools, units, true)
     elseif op == 'track' then
       o = track(C, pools, units, mode)
     elseif op == 'reserve' then
       if get_lock(C, lock_id) then
         fail('lock_already_exists')
       end
-      local work
-      o, work = check(C, pools, units)
+      o = check(C, pools, units, true)
       if o.allowed then
-        C.buckets = work
         local held = {}
         for i, e in ipairs(o.entries) do
           local b = find_bucket(C, e.bid)

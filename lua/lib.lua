@@ -489,25 +489,35 @@ local function encode_bucket(b)
   return table.concat(f, US)
 end
 
--- A working copy of the buckets for a dry run or an all-or-nothing change.
--- Only `remaining` and the rollover rows change during one, so each bucket is
--- copied field by field and its rows one level deep; `period` and `ro` are
--- shared (they never change once a bucket exists).
-local function work_copy(buckets)
-  local out = {}
+-- rules.rs works on a copy of the buckets and commits by assignment; here
+-- the same all-or-nothing is an undo record. A request changes only each
+-- bucket's `remaining` and its rollover rows' balances, so those are noted
+-- before and put back to undo (cheaper than copying every bucket).
+local function snapshot(buckets)
+  local rem, rows = {}, {}
   for i, b in ipairs(buckets) do
-    local c = {}
-    for k, v in pairs(b) do
-      c[k] = v
+    rem[i] = b.remaining
+    if #b.rows > 0 then
+      local bal = {}
+      for j, r in ipairs(b.rows) do
+        bal[j] = r.balance
+      end
+      rows[i] = bal
     end
-    local rows = {}
-    for j, r in ipairs(b.rows) do
-      rows[j] = { exp = r.exp, granted = r.granted, balance = r.balance }
-    end
-    c.rows = rows
-    out[i] = c
   end
-  return out
+  return { rem = rem, rows = rows }
+end
+
+local function restore(buckets, snap)
+  for i, b in ipairs(buckets) do
+    b.remaining = snap.rem[i]
+    local bal = snap.rows[i]
+    if bal then
+      for j, r in ipairs(b.rows) do
+        r.balance = bal[j]
+      end
+    end
+  end
 end
 
 ---------------------------------------------------------------------------
@@ -731,24 +741,33 @@ end
 ---------------------------------------------------------------------------
 -- Deduction order (rules::bucket_order_key, rules::deduction_order).
 ---------------------------------------------------------------------------
+-- Sort keys of rules::bucket_order_key, computed once per bucket (not per
+-- comparison): pool index, never resets, nominal period, expiry (none last), seq.
+local function order_member(b, pi)
+  return {
+    b = b,
+    pi = pi,
+    never = b.period == nil and 1 or 0,
+    nominal = b.period and nominal_ms(b.period) or 0,
+    exp = b.expires or INF,
+    seq = b.seq,
+  }
+end
+
 local function order_less(a, b)
-  -- keys: pool index, never resets, nominal period, expiry (none last), seq
   if a.pi ~= b.pi then
     return a.pi < b.pi
   end
-  local an, bn_ = a.b.period == nil and 1 or 0, b.b.period == nil and 1 or 0
-  if an ~= bn_ then
-    return an < bn_
+  if a.never ~= b.never then
+    return a.never < b.never
   end
-  local ap, bp = a.b.period and nominal_ms(a.b.period) or 0, b.b.period and nominal_ms(b.b.period) or 0
-  if ap ~= bp then
-    return ap < bp
+  if a.nominal ~= b.nominal then
+    return a.nominal < b.nominal
   end
-  local ae, be = a.b.expires or INF, b.b.expires or INF
-  if ae ~= be then
-    return ae < be
+  if a.exp ~= b.exp then
+    return a.exp < b.exp
   end
-  return a.b.seq < b.b.seq
+  return a.seq < b.seq
 end
 
 local function pool_index(pools, name)
@@ -765,7 +784,7 @@ local function deduction_order(buckets, pools)
   for _, b in ipairs(buckets) do
     local pi = pool_index(pools, b.pool)
     if pi then
-      members[#members + 1] = { b = b, pi = pi }
+      members[#members + 1] = order_member(b, pi)
     end
   end
   table.sort(members, order_less)
@@ -797,7 +816,7 @@ local function deduction_order(buckets, pools)
   return order
 end
 
--- The sources refer to bucket tables; a dry run works on work_copy(buckets).
+-- The sources refer to bucket tables; a dry run is undone with restore().
 local function row_of(b, exp)
   for _, r in ipairs(b.rows) do
     if r.exp == exp then
@@ -1241,28 +1260,31 @@ local function no_balance(units, insufficient)
 end
 
 -- rules::check on a copy; the copy (with its new balances) is the second result.
-local function check(C, pools, units)
+local function check(C, pools, units, keep)
   local owned = owned_pools(C.buckets, pools)
   if #owned == 0 then
-    return no_balance(units, false), nil
+    return no_balance(units, false)
   end
-  local work = work_copy(C.buckets)
-  local order = deduction_order(work, owned)
+  local snap = snapshot(C.buckets)
+  local order = deduction_order(C.buckets, owned)
   local entries, rest = deduct(order, units)
   if rest > 0 then
-    return outcome(false, {}, rest), nil
+    restore(C.buckets, snap)
+    return outcome(false, {}, rest)
   end
-  return outcome(true, entries, 0), work
+  if not keep then
+    restore(C.buckets, snap)
+  end
+  return outcome(true, entries, 0)
 end
-
 -- rules::track (a negative `units` refunds).
 local function track(C, pools, units, behavior)
   local owned = owned_pools(C.buckets, pools)
   if #owned == 0 then
     return no_balance(units, behavior == 'reject' and units > 0)
   end
-  local work = work_copy(C.buckets)
-  local order = deduction_order(work, owned)
+  local snap = snapshot(C.buckets)
+  local order = deduction_order(C.buckets, owned)
   local o
   if units < 0 then
     local entries, rest = refund(order, -units)
@@ -1272,6 +1294,7 @@ local function track(C, pools, units, behavior)
     if rest == 0 then
       o = outcome(true, entries, 0)
     elseif behavior == 'reject' then
+      restore(C.buckets, snap)
       o = outcome(false, {}, rest)
       o.ins = true
       return o
@@ -1282,7 +1305,6 @@ local function track(C, pools, units, behavior)
       o = outcome(rest == 0, entries, rest)
     end
   end
-  C.buckets = work
   return o
 end
 

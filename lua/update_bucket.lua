@@ -11,17 +11,15 @@ return run_main(function()
   local members = {}
   for _, b in ipairs(C.buckets) do
     if b.pool == ARGV[5] then
-      members[#members + 1] = b
+      members[#members + 1] = order_member(b, 1)
     end
   end
   -- rules::update_bucket: the pool's buckets in bucket_order_key order.
-  table.sort(members, function(a, b)
-    return order_less({ b = a, pi = 1 }, { b = b, pi = 1 })
-  end)
+  table.sort(members, order_less)
   local target = nil
-  for _, b in ipairs(members) do
-    if ARGV[6] == '' or b.id == ARGV[6] then
-      target = b
+  for _, m in ipairs(members) do
+    if ARGV[6] == '' or m.b.id == ARGV[6] then
+      target = m.b
       break
     end
   end
