@@ -1,14 +1,18 @@
 //! A real Redis Cluster for tests: three masters started from `redis-server`
 //! on loopback, each in its own temporary directory, joined with
-//! `redis-cli --cluster create`, killed when the handle drops (even on panic).
+//! `redis-cli --cluster create`. Each node runs under a watchdog shell that
+//! kills it when our end of its stdin closes: when the handle drops, and when
+//! the test process ends for any reason (so a cluster kept in a static for a
+//! whole test binary never outlives it).
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisCluster {
     children: Vec<Child>,
+    lifelines: Vec<ChildStdin>,
     pub ports: Vec<u16>,
     _dir: tempfile::TempDir,
 }
@@ -42,31 +46,42 @@ impl RedisCluster {
     pub fn start(masters: usize) -> RedisCluster {
         let dir = tempfile::tempdir().expect("cluster temp dir");
         let mut children = Vec::new();
+        let mut lifelines = Vec::new();
         let mut ports = Vec::new();
         for i in 0..masters {
             let port = free_port_pair();
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                ])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .arg("--dir")
-                .arg(&node_dir)
+            let script = format!(
+                "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
+                 --cluster-config-file nodes.conf --save '' --appendonly no \
+                 --protected-mode no --dir '{dir}' >/dev/null 2>&1 & pid=$!; \
+                 cat >/dev/null; kill $pid; wait $pid; rm -rf '{dir}'; rmdir '{parent}' 2>/dev/null",
+                dir = node_dir.display(),
+                parent = dir.path().display()
+            );
+            // `setsid`: a signal to our process group cannot kill the watchdog
+            // before it kills redis-server.
+            let (program, args) = if std::path::Path::new("/usr/bin/setsid").exists() {
+                ("/usr/bin/setsid", vec!["sh", "-c"])
+            } else {
+                ("sh", vec!["-c"])
+            };
+            let mut child = Command::new(program)
+                .args(args)
+                .arg(script)
+                .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start redis-server (is it installed? see README)");
+            lifelines.push(child.stdin.take().expect("watchdog stdin"));
             children.push(child);
             ports.push(port);
         }
         let cluster = RedisCluster {
             children,
+            lifelines,
             ports,
             _dir: dir,
         };
@@ -148,8 +163,9 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
+        // Closing the lifelines makes each watchdog kill its node.
+        self.lifelines.clear();
         for c in &mut self.children {
-            let _ = c.kill();
             let _ = c.wait();
         }
     }

@@ -91,6 +91,29 @@ impl Fx {
         }
     }
 
+    /// The Redis engine on a real three-master Redis Cluster, one per test
+    /// binary (its nodes die with the process), in a fresh key namespace.
+    pub async fn cluster() -> Fx {
+        static CLUSTER: std::sync::OnceLock<cluster::RedisCluster> = std::sync::OnceLock::new();
+        let nodes = CLUSTER
+            .get_or_init(|| cluster::RedisCluster::start(3))
+            .urls();
+        let clock = Arc::new(ManualClock::new(start()));
+        let opts = creditgate::store::RedisOptions {
+            target: creditgate::store::RedisTarget::Cluster(nodes),
+            namespace: redis::namespace(),
+            ..creditgate::store::RedisOptions::standalone("")
+        };
+        let dyn_clock: Arc<dyn creditgate::Clock> = clock.clone();
+        let engine = creditgate::store::RedisEngine::connect(opts, catalog(), Some(dyn_clock))
+            .await
+            .expect("connect the redis engine to the cluster");
+        Fx {
+            engine: Arc::new(engine),
+            clock,
+        }
+    }
+
     pub async fn customer(&self, id: &str) -> &Self {
         self.engine
             .create_customer(id)
@@ -167,6 +190,14 @@ macro_rules! on_every_engine {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Fx::redis().await).await
+                }
+            )*
+        }
+        mod redis_cluster_engine {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Fx::cluster().await).await
                 }
             )*
         }
