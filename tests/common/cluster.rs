@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command};
 use std::time::{Duration, Instant};
 
 pub struct RedisCluster {
@@ -60,21 +60,7 @@ impl RedisCluster {
                 dir = node_dir.display(),
                 parent = dir.path().display()
             );
-            // `setsid`: a signal to our process group cannot kill the watchdog
-            // before it kills redis-server.
-            let (program, args) = if std::path::Path::new("/usr/bin/setsid").exists() {
-                ("/usr/bin/setsid", vec!["sh", "-c"])
-            } else {
-                ("sh", vec!["-c"])
-            };
-            let mut child = Command::new(program)
-                .args(args)
-                .arg(script)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server (is it installed? see README)");
+            let mut child = super::redis::spawn_watched(&script);
             lifelines.push(child.stdin.take().expect("watchdog stdin"));
             children.push(child);
             ports.push(port);

@@ -25,6 +25,28 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
+/// Runs `script` (which starts a server in the background, then waits for EOF
+/// on stdin and kills it) under `sh`, with its stdin piped from us: when the
+/// returned child's stdin closes (drop, or this process ending for any
+/// reason), the server dies. `setsid` takes the watchdog out of our process
+/// group, so a signal to the group (Ctrl-C, `timeout`) cannot kill it before
+/// it kills the server.
+pub fn spawn_watched(script: &str) -> Child {
+    let (program, args) = if Path::new("/usr/bin/setsid").exists() {
+        ("/usr/bin/setsid", vec!["sh", "-c"])
+    } else {
+        ("sh", vec!["-c"])
+    };
+    Command::new(program)
+        .args(args)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server (is it installed? see README)")
+}
+
 impl RedisServer {
     fn start() -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
@@ -39,21 +61,7 @@ impl RedisServer {
             sock = socket.display(),
             dir = dir.path().display(),
         );
-        // `setsid`: the watchdog shell leaves our process group, so a signal
-        // to the whole group (Ctrl-C, `timeout`) cannot kill it before it
-        // kills redis-server.
-        let (program, args) = if Path::new("/usr/bin/setsid").exists() {
-            ("/usr/bin/setsid", vec!["sh", "-c"])
-        } else {
-            ("sh", vec!["-c"])
-        };
-        let mut child = Command::new(program)
-            .args(args)
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redis-server (apt-get install -y redis-server)");
+        let mut child = spawn_watched(&script);
         let lifeline = child.stdin.take();
         let server = RedisServer {
             socket,
