@@ -1025,13 +1025,27 @@ impl Engine for RedisEngine {
     }
 }
 
-/// Ready when the store answers and the scripts are loaded (loading them
-/// again if the server lost them, e.g. after a restart).
+/// Ready when the store answers and the scripts are loaded. A probe sends
+/// one `SCRIPT EXISTS` (not the script bodies); only when the server lost
+/// them (a restart, `SCRIPT FLUSH`) does it load them again. On a cluster,
+/// scripts load on first use on each node, so answering is enough.
 #[async_trait::async_trait]
 impl crate::http::Readiness for RedisEngine {
     async fn ready(&self) -> bool {
         let mut conn = self.conn.clone();
-        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
-        pong.is_ok() && self.load_scripts().await.is_ok()
+        if let Conn::Cluster(_) = &self.conn {
+            let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
+            return pong.is_ok();
+        }
+        let mut exists = redis::cmd("SCRIPT");
+        exists.arg("EXISTS");
+        for script in self.scripts.all() {
+            exists.arg(&script.sha);
+        }
+        match exists.query_async::<Vec<i64>>(&mut conn).await {
+            Ok(found) if found.iter().all(|&f| f == 1) => true,
+            Ok(_) => self.load_scripts().await.is_ok(),
+            Err(_) => false,
+        }
     }
 }
