@@ -380,8 +380,6 @@ impl RedisEngine {
         }
     }
 
-    /// Takes (or keeps) the lease on sweep shard `shard`; false when another
-    /// sweeper holds it.
     /// `reset_due` for the sweeper: an index entry whose customer is gone is
     /// dropped rather than failing the sweep.
     async fn sweep_one(&self, customer: &str) -> Result<u32, EngineError> {
