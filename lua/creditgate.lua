@@ -1,0 +1,2142 @@
+#!lua name=creditgate_cg2_v1
+local FN = 'cg2_v1_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
+-- creditgate Redis Functions library, storage layout cg2 (contract:
+-- lua/README-cg2.md). Load with FUNCTION LOAD, call with FCALL.
+--
+-- The version lives in line 1 (the library name, `creditgate_<layout>_<version>`)
+-- and line 2 (the same `<layout>_<version>` as the function prefix): Redis gives
+-- a library no way to read its own name, so the prefix must be spelled out;
+-- benches/fcall_cost.sh refuses a file where the two disagree.
+--
+-- This file is the twin of src/rules.rs, src/money.rs and src/calendar.rs,
+-- ported from the cg1 scripts (lua/lib.lua) that the differential test holds
+-- to the Rust; what changed is the storage (a pool's buckets in one field, a
+-- due instant in the customer record, compact idempotency records) and the
+-- hot path that storage allows: a request with nothing due reads only the
+-- record and the fields of the pools it may pay from (one HMGET), decodes
+-- only those buckets and writes back only what changed (one HSET).
+--
+-- Redis 7.0 load-time sandbox: the top level of this chunk sees no globals
+-- but `redis` (not even `pcall` or `string`), so every library function is
+-- bound to a local on the first call (bind()), and constants are literals.
+--
+-- Numbers are doubles: exact for integers below 2^53, which every stored
+-- value respects (amounts |x| <= 10^15 raw, costs <= 10^12 raw, instants
+-- <= 253402300799999). Products that may exceed 2^53 go through muldiv.
+
+---------------------------------------------------------------------------
+-- Standard library, bound on first use.
+---------------------------------------------------------------------------
+local floor, find, sub, format, char, gsub, concat, sort, tonumber, unpack, type
+local ipairs, pairs, pcall, error, mp_pack, mp_unpack, sha1hex, rcall, error_reply
+local HEX -- 'xx' (two lower-case hex digits) -> that byte
+local bound = false
+
+local function bind()
+  floor, find, sub, format, char, gsub = math.floor, string.find, string.sub, string.format, string.char, string.gsub
+  concat, sort, tonumber, unpack, type = table.concat, table.sort, _G.tonumber, _G.unpack, _G.type
+  ipairs, pairs, pcall, error = _G.ipairs, _G.pairs, _G.pcall, _G.error
+  mp_pack, mp_unpack, sha1hex = cmsgpack.pack, cmsgpack.unpack, redis.sha1hex
+  rcall, error_reply = redis.call, redis.error_reply
+  HEX = {}
+  for i = 0, 255 do
+    HEX[format('%02x', i)] = char(i)
+  end
+  bound = true
+end
+
+---------------------------------------------------------------------------
+-- Constants.
+---------------------------------------------------------------------------
+local MAX = 1000000000000000 -- largest |amount| raw (10^11 x 10^4)
+local HUGE = 9007199254740992 -- 2^53: "more than any balance"
+local SCALE = 1000000 -- cost scale (10^6)
+local INF = 1 / 0
+local MINUTE = 60000
+local HOUR = 3600000
+local DAY = 86400000
+local NOMINAL_MONTH = 2678400000 -- 31 days
+local MAX_INSTANT = 253402300799999
+local MAX_BUCKETS = 64
+local ROLLOVER_WINDOW = 66
+
+-- Separators inside stored values (ids hold no control characters).
+local US = '\31' -- between the fields of a bucket or of the customer record
+local RS = '\30' -- between the buckets of a pool
+local GS = '\29' -- between the rollover rows of a bucket
+local RECORD_FIELD = '\31' -- the customer record's field; every field starting with \31 is reserved
+
+-- The customer record: fields of RECORD_FIELD, \31-separated, trailing empty ones dropped.
+local REC_CREATED_AT = 1
+local REC_NEXT_SEQ = 2
+local REC_BUCKET_DUE = 3 -- earliest next reset / bucket expiry / rollover expiry of any bucket
+local REC_LOCK_DUE = 4 -- earliest expiry of a pending lock
+
+-- A bucket: fields of its \31-separated string, trailing empty ones dropped.
+local B_REMAINING = 1 -- first, so a new remaining is `e36(r) .. rest` without re-encoding
+local B_ID = 2
+local B_GRANTED = 3
+local B_INTERVAL = 4 -- interval code, '' = 0 (one_off)
+local B_INTERVAL_COUNT = 5 -- '' = 1
+local B_ANCHOR = 6 -- '' = 0
+local B_NEXT_RESET_INDEX = 7 -- index of the next boundary, '' = none (one_off)
+local B_EXPIRES_AT = 8
+local B_FLAGS = 9 -- any of u (unlimited) o (overage_allowed) d (carry_debt)
+local B_OVERAGE_FLOOR = 10
+local B_ROLLOVER = 11 -- rollover setting "max/max_percentage/length" (length '' = forever)
+local B_PLAN_ID = 12
+local B_ROLLOVERS = 13 -- rows "expires_at,granted,balance" joined by \29, oldest first
+
+-- A pending lock (msgpack array in the lock hash).
+local L_FEATURE, L_UNITS, L_EXPIRES_AT, L_POOLS, L_HELD = 1, 2, 3, 4, 5
+-- A held entry of a lock.
+local H_BALANCE_ID, H_POOL, H_KIND, H_ROLLOVER_EXPIRES_AT, H_AMOUNT, H_UNITS, H_MARKER = 1, 2, 3, 4, 5, 6, 7
+-- A finalized lock's receipt (msgpack string key, PX).
+local F_FORGET_AT, F_FEATURE, F_OUTCOME, F_POOLS = 1, 2, 3, 4
+-- A packed outcome (inside receipts).
+local O_ALLOWED, O_UNCOVERED, O_NO_BALANCE, O_INSUFFICIENT, O_ENTRIES = 1, 2, 3, 4, 5
+-- A packed entry.
+local E_BALANCE_ID, E_POOL, E_KIND, E_ROLLOVER_EXPIRES_AT, E_AMOUNT, E_UNITS = 1, 2, 3, 4, 5, 6
+
+-- Idempotency records: the first IDEM_FP_BYTES bytes of a record hold the
+-- first bytes of SHA1(fingerprint); the field is the first IDEM_KEY_BYTES
+-- bytes of SHA1(idempotency key).
+local IDEM_KEY_HEX = 24 -- 12 bytes = 96 bits
+local IDEM_FP_HEX = 8 -- 4 bytes = 32 bits
+local IDEM_FP_BYTES = 4
+
+-- Outcome flags inside an idempotency record: one digit, the sum of these.
+local OF_ALLOWED, OF_NO_BALANCE, OF_INSUFFICIENT = 1, 2, 4
+
+---------------------------------------------------------------------------
+-- Errors: typed failures become `-CG <code> [detail] @<now>` replies.
+---------------------------------------------------------------------------
+local NOW = nil -- the instant of the call in progress (reported in errors)
+
+local function fail(code, detail)
+  error({ cg = detail and (code .. ' ' .. detail) or code })
+end
+
+local function fmt(n)
+  return format('%d', n)
+end
+
+local function run(main, keys, args)
+  if not bound then
+    bind()
+  end
+  NOW = nil
+  local ok, res = pcall(main, keys, args)
+  if ok then
+    return res
+  end
+  if type(res) == 'table' and res.cg then
+    if NOW then
+      return error_reply('CG ' .. res.cg .. ' @' .. fmt(NOW))
+    end
+    return error_reply('CG ' .. res.cg)
+  end
+  error(res)
+end
+
+local function opt(n)
+  if n == nil then
+    return ''
+  end
+  return fmt(n)
+end
+
+local function num(s)
+  if s == nil or s == '' then
+    return nil
+  end
+  local n = tonumber(s)
+  if n == nil then
+    fail('invalid_inputs', 'argument not a number')
+  end
+  return n
+end
+
+local function split(s, sep)
+  local out, n, i = {}, 0, 1
+  while true do
+    local j = find(s, sep, i, true)
+    n = n + 1
+    if not j then
+      out[n] = sub(s, i)
+      return out
+    end
+    out[n] = sub(s, i, j - 1)
+    i = j + 1
+  end
+end
+
+local function min(a, b)
+  if a < b then
+    return a
+  end
+  return b
+end
+
+local function max(a, b)
+  if a > b then
+    return a
+  end
+  return b
+end
+
+local function opt_min(a, b)
+  if a == nil then
+    return b
+  end
+  if b == nil then
+    return a
+  end
+  return min(a, b)
+end
+
+-- The clock: args `now` ('' = Redis TIME), in ms.
+local function clock(s)
+  local now
+  if s ~= nil and s ~= '' then
+    now = tonumber(s)
+    if now == nil then
+      fail('invalid_inputs', 'argument not a number')
+    end
+  else
+    local t = rcall('TIME')
+    now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+  end
+  NOW = now
+  return now
+end
+
+---------------------------------------------------------------------------
+-- Exact arithmetic (twin of the i128 products in src/money.rs).
+-- Non-negative integers below 2^53 as little-endian limbs of base 10^7.
+---------------------------------------------------------------------------
+local BASE = 10000000
+
+local function bn(x)
+  local t, i = {}, 1
+  repeat
+    local r = x % BASE
+    t[i] = r
+    x = (x - r) / BASE
+    i = i + 1
+  until x == 0
+  return t
+end
+
+local function bn_mul(a, b)
+  local r = {}
+  for i = 1, #a + #b do
+    r[i] = 0
+  end
+  for i = 1, #a do
+    for j = 1, #b do
+      r[i + j - 1] = r[i + j - 1] + a[i] * b[j]
+    end
+  end
+  local carry = 0
+  for i = 1, #r do
+    local v = r[i] + carry
+    local lo = v % BASE
+    r[i] = lo
+    carry = (v - lo) / BASE
+  end
+  while #r > 1 and r[#r] == 0 do
+    r[#r] = nil
+  end
+  return r
+end
+
+local function bn_cmp(a, b)
+  if #a ~= #b then
+    return #a < #b and -1 or 1
+  end
+  for i = #a, 1, -1 do
+    if a[i] ~= b[i] then
+      return a[i] < b[i] and -1 or 1
+    end
+  end
+  return 0
+end
+
+-- floor(a*b/c) exactly, for 0 <= a, b < 2^53 and 0 < c < 2^53; HUGE when
+-- the quotient is 2^53 or more. Second result: whether the division is exact.
+local function muldiv(a, b, c)
+  local p = a * b
+  if p < 9.0e15 then -- the double product is exact below 2^53
+    local q = floor(p / c)
+    return q, q * c == p
+  end
+  local q = floor(p / c)
+  if q >= HUGE - 8 then
+    return HUGE, false
+  end
+  local P = bn_mul(bn(a), bn(b))
+  local C = bn(c)
+  while q > 0 and bn_cmp(bn_mul(bn(q), C), P) > 0 do
+    q = q - 1
+  end
+  while bn_cmp(bn_mul(bn(q + 1), C), P) <= 0 do
+    q = q + 1
+  end
+  return q, bn_cmp(bn_mul(bn(q), C), P) == 0
+end
+
+-- money::charge: ceil(units * cost / 10^6), units >= 0. HUGE when past 2^53.
+local function charge(units, cost)
+  if cost == SCALE then
+    return units
+  end
+  local q, exact = muldiv(units, cost, SCALE)
+  if q >= HUGE then
+    return HUGE
+  end
+  if exact then
+    return q
+  end
+  return q + 1
+end
+
+-- money::affordable_units: floor(available * 10^6 / cost), 0 when available <= 0.
+local function affordable(available, cost)
+  if available <= 0 then
+    return 0
+  end
+  if cost == SCALE then
+    return available
+  end
+  return (muldiv(available, SCALE, cost))
+end
+
+-- money::cover: the units of `need` a source with `available` covers, and its charge.
+local function cover(need, available, cost)
+  local units = max(min(need, affordable(available, cost)), 0)
+  return units, charge(units, cost)
+end
+
+---------------------------------------------------------------------------
+-- Calendar (twin of src/calendar.rs). Every division has a positive
+-- divisor, so floor(a / b) is Rust's div_euclid.
+---------------------------------------------------------------------------
+local function is_leap(y)
+  return (y % 4 == 0 and y % 100 ~= 0) or y % 400 == 0
+end
+
+local MONTH_DAYS = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 }
+
+local function days_in_month(y, m)
+  if m == 2 and is_leap(y) then
+    return 29
+  end
+  return MONTH_DAYS[m]
+end
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then
+    y = y - 1
+  end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function civil_from_ms(t)
+  local days = floor(t / DAY)
+  local tod = t - days * DAY
+  local z = days + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
+  local m
+  if mp < 10 then
+    m = mp + 3
+  else
+    m = mp - 9
+  end
+  local y = yoe + era * 400
+  if m <= 2 then
+    y = y + 1
+  end
+  return y, m, d, tod
+end
+
+local function add_months(t, months)
+  local y, m, d, tod = civil_from_ms(t)
+  local total = y * 12 + (m - 1) + months
+  local ny = floor(total / 12)
+  local nm = total - ny * 12 + 1
+  local nd = min(d, days_in_month(ny, nm))
+  return days_from_civil(ny, nm, nd) * DAY + tod
+end
+
+-- Interval codes as stored: 0 one_off, 1 minute, 2 hour, 3 day, 4 week,
+-- 5 month, 6 quarter, 7 semi_annual, 8 year.
+local STEP_MS = { [1] = MINUTE, [2] = HOUR, [3] = DAY, [4] = 7 * DAY }
+local STEP_MONTHS = { [5] = 1, [6] = 3, [7] = 6, [8] = 12 }
+
+-- calendar::Period::new: nil for one_off; else { ms = n } or { months = n }.
+local PERIODS = {}
+
+local function make_period(code, count)
+  local key = code * 10000 + count
+  local p = PERIODS[key]
+  if p ~= nil then
+    return p or nil
+  end
+  p = nil
+  if STEP_MS[code] then
+    p = { ms = STEP_MS[code] * count }
+  elseif STEP_MONTHS[code] then
+    p = { months = STEP_MONTHS[code] * count }
+  end
+  PERIODS[key] = p or false
+  return p
+end
+
+local function nominal_ms(p)
+  if p.ms then
+    return p.ms
+  end
+  return p.months * NOMINAL_MONTH
+end
+
+local function boundary(p, anchor, index)
+  if p.ms then
+    return anchor + index * p.ms
+  end
+  return add_months(anchor, index * p.months)
+end
+
+local function last_index_at_or_before(p, anchor, t)
+  local i
+  if p.ms then
+    i = floor((t - anchor) / p.ms)
+  else
+    local ya, ma = civil_from_ms(anchor)
+    local yt, mt = civil_from_ms(t)
+    i = floor(((yt - ya) * 12 + (mt - ma)) / p.months)
+  end
+  while boundary(p, anchor, i + 1) <= t do
+    i = i + 1
+  end
+  while boundary(p, anchor, i) > t do
+    i = i - 1
+  end
+  return i
+end
+
+---------------------------------------------------------------------------
+-- Base 36 (digits 0-9a-z, '-' for negatives): every stored integer.
+---------------------------------------------------------------------------
+local DIGIT36 = {
+  [0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9',
+  'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm',
+  'n', 'o', 'p', 'q', 'r', 's', 't', 'u', 'v', 'w', 'x', 'y', 'z',
+}
+
+local function e36(n)
+  if n == 0 then
+    return '0'
+  end
+  local sign = ''
+  if n < 0 then
+    sign, n = '-', -n
+  end
+  local s = ''
+  while n > 0 do
+    local r = n % 36
+    s = DIGIT36[r] .. s
+    n = (n - r) / 36
+  end
+  return sign .. s
+end
+
+local function o36(n)
+  if n == nil then
+    return ''
+  end
+  return e36(n)
+end
+
+local function d36(s)
+  if s == nil or s == '' then
+    return nil
+  end
+  if sub(s, 1, 1) == '-' then
+    return -tonumber(sub(s, 2), 36)
+  end
+  return tonumber(s, 36)
+end
+
+---------------------------------------------------------------------------
+-- Buckets. Lua field names are the Rust names; the stored form is
+-- documented at the B_* constants and in lua/README-cg2.md.
+---------------------------------------------------------------------------
+-- next_reset_at = min(boundary(anchor, next_reset_index), MAX_INSTANT + 1),
+-- memoized per index (a calendar boundary costs a civil-date round trip).
+local function next_reset_at(b)
+  local i = b.next_reset_index
+  if i == nil then
+    return nil
+  end
+  if b.nra_index ~= i then
+    b.nra_index, b.nra = i, min(boundary(b.period, b.anchor, i), MAX_INSTANT + 1)
+  end
+  return b.nra
+end
+
+local function decode_rollovers(s)
+  local rows = {}
+  if s == nil or s == '' then
+    return rows
+  end
+  for i, r in ipairs(split(s, GS)) do
+    local f = split(r, ',')
+    rows[i] = { expires_at = d36(f[1]), granted = d36(f[2]), balance = d36(f[3]) }
+  end
+  return rows
+end
+
+local function encode_rollovers(rows)
+  local parts = {}
+  for i, r in ipairs(rows) do
+    parts[i] = o36(r.expires_at) .. ',' .. e36(r.granted) .. ',' .. e36(r.balance)
+  end
+  return concat(parts, GS)
+end
+
+local function decode_bucket(pool, s)
+  local f = split(s, US)
+  local code = d36(f[B_INTERVAL]) or 0
+  local count = d36(f[B_INTERVAL_COUNT]) or 1
+  local flags = f[B_FLAGS] or ''
+  local plan = f[B_PLAN_ID]
+  local b = {
+    id = f[B_ID],
+    pool = pool,
+    remaining = d36(f[B_REMAINING]),
+    granted = d36(f[B_GRANTED]),
+    interval = code,
+    interval_count = count,
+    period = make_period(code, count),
+    anchor = d36(f[B_ANCHOR]) or 0,
+    next_reset_index = d36(f[B_NEXT_RESET_INDEX]),
+    expires_at = d36(f[B_EXPIRES_AT]),
+    unlimited = find(flags, 'u', 1, true) ~= nil,
+    overage_allowed = find(flags, 'o', 1, true) ~= nil,
+    carry_debt = find(flags, 'd', 1, true) ~= nil,
+    overage_floor = d36(f[B_OVERAGE_FLOOR]),
+    plan_id = (plan ~= nil and plan ~= '') and plan or nil,
+    rollovers = decode_rollovers(f[B_ROLLOVERS]),
+    -- The stored string and the length of its remaining: when only
+    -- remaining changed, the new string is e36(remaining) .. sub(src, rem_len + 1).
+    src = s,
+    rem_len = #f[B_REMAINING],
+    stored_remaining = nil,
+    rewrite = false,
+  }
+  b.stored_remaining = b.remaining
+  local ro = f[B_ROLLOVER]
+  if ro ~= nil and ro ~= '' then
+    local r = split(ro, '/')
+    b.rollover = { max = d36(r[1]), max_percentage = d36(r[2]), length = d36(r[3]) }
+  end
+  return b
+end
+
+local function encode_bucket(b)
+  if not b.rewrite and b.src then
+    if b.remaining == b.stored_remaining then
+      return b.src
+    end
+    return e36(b.remaining) .. sub(b.src, b.rem_len + 1)
+  end
+  local flags = (b.unlimited and 'u' or '') .. (b.overage_allowed and 'o' or '') .. (b.carry_debt and 'd' or '')
+  local ro = ''
+  if b.rollover then
+    ro = o36(b.rollover.max) .. '/' .. o36(b.rollover.max_percentage) .. '/' .. o36(b.rollover.length)
+  end
+  local f = {
+    e36(b.remaining),
+    b.id,
+    e36(b.granted),
+    b.interval == 0 and '' or e36(b.interval),
+    b.interval_count == 1 and '' or e36(b.interval_count),
+    (b.period and b.anchor ~= 0) and e36(b.anchor) or '',
+    o36(b.next_reset_index),
+    o36(b.expires_at),
+    flags,
+    o36(b.overage_floor),
+    ro,
+    b.plan_id or '',
+    encode_rollovers(b.rollovers),
+  }
+  local n = #f
+  while n > 1 and f[n] == '' do
+    f[n] = nil
+    n = n - 1
+  end
+  return concat(f, US)
+end
+
+local function decode_pool(name, s)
+  local P = { name = name, src = s, buckets = {} }
+  if s == nil then
+    return P
+  end
+  local i, n = 1, 0
+  while true do
+    local j = find(s, RS, i, true)
+    n = n + 1
+    if not j then
+      P.buckets[n] = decode_bucket(name, sub(s, i))
+      return P
+    end
+    P.buckets[n] = decode_bucket(name, sub(s, i, j - 1))
+    i = j + 1
+  end
+end
+
+local function encode_pool(P)
+  local bs = P.buckets
+  if #bs == 1 then
+    return encode_bucket(bs[1])
+  end
+  local parts = {}
+  for i, b in ipairs(bs) do
+    parts[i] = encode_bucket(b)
+  end
+  return concat(parts, RS)
+end
+
+-- rules::bucket_order_key without the pool index and seq: a pool's field
+-- keeps its buckets in this order, ties in creation order.
+local function order_less_or_equal(a, b)
+  local an, bn_ = a.period == nil and 1 or 0, b.period == nil and 1 or 0
+  if an ~= bn_ then
+    return an < bn_
+  end
+  local ap, bp = a.period and nominal_ms(a.period) or 0, b.period and nominal_ms(b.period) or 0
+  if ap ~= bp then
+    return ap < bp
+  end
+  return (a.expires_at or INF) <= (b.expires_at or INF)
+end
+
+-- Inserts a new bucket (the newest: after every bucket of equal key).
+local function insert_ordered(P, b)
+  local at = #P.buckets + 1
+  for i = #P.buckets, 1, -1 do
+    if order_less_or_equal(P.buckets[i], b) then
+      break
+    end
+    at = i
+  end
+  for i = #P.buckets, at, -1 do
+    P.buckets[i + 1] = P.buckets[i]
+  end
+  P.buckets[at] = b
+end
+
+-- rules.rs works on a copy and commits by assignment; here the same
+-- all-or-nothing is an undo record of each bucket's remaining and rows.
+local function snapshot(list)
+  local rem, rows = {}, {}
+  for i, s in ipairs(list) do
+    local b = s.b
+    rem[i] = b.remaining
+    if #b.rollovers > 0 then
+      local bal = {}
+      for j, r in ipairs(b.rollovers) do
+        bal[j] = r.balance
+      end
+      rows[i] = bal
+    end
+  end
+  return { rem = rem, rows = rows }
+end
+
+local function restore(list, snap)
+  for i, s in ipairs(list) do
+    local b = s.b
+    b.remaining = snap.rem[i]
+    local bal = snap.rows[i]
+    if bal then
+      for j, r in ipairs(b.rollovers) do
+        r.balance = bal[j]
+      end
+    end
+  end
+end
+
+---------------------------------------------------------------------------
+-- The customer: its record, the pools read so far, pending locks, and the
+-- writes collected until the end (nothing is written before the operation
+-- has succeeded, so an error leaves every key as it was).
+---------------------------------------------------------------------------
+local function bucket_due(b)
+  local s = opt_min(next_reset_at(b), b.expires_at)
+  for _, r in ipairs(b.rollovers) do
+    s = opt_min(s, r.expires_at)
+  end
+  return s
+end
+
+local function parse_record(C, rec)
+  local r = split(rec, US)
+  C.rec = rec
+  C.created_at = d36(r[REC_CREATED_AT])
+  C.next_seq = d36(r[REC_NEXT_SEQ])
+  C.bucket_due = d36(r[REC_BUCKET_DUE])
+  C.lock_due = d36(r[REC_LOCK_DUE])
+  C.due0 = opt_min(C.bucket_due, C.lock_due)
+end
+
+local function encode_record(C)
+  local f = e36(C.created_at) .. US .. e36(C.next_seq)
+  if C.lock_due then
+    return f .. US .. o36(C.bucket_due) .. US .. e36(C.lock_due)
+  elseif C.bucket_due then
+    return f .. US .. e36(C.bucket_due)
+  end
+  return f
+end
+
+local function new_customer(keys, args, now)
+  now = now or clock(args[1])
+  return {
+    key = keys[1],
+    lock_key = keys[2],
+    due_key = keys[3],
+    now = now,
+    ret_idem = tonumber(args[2]) or 86400000,
+    ret_lock = tonumber(args[3]) or 86400000,
+    member = args[4],
+    full = false,
+    pools = {}, -- name -> { name, src, buckets }
+    pool_list = {}, -- names in the order read
+    locks = {}, -- lock id -> decoded pending lock, or false once removed
+    lock_dirty = {},
+    receipts = {}, -- lock id -> receipt to write
+    receipt_del = {},
+  }
+end
+
+local function add_pool(C, name, s)
+  if C.pools[name] then
+    return
+  end
+  C.pools[name] = decode_pool(name, s)
+  C.pool_list[#C.pool_list + 1] = name
+end
+
+local function find_bucket(C, id)
+  for _, name in ipairs(C.pool_list) do
+    for i, b in ipairs(C.pools[name].buckets) do
+      if b.id == id then
+        return b, C.pools[name], i
+      end
+    end
+  end
+  return nil
+end
+
+local function count_buckets(C)
+  local n = 0
+  for _, name in ipairs(C.pool_list) do
+    n = n + #C.pools[name].buckets
+  end
+  return n
+end
+
+local function load_all(C)
+  local raw = rcall('HGETALL', C.key)
+  local rec
+  C.pools, C.pool_list = {}, {}
+  for i = 1, #raw, 2 do
+    local f = raw[i]
+    if f == RECORD_FIELD then
+      rec = raw[i + 1]
+    elseif sub(f, 1, 1) ~= US then
+      add_pool(C, f, raw[i + 1])
+    end
+  end
+  if rec == nil then
+    fail('customer_not_found')
+  end
+  parse_record(C, rec)
+  C.full = true
+end
+
+-- Locks: a pending lock is one field of the lock hash (L_* slots).
+local function get_lock(C, id)
+  local l = C.locks[id]
+  if l ~= nil then
+    return l or nil
+  end
+  local v = rcall('HGET', C.lock_key, id)
+  if not v then
+    C.locks[id] = false
+    return nil
+  end
+  l = mp_unpack(v)
+  C.locks[id] = l
+  return l
+end
+
+local function set_lock(C, id, l)
+  C.locks[id] = l or false
+  C.lock_dirty[id] = true
+end
+
+local function receipt_key(C, id)
+  return C.key .. ':f:' .. id
+end
+
+local function get_receipt(C, id)
+  local r = C.receipts[id]
+  if r == nil and not C.receipt_del[id] then
+    local v = rcall('GET', receipt_key(C, id))
+    if v then
+      r = mp_unpack(v)
+    end
+  end
+  if r and r[F_FORGET_AT] > C.now then
+    return r
+  end
+  return nil
+end
+
+-- The earliest expiry of the pending locks left (after a finalize removed one).
+local function recompute_lock_due(C)
+  local raw = rcall('HGETALL', C.lock_key)
+  local le = nil
+  for i = 1, #raw, 2 do
+    local id = raw[i]
+    local l = C.locks[id]
+    if l == nil then
+      l = mp_unpack(raw[i + 1])
+    end
+    if l and l[L_EXPIRES_AT] then
+      le = opt_min(le, l[L_EXPIRES_AT])
+    end
+  end
+  for id, l in pairs(C.locks) do
+    if l and l[L_EXPIRES_AT] and C.lock_dirty[id] then
+      le = opt_min(le, l[L_EXPIRES_AT])
+    end
+  end
+  C.lock_due = le
+end
+
+-- Writes back what changed. `shown`: pool names whose strings the reply
+-- carries; returns them (after the operation) in a flat {name, string} list.
+local function save(C, shown)
+  local hset, hdel = {}, {}
+  local out = {}
+  local strings = {}
+  local bd = nil
+  for _, name in ipairs(C.pool_list) do
+    local P = C.pools[name]
+    local s = ''
+    if #P.buckets > 0 then
+      s = encode_pool(P)
+    end
+    strings[name] = s
+    if s == '' then
+      if P.src then
+        hdel[#hdel + 1] = name
+      end
+    elseif s ~= P.src then
+      hset[#hset + 1] = name
+      hset[#hset + 1] = s
+    end
+    if C.full then
+      for _, b in ipairs(P.buckets) do
+        bd = opt_min(bd, bucket_due(b))
+      end
+    end
+  end
+  if C.full then
+    C.bucket_due = bd
+  end
+  local rec = encode_record(C)
+  if rec ~= C.rec then
+    hset[#hset + 1] = RECORD_FIELD
+    hset[#hset + 1] = rec
+  end
+  if #hset > 0 then
+    rcall('HSET', C.key, unpack(hset))
+  end
+  if #hdel > 0 then
+    rcall('HDEL', C.key, unpack(hdel))
+  end
+  for id, _ in pairs(C.lock_dirty) do
+    local l = C.locks[id]
+    if l then
+      rcall('HSET', C.lock_key, id, mp_pack(l))
+    else
+      rcall('HDEL', C.lock_key, id)
+    end
+  end
+  for id, _ in pairs(C.receipt_del) do
+    if not C.receipts[id] then
+      rcall('DEL', receipt_key(C, id))
+    end
+  end
+  for id, r in pairs(C.receipts) do
+    rcall('SET', receipt_key(C, id), mp_pack(r), 'PX', max(1, C.ret_lock))
+  end
+  local due = opt_min(C.bucket_due, C.lock_due)
+  if due ~= C.due0 then
+    if due == nil then
+      rcall('ZREM', C.due_key, C.member)
+    else
+      rcall('ZADD', C.due_key, due, C.member)
+    end
+  end
+  if shown then
+    for _, name in ipairs(shown) do
+      out[#out + 1] = name
+      out[#out + 1] = strings[name] or ''
+    end
+  end
+  return out
+end
+
+---------------------------------------------------------------------------
+-- Deduction order (rules::deduction_order). A pool's field already holds
+-- its buckets in bucket_order_key order, so the members are the owned
+-- pools' lists one after the other: no sort unless there are rollovers.
+---------------------------------------------------------------------------
+local function deduction_order(C, owned)
+  local order = { unlimited = {}, rollovers = {}, buckets = {} }
+  local rolls = nil
+  local rank = 0
+  for _, p in ipairs(owned) do
+    for _, b in ipairs(C.pools[p.pool].buckets) do
+      rank = rank + 1
+      if b.unlimited then
+        order.unlimited[#order.unlimited + 1] = { b = b, kind = 'b', cost = p.cost }
+      else
+        order.buckets[#order.buckets + 1] = { b = b, kind = 'b', cost = p.cost }
+        for ri, row in ipairs(b.rollovers) do
+          rolls = rolls or {}
+          rolls[#rolls + 1] = {
+            key1 = row.expires_at or INF,
+            rank = rank,
+            ri = ri,
+            src = { b = b, kind = 'r', expires_at = row.expires_at, cost = p.cost },
+          }
+        end
+      end
+    end
+  end
+  if rolls then
+    sort(rolls, function(x, y)
+      if x.key1 ~= y.key1 then
+        return x.key1 < y.key1
+      end
+      if x.rank ~= y.rank then
+        return x.rank < y.rank
+      end
+      return x.ri < y.ri
+    end)
+    for i, r in ipairs(rolls) do
+      order.rollovers[i] = r.src
+    end
+  end
+  return order
+end
+
+local function row_of(b, expires_at)
+  for _, r in ipairs(b.rollovers) do
+    if r.expires_at == expires_at then
+      return r
+    end
+  end
+  return nil
+end
+
+-- rules::record: adds to an entry list, merging entries of one source.
+-- An entry: { balance_id, pool, kind 'b'|'r', expires_at (rollover; nil = never), amount, units }.
+local function record(entries, src, amount, units)
+  if amount == 0 and units == 0 then
+    return
+  end
+  for _, e in ipairs(entries) do
+    if e.balance_id == src.b.id and e.kind == src.kind and e.expires_at == src.expires_at then
+      e.amount = e.amount + amount
+      e.units = e.units + units
+      return
+    end
+  end
+  entries[#entries + 1] = {
+    balance_id = src.b.id,
+    pool = src.b.pool,
+    kind = src.kind,
+    expires_at = src.expires_at,
+    amount = amount,
+    units = units,
+  }
+end
+
+local function bucket_floor(b)
+  if not b.overage_allowed then
+    return 0
+  end
+  return b.overage_floor or -MAX
+end
+
+-- rules::deduct
+local function deduct(order, units)
+  local entries = {}
+  local src = order.unlimited[1]
+  if src then
+    local paid = charge(units, src.cost)
+    local nxt = src.b.remaining - paid
+    if nxt < -MAX or nxt > MAX then
+      fail('amount_out_of_range')
+    end
+    src.b.remaining = nxt
+    record(entries, src, paid, units)
+    return entries, 0
+  end
+  local need = units
+  for pass = 1, 2 do
+    local list = pass == 1 and order.rollovers or order.buckets
+    for _, s in ipairs(list) do
+      if need == 0 then
+        break
+      end
+      local available
+      local row
+      if s.kind == 'b' then
+        available = max(s.b.remaining, 0)
+      else
+        row = row_of(s.b, s.expires_at)
+        available = row and row.balance or 0
+      end
+      local took, paid = cover(need, available, s.cost)
+      if took > 0 then
+        if s.kind == 'b' then
+          s.b.remaining = s.b.remaining - paid
+        elseif row then
+          row.balance = row.balance - paid
+          s.b.rewrite = true
+        end
+        need = need - took
+        record(entries, s, paid, took)
+      end
+    end
+  end
+  for _, s in ipairs(order.buckets) do
+    if need == 0 then
+      break
+    end
+    if s.b.overage_allowed then
+      local available = s.b.remaining - bucket_floor(s.b)
+      local took, paid = cover(need, available, s.cost)
+      if took > 0 then
+        s.b.remaining = s.b.remaining - paid
+        need = need - took
+        record(entries, s, paid, took)
+      end
+    end
+  end
+  return entries, need
+end
+
+-- rules::overflow
+local function overflow(order, entries, units)
+  local src = order.buckets[1]
+  if not src then
+    return units
+  end
+  local paid = charge(units, src.cost)
+  local nxt = src.b.remaining - paid
+  if nxt < -MAX or nxt > MAX then
+    fail('amount_out_of_range')
+  end
+  src.b.remaining = nxt
+  record(entries, src, paid, units)
+  return 0
+end
+
+-- rules::refund
+local function refund(order, units)
+  local entries = {}
+  local src = order.unlimited[1]
+  if src then
+    local b = src.b
+    local room = max(b.granted - b.remaining, 0)
+    local back = min(charge(units, src.cost), room)
+    b.remaining = b.remaining + back
+    record(entries, src, -back, -units)
+    return entries, 0
+  end
+  local need = units
+  for pass = 1, 2 do
+    local heal = pass == 1
+    for _, s in ipairs(order.buckets) do
+      if need == 0 then
+        break
+      end
+      local r = s.b.remaining
+      local room
+      if heal then
+        room = -r
+      elseif r >= 0 then
+        room = s.b.granted - r
+      else
+        room = 0
+      end
+      local took, back = cover(need, room, s.cost)
+      if took > 0 then
+        s.b.remaining = r + back
+        need = need - took
+        record(entries, s, -back, -took)
+      end
+    end
+  end
+  return entries, need
+end
+
+---------------------------------------------------------------------------
+-- Resets (rules::reset_bucket and its helpers).
+---------------------------------------------------------------------------
+-- r(j): remaining after j idle boundaries. j*g may pass 2^53; it is then
+-- far above g - r0 (<= 2*10^15), so the min is g, as in the Rust.
+local function remaining_after(r0, g, carry, j)
+  if j == 0 then
+    return r0
+  elseif carry and r0 < 0 then
+    return min(g, r0 + j * g)
+  end
+  return g
+end
+
+-- Sum of max(0, r(j)) for j < k, clamped to MAX by the caller.
+local function rolled_total(r0, g, carry, k)
+  local first = max(r0, 0)
+  if k <= 1 then
+    return first
+  end
+  if not (carry and r0 < 0) then
+    return first + (k - 1) * g
+  end
+  if g == 0 then
+    return 0
+  end
+  local jp = floor(-r0 / g) + 1
+  if jp > k - 1 then
+    return 0
+  end
+  return remaining_after(r0, g, true, jp) + ((k - 1) - jp) * g
+end
+
+-- RolloverConfig::cap: max, or floor(granted * pct / 10^6) (pct raw at 4 digits, /100)
+local function rollover_cap(b)
+  if b.rollover.max then
+    return b.rollover.max
+  end
+  if b.rollover.max_percentage then
+    return (muldiv(b.granted, b.rollover.max_percentage, 1000000))
+  end
+  return nil
+end
+
+-- rules::fill: newest-first rows -> kept rows (oldest first), capped.
+local function fill(newest_first, cap)
+  local merged = {}
+  for _, row in ipairs(newest_first) do
+    local last = merged[#merged]
+    if last and last.expires_at == row.expires_at then
+      last.granted = min(last.granted + row.granted, MAX)
+      last.balance = min(last.balance + row.balance, MAX)
+    else
+      merged[#merged + 1] = { expires_at = row.expires_at, granted = row.granted, balance = row.balance }
+    end
+  end
+  local room = cap
+  local kept = {}
+  for _, row in ipairs(merged) do
+    local keep = max(min(row.balance, room), 0)
+    local trimmed = row.balance - keep
+    room = room - keep
+    if keep ~= 0 then
+      row.balance = keep
+      row.granted = max(row.granted - trimmed, keep)
+      kept[#kept + 1] = row
+    end
+  end
+  local out = {}
+  for i = #kept, 1, -1 do
+    out[#out + 1] = kept[i]
+  end
+  return out
+end
+
+-- rules::reset_bucket: every boundary at or before now at once (closed form).
+local function reset_bucket(b, now)
+  local nxt = next_reset_at(b)
+  if b.period == nil or nxt == nil or nxt > now then
+    return false
+  end
+  local p = b.period
+  -- The Rust computes first = last_index_at_or_before(anchor, next_reset_at);
+  -- next_reset_at is boundary(anchor, index) and not clamped here, so first = index.
+  local first = b.next_reset_index
+  local last = last_index_at_or_before(p, b.anchor, now)
+  local k = last - first + 1
+  local r0, g = b.remaining, b.granted
+  local carry = b.carry_debt and not b.unlimited
+  if b.rollover then
+    local cap = min(rollover_cap(b) or MAX, MAX)
+    local rows = {}
+    if b.rollover.length then
+      for j = k, max(1, k - ROLLOVER_WINDOW + 1), -1 do
+        local bnd = boundary(p, b.anchor, first + j - 1)
+        local expires_at = add_months(bnd, b.rollover.length)
+        local amount = max(remaining_after(r0, g, carry, j - 1), 0)
+        if expires_at > now and amount > 0 then
+          rows[#rows + 1] = { expires_at = expires_at, granted = amount, balance = amount }
+        end
+      end
+      for i = #b.rollovers, 1, -1 do
+        local r = b.rollovers[i]
+        if r.expires_at == nil or r.expires_at > now then
+          rows[#rows + 1] = { expires_at = r.expires_at, granted = r.granted, balance = r.balance }
+        end
+      end
+    else
+      local added = min(rolled_total(r0, g, carry, k), MAX)
+      local og, ob = 0, 0
+      for _, r in ipairs(b.rollovers) do
+        if r.expires_at == nil then
+          og, ob = r.granted, r.balance
+          break
+        end
+      end
+      rows[1] = { expires_at = nil, granted = min(og + added, MAX), balance = min(ob + added, MAX) }
+    end
+    b.rollovers = fill(rows, cap)
+  end
+  b.remaining = max(min(remaining_after(r0, g, carry, k), MAX), -MAX)
+  b.next_reset_index = last + 1
+  b.rewrite = true
+  return true
+end
+
+---------------------------------------------------------------------------
+-- Outcomes, lock release (rules::release_held) and prepare.
+---------------------------------------------------------------------------
+local function outcome(allowed, entries, uncovered)
+  return { allowed = allowed, entries = entries, uncovered = uncovered, no_balance = false, insufficient = false }
+end
+
+local function release_held(C, lock, at)
+  local entries = {}
+  local lost = 0
+  for _, h in ipairs(lock[L_HELD]) do
+    local bid, kind = h[H_BALANCE_ID], h[H_KIND]
+    local exp, amount, units, marker = h[H_ROLLOVER_EXPIRES_AT] or nil, h[H_AMOUNT], h[H_UNITS], h[H_MARKER] or nil
+    local b = find_bucket(C, bid)
+    local target = nil
+    if b and (b.expires_at == nil or b.expires_at > at) then
+      local n = next_reset_at(b)
+      if n == marker and (n == nil or n > at) then
+        target = b
+      end
+    end
+    local back = 0
+    if target and kind == 'b' then
+      back = min(amount, max(target.granted - target.remaining, 0))
+      target.remaining = target.remaining + back
+    elseif target then
+      local row = row_of(target, exp)
+      if row and (exp == nil or exp > at) then
+        back = min(amount, max(row.granted - row.balance, 0))
+        row.balance = row.balance + back
+        target.rewrite = true
+      end
+    end
+    local u
+    if back == amount then
+      u = units
+    else
+      u = (muldiv(units, back, max(amount, 1)))
+    end
+    lost = lost + units - u
+    if back > 0 or u > 0 then
+      entries[#entries + 1] = { balance_id = bid, pool = h[H_POOL], kind = kind, expires_at = exp, amount = -back, units = -u }
+    end
+  end
+  return outcome(true, entries, lost)
+end
+
+local function pack_outcome(o)
+  local es = {}
+  for i, e in ipairs(o.entries) do
+    es[i] = { e.balance_id, e.pool, e.kind, e.expires_at or false, e.amount, e.units }
+  end
+  return { o.allowed and 1 or 0, o.uncovered, o.no_balance and 1 or 0, o.insufficient and 1 or 0, es }
+end
+
+local function unpack_outcome(p)
+  local es = {}
+  for i, e in ipairs(p[O_ENTRIES]) do
+    es[i] = {
+      balance_id = e[E_BALANCE_ID],
+      pool = e[E_POOL],
+      kind = e[E_KIND],
+      expires_at = e[E_ROLLOVER_EXPIRES_AT] or nil,
+      amount = e[E_AMOUNT],
+      units = e[E_UNITS],
+    }
+  end
+  return {
+    allowed = p[O_ALLOWED] == 1,
+    uncovered = p[O_UNCOVERED],
+    no_balance = p[O_NO_BALANCE] == 1,
+    insufficient = p[O_INSUFFICIENT] == 1,
+    entries = es,
+  }
+end
+
+-- rules::prepare, on a fully loaded customer: expired pending locks are
+-- released (each as of its own expiry, in expiry order), expired buckets
+-- dropped, due resets applied, expired rollovers dropped. Returns the number
+-- of buckets that reset.
+local function prepare(C)
+  local now = C.now
+  if C.lock_due and C.lock_due <= now then
+    local raw = rcall('HGETALL', C.lock_key)
+    local expired, le = {}, nil
+    for i = 1, #raw, 2 do
+      local id = raw[i]
+      local l = mp_unpack(raw[i + 1])
+      C.locks[id] = l
+      local e = l[L_EXPIRES_AT] or nil
+      if e and e <= now then
+        expired[#expired + 1] = { e = e, id = id }
+      elseif e then
+        le = opt_min(le, e)
+      end
+    end
+    sort(expired, function(a, b)
+      if a.e ~= b.e then
+        return a.e < b.e
+      end
+      return a.id < b.id
+    end)
+    for _, x in ipairs(expired) do
+      local lock = C.locks[x.id]
+      local o = release_held(C, lock, x.e)
+      C.receipts[x.id] = { x.e + C.ret_lock, lock[L_FEATURE], pack_outcome(o), lock[L_POOLS] }
+      set_lock(C, x.id, nil)
+    end
+    C.lock_due = le
+  end
+  local resets = 0
+  for _, name in ipairs(C.pool_list) do
+    local P = C.pools[name]
+    local live = {}
+    for _, b in ipairs(P.buckets) do
+      if b.expires_at == nil or b.expires_at > now then
+        live[#live + 1] = b
+      end
+    end
+    P.buckets = live
+    for _, b in ipairs(live) do
+      if reset_bucket(b, now) then
+        resets = resets + 1
+      end
+      local rows, dropped = {}, false
+      for _, r in ipairs(b.rollovers) do
+        if r.expires_at == nil or r.expires_at > now then
+          rows[#rows + 1] = r
+        else
+          dropped = true
+        end
+      end
+      if dropped then
+        b.rollovers = rows
+        b.rewrite = true
+      end
+    end
+  end
+  return resets
+end
+
+-- Opens an existing customer. With `pools` (a request's pools) and nothing
+-- of the customer due, reads only the record and those pools' fields;
+-- otherwise (or with pools == nil) reads everything and runs prepare.
+local function open(keys, args, pools)
+  local C = new_customer(keys, args)
+  if pools then
+    local fields = { RECORD_FIELD }
+    for i, p in ipairs(pools) do
+      fields[i + 1] = p.pool
+    end
+    local v = rcall('HMGET', C.key, unpack(fields))
+    local rec = v[1]
+    if not rec then
+      fail('customer_not_found')
+    end
+    parse_record(C, rec)
+    if C.due0 == nil or C.due0 > C.now then
+      for i, p in ipairs(pools) do
+        local s = v[i + 1]
+        if s then
+          add_pool(C, p.pool, s)
+        end
+      end
+      return C, 0
+    end
+  end
+  load_all(C)
+  return C, prepare(C)
+end
+
+---------------------------------------------------------------------------
+-- Requests (rules::check, track, apply).
+---------------------------------------------------------------------------
+-- The catalog travels in args: npools (-1: unknown feature), then pool,
+-- cost pairs in deduction order. Returns nil for an unknown feature.
+local function read_pools(args, at)
+  local n = tonumber(args[at])
+  if n == nil or n < 0 then
+    return nil
+  end
+  local pools = {}
+  for i = 1, n do
+    pools[i] = { pool = args[at + 2 * i - 1], cost = tonumber(args[at + 2 * i]) }
+  end
+  return pools
+end
+
+local function pool_names(pools)
+  local names = {}
+  if pools then
+    for i, p in ipairs(pools) do
+      names[i] = p.pool
+    end
+  end
+  return names
+end
+
+-- rules::owned_pools: FeatureNotFound surfaces here, where the Rust raises it.
+local function owned_pools(C, pools)
+  if pools == nil then
+    fail('feature_not_found')
+  end
+  local owned, seen = {}, {}
+  for _, p in ipairs(pools) do
+    local P = C.pools[p.pool]
+    if P and #P.buckets > 0 and not seen[p.pool] then
+      seen[p.pool] = true
+      owned[#owned + 1] = p
+    end
+  end
+  return owned
+end
+
+local function no_balance(units, insufficient)
+  local o = outcome(false, {}, units < 0 and -units or units)
+  o.no_balance = true
+  o.insufficient = insufficient
+  return o
+end
+
+-- rules::check on a copy; with keep, the deduction stays (consume, reserve).
+local function check_rule(C, pools, units, keep)
+  local owned = owned_pools(C, pools)
+  if #owned == 0 then
+    return no_balance(units, false)
+  end
+  local order = deduction_order(C, owned)
+  local snap = snapshot(order.buckets)
+  local usnap = snapshot(order.unlimited)
+  local entries, rest = deduct(order, units)
+  if rest > 0 then
+    restore(order.buckets, snap)
+    restore(order.unlimited, usnap)
+    return outcome(false, {}, rest)
+  end
+  if not keep then
+    restore(order.buckets, snap)
+    restore(order.unlimited, usnap)
+  end
+  return outcome(true, entries, 0)
+end
+
+-- rules::track (a negative `units` refunds).
+local function track_rule(C, pools, units, behavior)
+  local owned = owned_pools(C, pools)
+  if #owned == 0 then
+    return no_balance(units, behavior == 'reject' and units > 0)
+  end
+  local order = deduction_order(C, owned)
+  if units < 0 then
+    local entries, rest = refund(order, -units)
+    return outcome(rest == 0, entries, rest)
+  end
+  local snap = snapshot(order.buckets)
+  local entries, rest = deduct(order, units)
+  if rest == 0 then
+    return outcome(true, entries, 0)
+  elseif behavior == 'reject' then
+    restore(order.buckets, snap)
+    local o = outcome(false, {}, rest)
+    o.insufficient = true
+    return o
+  elseif behavior == 'cap' then
+    return outcome(false, entries, rest)
+  end
+  rest = overflow(order, entries, rest)
+  return outcome(rest == 0, entries, rest)
+end
+
+---------------------------------------------------------------------------
+-- Replies. An outcome:
+--   { allowed 0|1, uncovered, flags ('n' no balance, 'i' insufficient,
+--     'r' replayed), entries { { balance_id, pool, 'bucket'|'rollover',
+--     rollover expires_at|'', amount, units }... }, now, feature|'',
+--     { pool, pool string, pool, pool string, ... } }
+---------------------------------------------------------------------------
+local function outcome_reply(C, o, replayed, feature, pool_strings)
+  local es = {}
+  for i, e in ipairs(o.entries) do
+    es[i] = { e.balance_id, e.pool, e.kind == 'b' and 'bucket' or 'rollover', e.expires_at or '', e.amount, e.units }
+  end
+  local flags = (o.no_balance and 'n' or '') .. (o.insufficient and 'i' or '') .. (replayed and 'r' or '')
+  return { o.allowed and 1 or 0, o.uncovered, flags, es, C.now, feature or '', pool_strings }
+end
+
+---------------------------------------------------------------------------
+-- Idempotency records. Key <customer key>:i:<window start, base 36>, a hash
+-- per customer and window of W = retention ms (windows start at multiples of
+-- W); a record written at `now` goes to the window holding now, whose key
+-- lives until window start + 2W (PX), past every record's expiry. Field: the
+-- first 12 bytes of SHA1(idempotency key). Value (see README-cg2.md):
+--   4 bytes SHA1(fingerprint) | e36(expires_at - window start) \31
+--   flags digit | e36(uncovered) { \30 pool ref \31 balance id \31 kind \31
+--   e36(amount) \31 e36(units) }
+---------------------------------------------------------------------------
+local function digest(s, hex)
+  return (gsub(sub(sha1hex(s), 1, hex), '..', HEX))
+end
+
+local function idem_window(C)
+  local w = max(C.ret_idem, 1)
+  return floor(C.now / w) * w, w
+end
+
+local function idem_encode(o, expires_off, pools)
+  local flags = (o.allowed and OF_ALLOWED or 0) + (o.no_balance and OF_NO_BALANCE or 0) + (o.insufficient and OF_INSUFFICIENT or 0)
+  local parts = { e36(expires_off) .. US .. fmt(flags) .. e36(o.uncovered) }
+  for i, e in ipairs(o.entries) do
+    local ref = nil
+    for pi, p in ipairs(pools or {}) do
+      if p.pool == e.pool then
+        ref = e36(pi)
+        break
+      end
+    end
+    local kind = ''
+    if e.kind == 'r' then
+      kind = e.expires_at and e36(e.expires_at) or '*'
+    end
+    parts[i + 1] = (ref or ('=' .. e.pool)) .. US .. e.balance_id .. US .. kind .. US .. e36(e.amount) .. US .. e36(e.units)
+  end
+  return concat(parts, RS)
+end
+
+local function idem_decode(v, start, pools)
+  local parts = split(sub(v, IDEM_FP_BYTES + 1), RS)
+  local head = parts[1]
+  local j = find(head, US, 1, true)
+  local expires_at = start + d36(sub(head, 1, j - 1))
+  local flags = tonumber(sub(head, j + 1, j + 1))
+  local o = outcome(flags % 2 == 1, {}, d36(sub(head, j + 2)))
+  o.no_balance = floor(flags / OF_NO_BALANCE) % 2 == 1
+  o.insufficient = floor(flags / OF_INSUFFICIENT) % 2 == 1
+  for i = 2, #parts do
+    local f = split(parts[i], US)
+    local pool
+    if sub(f[1], 1, 1) == '=' then
+      pool = sub(f[1], 2)
+    else
+      local p = pools and pools[d36(f[1])]
+      pool = p and p.pool or ''
+    end
+    local e = { balance_id = f[2], pool = pool, kind = 'b', amount = d36(f[4]), units = d36(f[5]) }
+    if f[3] ~= '' then
+      e.kind = 'r'
+      if f[3] ~= '*' then
+        e.expires_at = d36(f[3])
+      end
+    end
+    o.entries[i - 1] = e
+  end
+  return o, expires_at
+end
+
+-- The live record of `key`: its fingerprint digest and outcome, or nil.
+local function idem_get(C, key, pools)
+  local start, w = idem_window(C)
+  local field = digest(key, IDEM_KEY_HEX)
+  local base = C.key .. ':i:'
+  local v = rcall('HGET', base .. e36(start), field)
+  if not v then
+    start = start - w
+    v = rcall('HGET', base .. e36(start), field)
+    if not v then
+      return nil, field
+    end
+  end
+  local o, expires_at = idem_decode(v, start, pools)
+  if expires_at <= C.now then
+    return nil, field
+  end
+  return { fp = sub(v, 1, IDEM_FP_BYTES), outcome = o }, field
+end
+
+local function idem_put(C, field, fp, o, pools)
+  local start, w = idem_window(C)
+  local k = C.key .. ':i:' .. e36(start)
+  local expires_at = C.now + C.ret_idem
+  rcall('HSET', k, field, fp .. idem_encode(o, expires_at - start, pools))
+  rcall('PEXPIRE', k, max(1, start + 2 * w - C.now), 'NX')
+end
+
+---------------------------------------------------------------------------
+-- The functions. Every function on an existing customer takes
+--   keys: [1] customer hash cg2:{t}  [2] lock hash cg2:{t}:l  [3] due index cg2:due:{s}
+--   args: [1] now ('' = Redis TIME)  [2] idempotency retention ms
+--         [3] finalized-lock retention ms  [4] customer id (the due index member)
+---------------------------------------------------------------------------
+local function fn_create_customer(keys, args)
+  local now = clock(args[1])
+  local created = rcall('HSETNX', keys[1], RECORD_FIELD, e36(now) .. US .. '1')
+  return { created, now }
+end
+
+local function fn_grant(keys, args)
+  local C = open(keys, args, nil)
+  local now = C.now
+  local pool, bid, plan = args[5], args[6], args[7]
+  local granted = num(args[8])
+  local code, count = num(args[9]) or 0, num(args[10]) or 1
+  local first, expires = num(args[11]), num(args[12])
+  local flags = args[13] or ''
+  local period = make_period(code, count)
+  if first and first <= now then
+    fail('invalid_inputs', 'next_reset_at must be in the future')
+  end
+  if expires then
+    if expires <= now then
+      fail('invalid_inputs', 'expires_at must be in the future')
+    end
+    if period and expires < (first or boundary(period, now, 1)) then
+      fail('invalid_inputs', 'expires_at must not be before the first reset')
+    end
+  end
+  if bid ~= '' and find_bucket(C, bid) then
+    fail('balance_already_exists')
+  end
+  if count_buckets(C) >= MAX_BUCKETS then
+    fail('too_many_balances')
+  end
+  local seq = C.next_seq
+  if bid == '' then
+    local n = seq
+    while find_bucket(C, 'b' .. fmt(n)) do
+      n = n + 1
+    end
+    bid = 'b' .. fmt(n)
+  end
+  local b = {
+    id = bid,
+    pool = pool,
+    plan_id = plan ~= '' and plan or nil,
+    granted = granted,
+    remaining = granted,
+    interval = code,
+    interval_count = count,
+    period = period,
+    anchor = 0,
+    next_reset_index = nil,
+    expires_at = expires,
+    unlimited = find(flags, 'u', 1, true) ~= nil,
+    overage_allowed = find(flags, 'o', 1, true) ~= nil,
+    carry_debt = find(flags, 'd', 1, true) ~= nil,
+    overage_floor = num(args[14]),
+    rollovers = {},
+    rewrite = true,
+  }
+  if period and first then
+    b.anchor, b.next_reset_index = first, 0
+  elseif period then
+    b.anchor, b.next_reset_index = now, 1
+  end
+  if args[15] == 'month' then
+    b.rollover = { max = num(args[16]), max_percentage = num(args[17]), length = num(args[18]) or 1 }
+  elseif args[15] == 'forever' then
+    b.rollover = { max = num(args[16]), max_percentage = num(args[17]), length = nil }
+  end
+  add_pool(C, pool, nil)
+  insert_ordered(C.pools[pool], b)
+  C.next_seq = seq + 1
+  save(C, nil)
+  return { bid, now }
+end
+
+local function fn_update_bucket(keys, args)
+  local pool = args[5]
+  local C = open(keys, args, { { pool = pool, cost = SCALE } })
+  local P = C.pools[pool]
+  local target = nil
+  if P then
+    for _, b in ipairs(P.buckets) do
+      if args[6] == '' or b.id == args[6] then
+        target = b
+        break
+      end
+    end
+  end
+  if not target then
+    fail('balance_not_found')
+  end
+  local v = num(args[8])
+  local nxt = v
+  if args[7] == 'add' then
+    nxt = target.remaining + v
+  end
+  if nxt < -MAX or nxt > MAX then
+    fail('amount_out_of_range')
+  end
+  target.remaining = nxt
+  save(C, nil)
+  return { 1, C.now }
+end
+
+-- check: args [5] feature [6] units [7] npools [8..] pool, cost pairs.
+local function fn_check(keys, args)
+  local pools = read_pools(args, 7)
+  local C = open(keys, args, pools or {})
+  local o = check_rule(C, pools, num(args[6]), false)
+  return outcome_reply(C, o, false, args[5], save(C, pool_names(pools)))
+end
+
+-- apply: args [5] op [6] idempotency key [7] feature [8] units [9] mode
+-- [10] lock id [11] reserve expires_at [12] npools [13..] pool, cost pairs.
+local function fn_apply(keys, args)
+  local op, key = args[5], args[6]
+  local feature, units, mode = args[7], num(args[8]), args[9]
+  local lock_id = args[10]
+  local pools = read_pools(args, 12)
+  local C
+  if op == 'finalize' then
+    C = open(keys, args, nil)
+  else
+    C = open(keys, args, pools or {})
+  end
+  local now = C.now
+  local expires = num(args[11])
+  -- Op::validate: the one rule that needs the clock.
+  if op == 'reserve' and expires and expires <= now then
+    fail('invalid_inputs', 'expires_at must be in the future')
+  end
+  -- Op::fingerprint
+  local fp
+  if op == 'consume' then
+    fp = 'consume' .. US .. feature .. US .. fmt(units)
+  elseif op == 'track' then
+    fp = 'track' .. US .. feature .. US .. fmt(units) .. US .. mode
+  elseif op == 'reserve' then
+    fp = 'reserve' .. US .. lock_id .. US .. feature .. US .. fmt(units) .. US .. opt(expires)
+  elseif op == 'finalize' then
+    fp = 'finalize' .. US .. lock_id .. US .. (mode == 'confirm' and '1' or '0') .. US .. opt(units)
+  else
+    fail('invalid_inputs', 'op unknown operation')
+  end
+  local o, replayed
+  local shown, shown_pools = feature, pools
+  local ifield, ifp = nil, nil
+  if key ~= '' then
+    ifp = digest(fp, IDEM_FP_HEX)
+    local rec
+    rec, ifield = idem_get(C, key, pools)
+    if rec then
+      if rec.fp ~= ifp then
+        fail('idempotency_key_reused')
+      end
+      o, replayed = rec.outcome, true
+    end
+  end
+  if op == 'finalize' then
+    shown, shown_pools = nil, nil
+    local l = get_lock(C, lock_id)
+    local r = (not l) and get_receipt(C, lock_id)
+    if l or r then
+      shown = l and l[L_FEATURE] or r[F_FEATURE]
+      shown_pools = {}
+      for i, p in ipairs(l and l[L_POOLS] or r[F_POOLS]) do
+        shown_pools[i] = { pool = p[1], cost = p[2] }
+      end
+    end
+  end
+  if not o then
+    replayed = false
+    if op == 'consume' then
+      o = check_rule(C, pools, units, true)
+    elseif op == 'track' then
+      o = track_rule(C, pools, units, mode)
+    elseif op == 'reserve' then
+      if get_lock(C, lock_id) then
+        fail('lock_already_exists')
+      end
+      o = check_rule(C, pools, units, true)
+      if o.allowed then
+        local held = {}
+        for i, e in ipairs(o.entries) do
+          local b = nil
+          for _, x in ipairs(C.pools[e.pool].buckets) do
+            if x.id == e.balance_id then
+              b = x
+              break
+            end
+          end
+          held[i] = { e.balance_id, e.pool, e.kind, e.expires_at or false, e.amount, e.units, (b and next_reset_at(b)) or false }
+        end
+        local ps = {}
+        for i, p in ipairs(pools) do
+          ps[i] = { p.pool, p.cost }
+        end
+        set_lock(C, lock_id, { feature, units, expires or false, ps, held })
+        if expires then
+          C.lock_due = opt_min(C.lock_due, expires)
+        end
+        C.receipts[lock_id] = nil
+        C.receipt_del[lock_id] = true
+      end
+    else
+      local lock = get_lock(C, lock_id)
+      if not lock then
+        local r = get_receipt(C, lock_id)
+        if not r then
+          fail('lock_not_found')
+        end
+        o, replayed = unpack_outcome(r[F_OUTCOME]), true
+      else
+        if mode == 'release' then
+          o = release_held(C, lock, now)
+        elseif units == nil then
+          o = outcome(true, {}, 0)
+        else
+          local diff = units - lock[L_UNITS]
+          if diff < -MAX or diff > MAX then
+            fail('amount_out_of_range')
+          end
+          local owned = owned_pools(C, shown_pools)
+          if #owned == 0 then
+            o = outcome(diff == 0, {}, diff < 0 and -diff or diff)
+          else
+            o = track_rule(C, shown_pools, diff, 'cap')
+          end
+        end
+        C.receipts[lock_id] = { now + C.ret_lock, lock[L_FEATURE], pack_outcome(o), lock[L_POOLS] }
+        C.receipt_del[lock_id] = nil
+        set_lock(C, lock_id, nil)
+        if lock[L_EXPIRES_AT] and lock[L_EXPIRES_AT] == C.lock_due then
+          recompute_lock_due(C)
+        end
+      end
+    end
+  end
+  local strings = save(C, shown and pool_names(shown_pools) or {})
+  if ifield and not replayed then
+    idem_put(C, ifield, ifp, o, pools)
+  end
+  return outcome_reply(C, o, replayed, shown, strings)
+end
+
+-- balances: { created_at, now, { pool, pool string, ... } } (every pool the
+-- customer owns, in storage order).
+local function fn_balances(keys, args)
+  local C = new_customer(keys, args)
+  local raw = rcall('HGETALL', C.key)
+  local rec = nil
+  local out = {}
+  for i = 1, #raw, 2 do
+    local f = raw[i]
+    if f == RECORD_FIELD then
+      rec = raw[i + 1]
+    elseif sub(f, 1, 1) ~= US then
+      out[#out + 1] = f
+      out[#out + 1] = raw[i + 1]
+    end
+  end
+  if rec == nil then
+    fail('customer_not_found')
+  end
+  parse_record(C, rec)
+  if C.due0 ~= nil and C.due0 <= C.now then
+    for i = 1, #raw, 2 do
+      if raw[i] ~= RECORD_FIELD and sub(raw[i], 1, 1) ~= US then
+        add_pool(C, raw[i], raw[i + 1])
+      end
+    end
+    C.full = true
+    prepare(C)
+    out = save(C, C.pool_list)
+    local live = {}
+    for i = 1, #out, 2 do
+      if out[i + 1] ~= '' then
+        live[#live + 1] = out[i]
+        live[#live + 1] = out[i + 1]
+      end
+    end
+    out = live
+  end
+  return { C.created_at, C.now, out }
+end
+
+local function fn_reset_due(keys, args)
+  local C, resets = open(keys, args, nil)
+  save(C, nil)
+  return { resets, C.now }
+end
+
+---------------------------------------------------------------------------
+-- Helpers that were inline scripts in the Rust (src/store/mod.rs, lock_index.rs).
+---------------------------------------------------------------------------
+-- lease: KEYS[1] lease key; ARGV[1] holder id, ARGV[2] lease ms. Takes the
+-- lease when free or renews it when ours. Reply 1 taken/renewed, 0 held elsewhere.
+local function fn_lease(keys, args)
+  local v = rcall('GET', keys[1])
+  if v == false or v == args[1] then
+    rcall('SET', keys[1], args[1], 'PX', args[2])
+    return 1
+  end
+  return 0
+end
+
+-- release: KEYS[1] lease key; ARGV[1] holder id. Reply 1 released, 0 not ours.
+local function fn_release(keys, args)
+  if rcall('GET', keys[1]) == args[1] then
+    return rcall('DEL', keys[1])
+  end
+  return 0
+end
+
+-- claim: KEYS[1] lock-index key cg2:lock:{<escaped lock id>}; ARGV[1] customer
+-- id, ARGV[2] keep until (ms), ARGV[3] now ('' = TIME). Refuses when another
+-- customer's entry is live, else writes ours (never shortening our own).
+-- Reply { 1 claimed | 0 refused, now }.
+local function fn_claim(keys, args)
+  local now = clock(args[3])
+  local keep = tonumber(args[2])
+  local v = rcall('GET', keys[1])
+  if v then
+    local sep = find(v, US, 1, true)
+    local holder, until_s = sub(v, 1, sep - 1), sub(v, sep + 1)
+    local until_ms = tonumber(until_s)
+    local live = until_ms == nil or until_ms > now
+    if holder ~= args[1] and live then
+      return { 0, now }
+    end
+    if holder == args[1] then
+      if until_ms == nil then
+        return { 1, now }
+      end
+      if until_ms > keep then
+        keep = until_ms
+      end
+    end
+  end
+  rcall('SET', keys[1], args[1] .. US .. fmt(keep), 'PX', max(keep - now, 1))
+  return { 1, now }
+end
+
+---------------------------------------------------------------------------
+-- migrate: one cg1 customer into cg2 (the cg1 storage format of lua/lib.lua).
+-- KEYS [1] cg1:{t} [2] cg1:{t}:l [3] cg1:due:{s} [4] cg2:{t} [5] cg2:{t}:l
+--      [6] cg2:due:{s}
+-- ARGV [1] now ('' = TIME) [2] idempotency retention ms [3] (unused) [4] customer id
+-- Reply { 1 migrated | 0 no cg1 customer, now }. Error `layout_conflict`
+-- when the customer exists in both layouts. Records and receipts are
+-- separate keys: migrate_key converts them one at a time.
+---------------------------------------------------------------------------
+local function cg1_decode_bucket(id, s, rows)
+  local f = split(s, US)
+  local code = d36(f[5]) or 0
+  local count = d36(f[6]) or 1
+  local flags = f[10] or ''
+  local b = {
+    id = id,
+    seq = d36(f[1]),
+    pool = f[2],
+    granted = d36(f[3]),
+    remaining = d36(f[4]),
+    interval = code,
+    interval_count = count,
+    period = make_period(code, count),
+    anchor = d36(f[7]) or 0,
+    next_reset_index = d36(f[8]),
+    expires_at = d36(f[9]),
+    unlimited = find(flags, 'u', 1, true) ~= nil,
+    overage_allowed = find(flags, 'o', 1, true) ~= nil,
+    carry_debt = find(flags, 'd', 1, true) ~= nil,
+    overage_floor = d36(f[11]),
+    plan_id = (f[13] ~= nil and f[13] ~= '') and f[13] or nil,
+    rollovers = {},
+    rewrite = true,
+  }
+  if rows and rows ~= '' then
+    for i, r in ipairs(split(rows, RS)) do
+      local x = split(r, ',')
+      b.rollovers[i] = { expires_at = d36(x[1]), granted = d36(x[2]), balance = d36(x[3]) }
+    end
+  end
+  if f[12] ~= nil and f[12] ~= '' then
+    local r = split(f[12], '/')
+    b.rollover = { max = d36(r[1]), max_percentage = d36(r[2]), length = d36(r[3]) }
+  end
+  return b
+end
+
+local function fn_migrate(keys, args)
+  local now = clock(args[1])
+  local raw = rcall('HGETALL', keys[1])
+  if #raw == 0 then
+    return { 0, now }
+  end
+  if rcall('EXISTS', keys[4]) == 1 then
+    fail('layout_conflict', 'customer exists in cg1 and cg2')
+  end
+  local fields = {}
+  for i = 1, #raw, 2 do
+    fields[raw[i]] = raw[i + 1]
+  end
+  local rec = fields['\31']
+  if rec == nil then
+    fail('customer_not_found')
+  end
+  local r = split(rec, US)
+  local C = new_customer({ keys[4], keys[5], keys[6] }, args, now)
+  C.created_at, C.next_seq, C.lock_due = d36(r[1]), d36(r[2]), d36(r[3])
+  C.rec, C.due0, C.full = nil, nil, true
+  local buckets = {}
+  for f, v in pairs(fields) do
+    if f ~= '\31' and find(f, US, 1, true) == nil then
+      buckets[#buckets + 1] = cg1_decode_bucket(f, v, fields[f .. '\31r'])
+    end
+  end
+  -- rules::bucket_order_key (pool index aside): each pool's order, ties by seq.
+  sort(buckets, function(a, b)
+    if a.pool ~= b.pool then
+      return a.pool < b.pool
+    end
+    local an, bn_ = a.period == nil and 1 or 0, b.period == nil and 1 or 0
+    if an ~= bn_ then
+      return an < bn_
+    end
+    local ap, bp = a.period and nominal_ms(a.period) or 0, b.period and nominal_ms(b.period) or 0
+    if ap ~= bp then
+      return ap < bp
+    end
+    local ae, be = a.expires_at or INF, b.expires_at or INF
+    if ae ~= be then
+      return ae < be
+    end
+    return a.seq < b.seq
+  end)
+  for _, b in ipairs(buckets) do
+    add_pool(C, b.pool, nil)
+    local P = C.pools[b.pool]
+    P.buckets[#P.buckets + 1] = b
+  end
+  save(C, nil)
+  if rcall('EXISTS', keys[2]) == 1 then
+    rcall('RENAME', keys[2], keys[5])
+  end
+  rcall('DEL', keys[1])
+  rcall('ZREM', keys[3], args[4])
+  return { 1, now }
+end
+
+-- migrate_key: one cg1 record key into cg2.
+-- KEYS [1] the cg1 key: cg1:{t}:i:<idempotency key> or cg1:{t}:f:<lock id>
+--      [2] the cg2 customer hash cg2:{t}
+-- ARGV [1] now ('' = TIME) [2] idempotency retention ms [3] the idempotency key
+--      or lock id (the key's tail) [4] kind: 'i' record | 'f' receipt
+--      [5..] for 'i': the record's pools, npools then pool, cost pairs
+--      (those of its feature), so its entries can name them by position
+-- Reply { 1 moved | 0 gone, now }.
+local function fn_migrate_key(keys, args)
+  local now = clock(args[1])
+  local v = rcall('GET', keys[1])
+  if not v then
+    return { 0, now }
+  end
+  local C = new_customer({ keys[2] }, args, now)
+  if args[4] == 'f' then
+    local ttl = rcall('PTTL', keys[1])
+    rcall('SET', receipt_key(C, args[3]), v, 'PX', max(ttl, 1))
+    rcall('DEL', keys[1])
+    return { 1, now }
+  end
+  local rec = mp_unpack(v) -- { fingerprint, expires_at, packed outcome }
+  local expires_at = rec[2]
+  if expires_at > now then
+    local pools = read_pools(args, 5) or {}
+    local w = max(C.ret_idem, 1)
+    -- The window of a record written at expires_at - retention.
+    local start = floor((expires_at - C.ret_idem) / w) * w
+    local k = C.key .. ':i:' .. e36(start)
+    local o = unpack_outcome(rec[3])
+    rcall('HSET', k, digest(args[3], IDEM_KEY_HEX), digest(rec[1], IDEM_FP_HEX) .. idem_encode(o, expires_at - start, pools))
+    rcall('PEXPIRE', k, max(1, start + 2 * w - now), 'NX')
+  end
+  rcall('DEL', keys[1])
+  return { 1, now }
+end
+
+---------------------------------------------------------------------------
+-- Registration.
+---------------------------------------------------------------------------
+local function register(name, f, flags)
+  redis.register_function({
+    function_name = FN .. name,
+    callback = function(keys, args)
+      return run(f, keys, args)
+    end,
+    flags = flags,
+  })
+end
+
+register('create_customer', fn_create_customer)
+register('grant', fn_grant)
+register('update_bucket', fn_update_bucket)
+register('check', fn_check)
+register('apply', fn_apply)
+register('balances', fn_balances)
+register('reset_due', fn_reset_due)
+register('lease', fn_lease)
+register('release', fn_release)
+register('claim', fn_claim)
+register('migrate', fn_migrate)
+register('migrate_key', fn_migrate_key)
