@@ -178,6 +178,8 @@ def decode_pool(pool, s):
     out = []
     for bs in s.split("\x1e"):
         f = bs.split("\x1f") + [""] * 13
+        if f[0].startswith("!"):  # marker: flags u/o, a floor or rollover rows follow
+            f[0] = f[0][1:]
         code, count = d36(f[3]) or 0, d36(f[4]) or 1
         anchor, idx = d36(f[5]) or 0, d36(f[6])
         rows = []

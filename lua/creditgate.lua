@@ -27,16 +27,19 @@ local FN = 'cg2_v1_' -- function-name prefix; MUST equal the library name above 
 ---------------------------------------------------------------------------
 -- Standard library, bound on first use.
 ---------------------------------------------------------------------------
-local floor, find, sub, format, char, gsub, concat, sort, tonumber, unpack, type
+local floor, find, sub, format, char, gsub, concat, sort, tonumber, unpack, type, byte
 local ipairs, pairs, pcall, error, mp_pack, mp_unpack, sha1hex, rcall, error_reply
+local match, setmetatable, rawget
 local HEX -- 'xx' (two lower-case hex digits) -> that byte
 local bound = false
 
 local function bind()
   floor, find, sub, format, char, gsub = math.floor, string.find, string.sub, string.format, string.char, string.gsub
+  byte = string.byte
   concat, sort, tonumber, unpack, type = table.concat, table.sort, _G.tonumber, _G.unpack, _G.type
   ipairs, pairs, pcall, error = _G.ipairs, _G.pairs, _G.pcall, _G.error
   mp_pack, mp_unpack, sha1hex = cmsgpack.pack, cmsgpack.unpack, redis.sha1hex
+  match, setmetatable, rawget = string.match, _G.setmetatable, _G.rawget
   rcall, error_reply = redis.call, redis.error_reply
   HEX = {}
   for i = 0, 255 do
@@ -44,6 +47,7 @@ local function bind()
   end
   bound = true
 end
+local bind_pairs -- set below, once DIGIT36 exists
 
 ---------------------------------------------------------------------------
 -- Constants.
@@ -65,6 +69,9 @@ local US = '\31' -- between the fields of a bucket or of the customer record
 local RS = '\30' -- between the buckets of a pool
 local GS = '\29' -- between the rollover rows of a bucket
 local RECORD_FIELD = '\31' -- the customer record's field; every field starting with \31 is reserved
+local COMPLEX = '!'
+local COMPLEX_BYTE = 33
+local NONE = {} -- a shared empty list: never appended to (rows lists are replaced, not grown)
 
 -- The customer record: fields of RECORD_FIELD, \31-separated, trailing empty ones dropped.
 local REC_CREATED_AT = 1
@@ -73,7 +80,9 @@ local REC_BUCKET_DUE = 3 -- earliest next reset / bucket expiry / rollover expir
 local REC_LOCK_DUE = 4 -- earliest expiry of a pending lock
 
 -- A bucket: fields of its \31-separated string, trailing empty ones dropped.
-local B_REMAINING = 1 -- first, so a new remaining is `e36(r) .. rest` without re-encoding
+local B_REMAINING = 1 -- first, so a new remaining is `e36(r) .. rest` without re-encoding;
+-- prefixed with COMPLEX ('!') when the bucket has what the hot path must read
+-- beyond remaining, id and granted: flag u or o, an overage floor, rollover rows.
 local B_ID = 2
 local B_GRANTED = 3
 local B_INTERVAL = 4 -- interval code, '' = 0 (one_off)
@@ -87,16 +96,17 @@ local B_ROLLOVER = 11 -- rollover setting "max/max_percentage/length" (length ''
 local B_PLAN_ID = 12
 local B_ROLLOVERS = 13 -- rows "expires_at,granted,balance" joined by \29, oldest first
 
--- A pending lock (msgpack array in the lock hash).
-local L_FEATURE, L_UNITS, L_EXPIRES_AT, L_POOLS, L_HELD = 1, 2, 3, 4, 5
--- A held entry of a lock.
-local H_BALANCE_ID, H_POOL, H_KIND, H_ROLLOVER_EXPIRES_AT, H_AMOUNT, H_UNITS, H_MARKER = 1, 2, 3, 4, 5, 6, 7
--- A finalized lock's receipt (msgpack string key, PX).
-local F_FORGET_AT, F_FEATURE, F_OUTCOME, F_POOLS = 1, 2, 3, 4
--- A packed outcome (inside receipts).
-local O_ALLOWED, O_UNCOVERED, O_NO_BALANCE, O_INSUFFICIENT, O_ENTRIES = 1, 2, 3, 4, 5
--- A packed entry.
-local E_BALANCE_ID, E_POOL, E_KIND, E_ROLLOVER_EXPIRES_AT, E_AMOUNT, E_UNITS = 1, 2, 3, 4, 5, 6
+-- Positional slots of the msgpack arrays (cold paths only, so tables: a
+-- chunk may hold at most 200 locals).
+-- A pending lock (a field of the lock hash).
+local LOCK = { feature = 1, units = 2, expires_at = 3, pools = 4, held = 5 }
+-- A held entry of a lock; marker = the bucket's next_reset_at when held.
+local HELD = { balance_id = 1, pool = 2, kind = 3, rollover_expires_at = 4, amount = 5, units = 6, marker = 7 }
+-- A finalized lock's receipt (string key, PX).
+local RECEIPT = { forget_at = 1, feature = 2, outcome = 3, pools = 4 }
+-- A packed outcome (inside receipts), and its entries.
+local PACKED = { allowed = 1, uncovered = 2, no_balance = 3, insufficient = 4, entries = 5 }
+local PENTRY = { balance_id = 1, pool = 2, kind = 3, rollover_expires_at = 4, amount = 5, units = 6 }
 
 -- Idempotency records: the first IDEM_FP_BYTES bytes of a record hold the
 -- first bytes of SHA1(fingerprint); the field is the first IDEM_KEY_BYTES
@@ -124,6 +134,7 @@ end
 local function run(main, keys, args)
   if not bound then
     bind()
+    bind_pairs()
   end
   NOW = nil
   local ok, res = pcall(main, keys, args)
@@ -312,9 +323,20 @@ local function affordable(available, cost)
   return (muldiv(available, SCALE, cost))
 end
 
--- money::cover: the units of `need` a source with `available` covers, and its charge.
+-- money::cover: the units of `need` a source with `available` covers, and
+-- its charge: max(min(need, affordable), 0). affordable >= need exactly when
+-- charge(need) <= available (ceil(u*c) <= a <=> u*c <= a for integer a), so
+-- the common case (the source covers it all) needs one small product, never
+-- available * 10^6, which passes 2^53 for balances above 9*10^9 raw.
 local function cover(need, available, cost)
-  local units = max(min(need, affordable(available, cost)), 0)
+  if need <= 0 then
+    return 0, 0
+  end
+  local c = charge(need, cost)
+  if c <= available then
+    return need, c
+  end
+  local units = affordable(available, cost)
   return units, charge(units, cost)
 end
 
@@ -444,21 +466,31 @@ local DIGIT36 = {
   'n', 'o', 'p', 'q', 'r', 's', 't', 'u', 'v', 'w', 'x', 'y', 'z',
 }
 
-local function e36(n)
-  if n == 0 then
-    return '0'
+local PAIR36 -- 0..1295 -> two base-36 digits (built on the first call)
+bind_pairs = function()
+  PAIR36 = {}
+  for i = 0, 1295 do
+    PAIR36[i] = DIGIT36[floor(i / 36)] .. DIGIT36[i % 36]
   end
-  local sign = ''
-  if n < 0 then
-    sign, n = '-', -n
+end
+
+local function e36(n)
+  if n < 36 then
+    if n >= 0 then
+      return DIGIT36[n]
+    end
+    return '-' .. e36(-n)
   end
   local s = ''
-  while n > 0 do
-    local r = n % 36
-    s = DIGIT36[r] .. s
-    n = (n - r) / 36
+  while n >= 1296 do
+    local r = n % 1296
+    s = PAIR36[r] .. s
+    n = (n - r) / 1296
   end
-  return sign .. s
+  if n >= 36 then
+    return PAIR36[n] .. s
+  end
+  return DIGIT36[n] .. s
 end
 
 local function o36(n)
@@ -472,7 +504,7 @@ local function d36(s)
   if s == nil or s == '' then
     return nil
   end
-  if sub(s, 1, 1) == '-' then
+  if byte(s, 1) == 45 then -- '-'
     return -tonumber(sub(s, 2), 36)
   end
   return tonumber(s, 36)
@@ -496,10 +528,10 @@ local function next_reset_at(b)
 end
 
 local function decode_rollovers(s)
-  local rows = {}
   if s == nil or s == '' then
-    return rows
+    return NONE
   end
+  local rows = {}
   for i, r in ipairs(split(s, GS)) do
     local f = split(r, ',')
     rows[i] = { expires_at = d36(f[1]), granted = d36(f[2]), balance = d36(f[3]) }
@@ -515,42 +547,98 @@ local function encode_rollovers(rows)
   return concat(parts, GS)
 end
 
-local function decode_bucket(pool, s)
+-- Every field of a bucket string into b.
+local function decode_fields(b, s)
   local f = split(s, US)
+  local head = ''
+  if byte(s, 1) == COMPLEX_BYTE then
+    head = COMPLEX
+    f[B_REMAINING] = sub(f[B_REMAINING], 2)
+  end
   local code = d36(f[B_INTERVAL]) or 0
   local count = d36(f[B_INTERVAL_COUNT]) or 1
   local flags = f[B_FLAGS] or ''
   local plan = f[B_PLAN_ID]
-  local b = {
-    id = f[B_ID],
-    pool = pool,
-    remaining = d36(f[B_REMAINING]),
-    granted = d36(f[B_GRANTED]),
-    interval = code,
-    interval_count = count,
-    period = make_period(code, count),
-    anchor = d36(f[B_ANCHOR]) or 0,
-    next_reset_index = d36(f[B_NEXT_RESET_INDEX]),
-    expires_at = d36(f[B_EXPIRES_AT]),
-    unlimited = find(flags, 'u', 1, true) ~= nil,
-    overage_allowed = find(flags, 'o', 1, true) ~= nil,
-    carry_debt = find(flags, 'd', 1, true) ~= nil,
-    overage_floor = d36(f[B_OVERAGE_FLOOR]),
-    plan_id = (plan ~= nil and plan ~= '') and plan or nil,
-    rollovers = decode_rollovers(f[B_ROLLOVERS]),
-    -- The stored string and the length of its remaining: when only
-    -- remaining changed, the new string is e36(remaining) .. sub(src, rem_len + 1).
-    src = s,
-    rem_len = #f[B_REMAINING],
-    stored_remaining = nil,
-    rewrite = false,
-  }
-  b.stored_remaining = b.remaining
+  b.id = f[B_ID]
+  b.remaining = d36(f[B_REMAINING])
+  b.granted = d36(f[B_GRANTED])
+  b.interval = code
+  b.interval_count = count
+  b.period = make_period(code, count)
+  b.anchor = d36(f[B_ANCHOR]) or 0
+  b.next_reset_index = d36(f[B_NEXT_RESET_INDEX])
+  b.expires_at = d36(f[B_EXPIRES_AT])
+  b.unlimited = find(flags, 'u', 1, true) ~= nil
+  b.overage_allowed = find(flags, 'o', 1, true) ~= nil
+  b.carry_debt = find(flags, 'd', 1, true) ~= nil
+  b.overage_floor = d36(f[B_OVERAGE_FLOOR])
+  b.plan_id = (plan ~= nil and plan ~= '') and plan or nil
+  b.rollovers = decode_rollovers(f[B_ROLLOVERS])
   local ro = f[B_ROLLOVER]
   if ro ~= nil and ro ~= '' then
     local r = split(ro, '/')
     b.rollover = { max = d36(r[1]), max_percentage = d36(r[2]), length = d36(r[3]) }
   end
+  b.head = head
+  b.tail_at = #head + #f[B_REMAINING] + 1
+  b.decoded = true
+end
+
+-- A bucket without the COMPLEX marker is read lazily on the hot path:
+-- remaining, id and granted now, the rest (calendar fields, carry_debt,
+-- plan id, rollover setting) on first use (LAZY.__index).
+local PLAIN = '^([^\31]*)\31([^\31]*)\31([^\31]*)'
+local LAZY = {
+  __index = function(b, k)
+    if rawget(b, 'decoded') then
+      return nil
+    end
+    -- Only the cold fields: the hot ones may have changed since.
+    local f = split(rawget(b, 'src'), US)
+    local code = d36(f[B_INTERVAL]) or 0
+    local count = d36(f[B_INTERVAL_COUNT]) or 1
+    local plan = f[B_PLAN_ID]
+    b.interval = code
+    b.interval_count = count
+    b.period = make_period(code, count)
+    b.anchor = d36(f[B_ANCHOR]) or 0
+    b.next_reset_index = d36(f[B_NEXT_RESET_INDEX])
+    b.expires_at = d36(f[B_EXPIRES_AT])
+    b.carry_debt = find(f[B_FLAGS] or '', 'd', 1, true) ~= nil
+    b.plan_id = (plan ~= nil and plan ~= '') and plan or nil
+    local ro = f[B_ROLLOVER]
+    if ro ~= nil and ro ~= '' then
+      local r = split(ro, '/')
+      b.rollover = { max = d36(r[1]), max_percentage = d36(r[2]), length = d36(r[3]) }
+    end
+    b.decoded = true
+    return rawget(b, k)
+  end,
+}
+
+local function decode_bucket(pool, s, lazy)
+  if lazy and byte(s, 1) ~= COMPLEX_BYTE then
+    local r, id, g = match(s, PLAIN)
+    local rem = d36(r)
+    return setmetatable({
+      id = id,
+      pool = pool,
+      remaining = rem,
+      granted = d36(g),
+      unlimited = false,
+      overage_allowed = false,
+      rollovers = NONE,
+      src = s,
+      head = '',
+      tail_at = #r + 1,
+      stored_remaining = rem,
+      rewrite = false,
+      decoded = false,
+    }, LAZY)
+  end
+  local b = { pool = pool, src = s, rewrite = false }
+  decode_fields(b, s)
+  b.stored_remaining = b.remaining
   return b
 end
 
@@ -559,15 +647,16 @@ local function encode_bucket(b)
     if b.remaining == b.stored_remaining then
       return b.src
     end
-    return e36(b.remaining) .. sub(b.src, b.rem_len + 1)
+    return b.head .. e36(b.remaining) .. sub(b.src, b.tail_at)
   end
   local flags = (b.unlimited and 'u' or '') .. (b.overage_allowed and 'o' or '') .. (b.carry_debt and 'd' or '')
   local ro = ''
   if b.rollover then
     ro = o36(b.rollover.max) .. '/' .. o36(b.rollover.max_percentage) .. '/' .. o36(b.rollover.length)
   end
+  local complex = b.unlimited or b.overage_allowed or b.overage_floor ~= nil or b.rollovers[1] ~= nil
   local f = {
-    e36(b.remaining),
+    (complex and COMPLEX or '') .. e36(b.remaining),
     b.id,
     e36(b.granted),
     b.interval == 0 and '' or e36(b.interval),
@@ -589,8 +678,8 @@ local function encode_bucket(b)
   return concat(f, US)
 end
 
-local function decode_pool(name, s)
-  local P = { name = name, src = s, buckets = {} }
+local function decode_pool(name, s, lazy)
+  local P = { name = name, src = s, buckets = {}, n0 = 0 }
   if s == nil then
     return P
   end
@@ -599,10 +688,11 @@ local function decode_pool(name, s)
     local j = find(s, RS, i, true)
     n = n + 1
     if not j then
-      P.buckets[n] = decode_bucket(name, sub(s, i))
+      P.buckets[n] = decode_bucket(name, i == 1 and s or sub(s, i), lazy)
+      P.n0 = n
       return P
     end
-    P.buckets[n] = decode_bucket(name, sub(s, i, j - 1))
+    P.buckets[n] = decode_bucket(name, sub(s, i, j - 1), lazy)
     i = j + 1
   end
 end
@@ -649,32 +739,22 @@ local function insert_ordered(P, b)
 end
 
 -- rules.rs works on a copy and commits by assignment; here the same
--- all-or-nothing is an undo record of each bucket's remaining and rows.
+-- all-or-nothing is an undo record of each bucket's remaining and its rows'
+-- balances, kept in the bucket and row tables themselves (no allocation).
 local function snapshot(list)
-  local rem, rows = {}, {}
-  for i, s in ipairs(list) do
-    local b = s.b
-    rem[i] = b.remaining
-    if #b.rollovers > 0 then
-      local bal = {}
-      for j, r in ipairs(b.rollovers) do
-        bal[j] = r.balance
-      end
-      rows[i] = bal
+  for _, b in ipairs(list) do
+    b.snap_remaining = b.remaining
+    for _, r in ipairs(b.rollovers) do
+      r.snap_balance = r.balance
     end
   end
-  return { rem = rem, rows = rows }
 end
 
-local function restore(list, snap)
-  for i, s in ipairs(list) do
-    local b = s.b
-    b.remaining = snap.rem[i]
-    local bal = snap.rows[i]
-    if bal then
-      for j, r in ipairs(b.rollovers) do
-        r.balance = bal[j]
-      end
+local function restore(list)
+  for _, b in ipairs(list) do
+    b.remaining = b.snap_remaining
+    for _, r in ipairs(b.rollovers) do
+      r.balance = r.snap_balance
     end
   end
 end
@@ -699,6 +779,20 @@ local function parse_record(C, rec)
   C.next_seq = d36(r[REC_NEXT_SEQ])
   C.bucket_due = d36(r[REC_BUCKET_DUE])
   C.lock_due = d36(r[REC_LOCK_DUE])
+  C.lock_due0 = C.lock_due
+  C.due0 = opt_min(C.bucket_due, C.lock_due)
+end
+
+-- The hot path reads only the two due instants; the record is rewritten
+-- when the customer was fully loaded (next_seq, bucket_due may change) or
+-- the lock due instant changed.
+local REC_DUES = '^[^\31]*\31[^\31]*\31?([^\31]*)\31?([^\31]*)'
+local function parse_record_dues(C, rec)
+  local bd, ld = match(rec, REC_DUES)
+  C.rec = rec
+  C.bucket_due = d36(bd)
+  C.lock_due = d36(ld)
+  C.lock_due0 = C.lock_due
   C.due0 = opt_min(C.bucket_due, C.lock_due)
 end
 
@@ -725,18 +819,26 @@ local function new_customer(keys, args, now)
     full = false,
     pools = {}, -- name -> { name, src, buckets }
     pool_list = {}, -- names in the order read
-    locks = {}, -- lock id -> decoded pending lock, or false once removed
-    lock_dirty = {},
-    receipts = {}, -- lock id -> receipt to write
-    receipt_del = {},
+    lk = nil, -- lock state, created on first use (lock_state)
   }
 end
 
-local function add_pool(C, name, s)
+-- Pending locks read (lock id -> lock, false once removed), locks to write,
+-- receipts to write (lock id -> receipt) and receipts to delete.
+local function lock_state(C)
+  local lk = C.lk
+  if not lk then
+    lk = { locks = {}, dirty = {}, receipts = {}, receipt_del = {} }
+    C.lk = lk
+  end
+  return lk
+end
+
+local function add_pool(C, name, s, lazy)
   if C.pools[name] then
     return
   end
-  C.pools[name] = decode_pool(name, s)
+  C.pools[name] = decode_pool(name, s, lazy)
   C.pool_list[#C.pool_list + 1] = name
 end
 
@@ -780,23 +882,23 @@ end
 
 -- Locks: a pending lock is one field of the lock hash (L_* slots).
 local function get_lock(C, id)
-  local l = C.locks[id]
+  local l = lock_state(C).locks[id]
   if l ~= nil then
     return l or nil
   end
   local v = rcall('HGET', C.lock_key, id)
   if not v then
-    C.locks[id] = false
+    lock_state(C).locks[id] = false
     return nil
   end
   l = mp_unpack(v)
-  C.locks[id] = l
+  lock_state(C).locks[id] = l
   return l
 end
 
 local function set_lock(C, id, l)
-  C.locks[id] = l or false
-  C.lock_dirty[id] = true
+  lock_state(C).locks[id] = l or false
+  lock_state(C).dirty[id] = true
 end
 
 local function receipt_key(C, id)
@@ -804,14 +906,14 @@ local function receipt_key(C, id)
 end
 
 local function get_receipt(C, id)
-  local r = C.receipts[id]
-  if r == nil and not C.receipt_del[id] then
+  local r = lock_state(C).receipts[id]
+  if r == nil and not lock_state(C).receipt_del[id] then
     local v = rcall('GET', receipt_key(C, id))
     if v then
       r = mp_unpack(v)
     end
   end
-  if r and r[F_FORGET_AT] > C.now then
+  if r and r[RECEIPT.forget_at] > C.now then
     return r
   end
   return nil
@@ -823,41 +925,52 @@ local function recompute_lock_due(C)
   local le = nil
   for i = 1, #raw, 2 do
     local id = raw[i]
-    local l = C.locks[id]
+    local l = lock_state(C).locks[id]
     if l == nil then
       l = mp_unpack(raw[i + 1])
     end
-    if l and l[L_EXPIRES_AT] then
-      le = opt_min(le, l[L_EXPIRES_AT])
+    if l and l[LOCK.expires_at] then
+      le = opt_min(le, l[LOCK.expires_at])
     end
   end
-  for id, l in pairs(C.locks) do
-    if l and l[L_EXPIRES_AT] and C.lock_dirty[id] then
-      le = opt_min(le, l[L_EXPIRES_AT])
+  for id, l in pairs(lock_state(C).locks) do
+    if l and l[LOCK.expires_at] and lock_state(C).dirty[id] then
+      le = opt_min(le, l[LOCK.expires_at])
     end
   end
   C.lock_due = le
 end
 
--- Writes back what changed. `shown`: pool names whose strings the reply
--- carries; returns them (after the operation) in a flat {name, string} list.
+-- Writes back what changed. `shown`: the pools ({ pool = name }...) whose
+-- strings the reply carries; returns them (after the operation) in a flat
+-- { name, string, ... } list.
 local function save(C, shown)
-  local hset, hdel = {}, {}
-  local out = {}
-  local strings = {}
+  local hset, hdel = nil, nil
   local bd = nil
   for _, name in ipairs(C.pool_list) do
     local P = C.pools[name]
+    local bs = P.buckets
     local s = ''
-    if #P.buckets > 0 then
-      s = encode_pool(P)
+    if bs[1] then
+      local changed = P.src == nil or #bs ~= P.n0
+      if not changed then
+        for _, b in ipairs(bs) do
+          if b.rewrite or b.remaining ~= b.stored_remaining then
+            changed = true
+            break
+          end
+        end
+      end
+      s = changed and encode_pool(P) or P.src
     end
-    strings[name] = s
+    P.out = s
     if s == '' then
       if P.src then
+        hdel = hdel or {}
         hdel[#hdel + 1] = name
       end
     elseif s ~= P.src then
+      hset = hset or {}
       hset[#hset + 1] = name
       hset[#hset + 1] = s
     end
@@ -870,32 +983,47 @@ local function save(C, shown)
   if C.full then
     C.bucket_due = bd
   end
-  local rec = encode_record(C)
-  if rec ~= C.rec then
-    hset[#hset + 1] = RECORD_FIELD
-    hset[#hset + 1] = rec
+  if C.full or C.lock_due ~= C.lock_due0 then
+    if C.created_at == nil then
+      local keep = { C.bucket_due, C.lock_due }
+      parse_record(C, C.rec)
+      C.bucket_due, C.lock_due = keep[1], keep[2]
+    end
+    local rec = encode_record(C)
+    if rec ~= C.rec then
+      hset = hset or {}
+      hset[#hset + 1] = RECORD_FIELD
+      hset[#hset + 1] = rec
+    end
   end
-  if #hset > 0 then
-    rcall('HSET', C.key, unpack(hset))
+  if hset then
+    if hset[3] == nil then
+      rcall('HSET', C.key, hset[1], hset[2])
+    else
+      rcall('HSET', C.key, unpack(hset))
+    end
   end
-  if #hdel > 0 then
+  if hdel then
     rcall('HDEL', C.key, unpack(hdel))
   end
-  for id, _ in pairs(C.lock_dirty) do
-    local l = C.locks[id]
-    if l then
-      rcall('HSET', C.lock_key, id, mp_pack(l))
-    else
-      rcall('HDEL', C.lock_key, id)
+  local lk = C.lk
+  if lk then
+    for id, _ in pairs(lk.dirty) do
+      local l = lk.locks[id]
+      if l then
+        rcall('HSET', C.lock_key, id, mp_pack(l))
+      else
+        rcall('HDEL', C.lock_key, id)
+      end
     end
-  end
-  for id, _ in pairs(C.receipt_del) do
-    if not C.receipts[id] then
-      rcall('DEL', receipt_key(C, id))
+    for id, _ in pairs(lk.receipt_del) do
+      if not lk.receipts[id] then
+        rcall('DEL', receipt_key(C, id))
+      end
     end
-  end
-  for id, r in pairs(C.receipts) do
-    rcall('SET', receipt_key(C, id), mp_pack(r), 'PX', max(1, C.ret_lock))
+    for id, r in pairs(lk.receipts) do
+      rcall('SET', receipt_key(C, id), mp_pack(r), 'PX', max(1, C.ret_lock))
+    end
   end
   local due = opt_min(C.bucket_due, C.lock_due)
   if due ~= C.due0 then
@@ -905,10 +1033,12 @@ local function save(C, shown)
       rcall('ZADD', C.due_key, due, C.member)
     end
   end
+  local out = {}
   if shown then
-    for _, name in ipairs(shown) do
-      out[#out + 1] = name
-      out[#out + 1] = strings[name] or ''
+    for i, p in ipairs(shown) do
+      local P = C.pools[p.pool]
+      out[2 * i - 1] = p.pool
+      out[2 * i] = P and P.out or ''
     end
   end
   return out
@@ -920,23 +1050,28 @@ end
 -- pools' lists one after the other: no sort unless there are rollovers.
 ---------------------------------------------------------------------------
 local function deduction_order(C, owned)
-  local order = { unlimited = {}, rollovers = {}, buckets = {} }
+  local order = { unlimited = NONE, rollovers = NONE, buckets = {} }
   local rolls = nil
   local rank = 0
   for _, p in ipairs(owned) do
     for _, b in ipairs(C.pools[p.pool].buckets) do
       rank = rank + 1
+      -- A bucket is its own source (b.b = b): no wrapper table per request.
+      b.b, b.kind, b.cost = b, 'b', p.cost
       if b.unlimited then
-        order.unlimited[#order.unlimited + 1] = { b = b, kind = 'b', cost = p.cost }
+        if order.unlimited == NONE then
+          order.unlimited = {}
+        end
+        order.unlimited[#order.unlimited + 1] = b
       else
-        order.buckets[#order.buckets + 1] = { b = b, kind = 'b', cost = p.cost }
+        order.buckets[#order.buckets + 1] = b
         for ri, row in ipairs(b.rollovers) do
           rolls = rolls or {}
           rolls[#rolls + 1] = {
             key1 = row.expires_at or INF,
             rank = rank,
             ri = ri,
-            src = { b = b, kind = 'r', expires_at = row.expires_at, cost = p.cost },
+            src = { b = b, kind = 'r', rollover_expires_at = row.expires_at, cost = p.cost },
           }
         end
       end
@@ -952,6 +1087,7 @@ local function deduction_order(C, owned)
       end
       return x.ri < y.ri
     end)
+    order.rollovers = {}
     for i, r in ipairs(rolls) do
       order.rollovers[i] = r.src
     end
@@ -969,23 +1105,28 @@ local function row_of(b, expires_at)
 end
 
 -- rules::record: adds to an entry list, merging entries of one source.
--- An entry: { balance_id, pool, kind 'b'|'r', expires_at (rollover; nil = never), amount, units }.
+-- An entry: { balance_id, pool, kind 'b'|'r', rollover_expires_at (nil = never), amount, units }.
 local function record(entries, src, amount, units)
   if amount == 0 and units == 0 then
     return
   end
+  local b, kind = src.b, src.kind
+  local rexp = nil
+  if kind == 'r' then
+    rexp = src.rollover_expires_at
+  end
   for _, e in ipairs(entries) do
-    if e.balance_id == src.b.id and e.kind == src.kind and e.expires_at == src.expires_at then
+    if e.balance_id == b.id and e.kind == kind and e.rollover_expires_at == rexp then
       e.amount = e.amount + amount
       e.units = e.units + units
       return
     end
   end
   entries[#entries + 1] = {
-    balance_id = src.b.id,
-    pool = src.b.pool,
-    kind = src.kind,
-    expires_at = src.expires_at,
+    balance_id = b.id,
+    pool = b.pool,
+    kind = kind,
+    rollover_expires_at = rexp,
     amount = amount,
     units = units,
   }
@@ -1024,7 +1165,7 @@ local function deduct(order, units)
       if s.kind == 'b' then
         available = max(s.b.remaining, 0)
       else
-        row = row_of(s.b, s.expires_at)
+        row = row_of(s.b, s.rollover_expires_at)
         available = row and row.balance or 0
       end
       local took, paid = cover(need, available, s.cost)
@@ -1248,9 +1389,9 @@ end
 local function release_held(C, lock, at)
   local entries = {}
   local lost = 0
-  for _, h in ipairs(lock[L_HELD]) do
-    local bid, kind = h[H_BALANCE_ID], h[H_KIND]
-    local exp, amount, units, marker = h[H_ROLLOVER_EXPIRES_AT] or nil, h[H_AMOUNT], h[H_UNITS], h[H_MARKER] or nil
+  for _, h in ipairs(lock[LOCK.held]) do
+    local bid, kind = h[HELD.balance_id], h[HELD.kind]
+    local exp, amount, units, marker = h[HELD.rollover_expires_at] or nil, h[HELD.amount], h[HELD.units], h[HELD.marker] or nil
     local b = find_bucket(C, bid)
     local target = nil
     if b and (b.expires_at == nil or b.expires_at > at) then
@@ -1279,7 +1420,7 @@ local function release_held(C, lock, at)
     end
     lost = lost + units - u
     if back > 0 or u > 0 then
-      entries[#entries + 1] = { balance_id = bid, pool = h[H_POOL], kind = kind, expires_at = exp, amount = -back, units = -u }
+      entries[#entries + 1] = { balance_id = bid, pool = h[HELD.pool], kind = kind, rollover_expires_at = exp, amount = -back, units = -u }
     end
   end
   return outcome(true, entries, lost)
@@ -1288,28 +1429,28 @@ end
 local function pack_outcome(o)
   local es = {}
   for i, e in ipairs(o.entries) do
-    es[i] = { e.balance_id, e.pool, e.kind, e.expires_at or false, e.amount, e.units }
+    es[i] = { e.balance_id, e.pool, e.kind, e.rollover_expires_at or false, e.amount, e.units }
   end
   return { o.allowed and 1 or 0, o.uncovered, o.no_balance and 1 or 0, o.insufficient and 1 or 0, es }
 end
 
 local function unpack_outcome(p)
   local es = {}
-  for i, e in ipairs(p[O_ENTRIES]) do
+  for i, e in ipairs(p[PACKED.entries]) do
     es[i] = {
-      balance_id = e[E_BALANCE_ID],
-      pool = e[E_POOL],
-      kind = e[E_KIND],
-      expires_at = e[E_ROLLOVER_EXPIRES_AT] or nil,
-      amount = e[E_AMOUNT],
-      units = e[E_UNITS],
+      balance_id = e[PENTRY.balance_id],
+      pool = e[PENTRY.pool],
+      kind = e[PENTRY.kind],
+      rollover_expires_at = e[PENTRY.rollover_expires_at] or nil,
+      amount = e[PENTRY.amount],
+      units = e[PENTRY.units],
     }
   end
   return {
-    allowed = p[O_ALLOWED] == 1,
-    uncovered = p[O_UNCOVERED],
-    no_balance = p[O_NO_BALANCE] == 1,
-    insufficient = p[O_INSUFFICIENT] == 1,
+    allowed = p[PACKED.allowed] == 1,
+    uncovered = p[PACKED.uncovered],
+    no_balance = p[PACKED.no_balance] == 1,
+    insufficient = p[PACKED.insufficient] == 1,
     entries = es,
   }
 end
@@ -1326,8 +1467,8 @@ local function prepare(C)
     for i = 1, #raw, 2 do
       local id = raw[i]
       local l = mp_unpack(raw[i + 1])
-      C.locks[id] = l
-      local e = l[L_EXPIRES_AT] or nil
+      lock_state(C).locks[id] = l
+      local e = l[LOCK.expires_at] or nil
       if e and e <= now then
         expired[#expired + 1] = { e = e, id = id }
       elseif e then
@@ -1341,9 +1482,9 @@ local function prepare(C)
       return a.id < b.id
     end)
     for _, x in ipairs(expired) do
-      local lock = C.locks[x.id]
+      local lock = lock_state(C).locks[x.id]
       local o = release_held(C, lock, x.e)
-      C.receipts[x.id] = { x.e + C.ret_lock, lock[L_FEATURE], pack_outcome(o), lock[L_POOLS] }
+      lock_state(C).receipts[x.id] = { x.e + C.ret_lock, lock[LOCK.feature], pack_outcome(o), lock[LOCK.pools] }
       set_lock(C, x.id, nil)
     end
     C.lock_due = le
@@ -1382,24 +1523,36 @@ end
 -- Opens an existing customer. With `pools` (a request's pools) and nothing
 -- of the customer due, reads only the record and those pools' fields;
 -- otherwise (or with pools == nil) reads everything and runs prepare.
-local function open(keys, args, pools)
-  local C = new_customer(keys, args)
+-- HMGET of the record and the fields of `pools`.
+local function read_fields(key, pools)
+  local n = #pools
+  if n == 1 then
+    return rcall('HMGET', key, RECORD_FIELD, pools[1].pool)
+  elseif n == 2 then
+    return rcall('HMGET', key, RECORD_FIELD, pools[1].pool, pools[2].pool)
+  end
+  local fields = { RECORD_FIELD }
+  for i, p in ipairs(pools) do
+    fields[i + 1] = p.pool
+  end
+  return rcall('HMGET', key, unpack(fields))
+end
+
+-- `now` and `v` (read_fields' reply) when the caller already has them.
+local function open(keys, args, pools, now, v)
+  local C = new_customer(keys, args, now)
   if pools then
-    local fields = { RECORD_FIELD }
-    for i, p in ipairs(pools) do
-      fields[i + 1] = p.pool
-    end
-    local v = rcall('HMGET', C.key, unpack(fields))
+    v = v or read_fields(C.key, pools)
     local rec = v[1]
     if not rec then
       fail('customer_not_found')
     end
-    parse_record(C, rec)
+    parse_record_dues(C, rec)
     if C.due0 == nil or C.due0 > C.now then
       for i, p in ipairs(pools) do
         local s = v[i + 1]
         if s then
-          add_pool(C, p.pool, s)
+          add_pool(C, p.pool, s, true)
         end
       end
       return C, 0
@@ -1426,27 +1579,25 @@ local function read_pools(args, at)
   return pools
 end
 
-local function pool_names(pools)
-  local names = {}
-  if pools then
-    for i, p in ipairs(pools) do
-      names[i] = p.pool
-    end
-  end
-  return names
-end
-
 -- rules::owned_pools: FeatureNotFound surfaces here, where the Rust raises it.
 local function owned_pools(C, pools)
   if pools == nil then
     fail('feature_not_found')
   end
-  local owned, seen = {}, {}
+  local owned, n = {}, 0
   for _, p in ipairs(pools) do
     local P = C.pools[p.pool]
-    if P and #P.buckets > 0 and not seen[p.pool] then
-      seen[p.pool] = true
-      owned[#owned + 1] = p
+    if P and P.buckets[1] then
+      local dup = false
+      for i = 1, n do
+        if owned[i].pool == p.pool then
+          dup = true
+        end
+      end
+      if not dup then
+        n = n + 1
+        owned[n] = p
+      end
     end
   end
   return owned
@@ -1466,17 +1617,17 @@ local function check_rule(C, pools, units, keep)
     return no_balance(units, false)
   end
   local order = deduction_order(C, owned)
-  local snap = snapshot(order.buckets)
-  local usnap = snapshot(order.unlimited)
+  snapshot(order.buckets)
+  snapshot(order.unlimited)
   local entries, rest = deduct(order, units)
   if rest > 0 then
-    restore(order.buckets, snap)
-    restore(order.unlimited, usnap)
+    restore(order.buckets)
+    restore(order.unlimited)
     return outcome(false, {}, rest)
   end
   if not keep then
-    restore(order.buckets, snap)
-    restore(order.unlimited, usnap)
+    restore(order.buckets)
+    restore(order.unlimited)
   end
   return outcome(true, entries, 0)
 end
@@ -1492,12 +1643,12 @@ local function track_rule(C, pools, units, behavior)
     local entries, rest = refund(order, -units)
     return outcome(rest == 0, entries, rest)
   end
-  local snap = snapshot(order.buckets)
+  snapshot(order.buckets)
   local entries, rest = deduct(order, units)
   if rest == 0 then
     return outcome(true, entries, 0)
   elseif behavior == 'reject' then
-    restore(order.buckets, snap)
+    restore(order.buckets)
     local o = outcome(false, {}, rest)
     o.insufficient = true
     return o
@@ -1515,13 +1666,13 @@ end
 --     rollover expires_at|'', amount, units }... }, now, feature|'',
 --     { pool, pool string, pool, pool string, ... } }
 ---------------------------------------------------------------------------
-local function outcome_reply(C, o, replayed, feature, pool_strings)
+local function outcome_reply(now, o, replayed, feature, pool_strings)
   local es = {}
   for i, e in ipairs(o.entries) do
-    es[i] = { e.balance_id, e.pool, e.kind == 'b' and 'bucket' or 'rollover', e.expires_at or '', e.amount, e.units }
+    es[i] = { e.balance_id, e.pool, e.kind == 'b' and 'bucket' or 'rollover', e.rollover_expires_at or '', e.amount, e.units }
   end
   local flags = (o.no_balance and 'n' or '') .. (o.insufficient and 'i' or '') .. (replayed and 'r' or '')
-  return { o.allowed and 1 or 0, o.uncovered, flags, es, C.now, feature or '', pool_strings }
+  return { o.allowed and 1 or 0, o.uncovered, flags, es, now, feature or '', pool_strings }
 end
 
 ---------------------------------------------------------------------------
@@ -1556,7 +1707,7 @@ local function idem_encode(o, expires_off, pools)
     end
     local kind = ''
     if e.kind == 'r' then
-      kind = e.expires_at and e36(e.expires_at) or '*'
+      kind = e.rollover_expires_at and e36(e.rollover_expires_at) or '*'
     end
     parts[i + 1] = (ref or ('=' .. e.pool)) .. US .. e.balance_id .. US .. kind .. US .. e36(e.amount) .. US .. e36(e.units)
   end
@@ -1585,7 +1736,7 @@ local function idem_decode(v, start, pools)
     if f[3] ~= '' then
       e.kind = 'r'
       if f[3] ~= '*' then
-        e.expires_at = d36(f[3])
+        e.rollover_expires_at = d36(f[3])
       end
     end
     o.entries[i - 1] = e
@@ -1619,6 +1770,207 @@ local function idem_put(C, field, fp, o, pools)
   local expires_at = C.now + C.ret_idem
   rcall('HSET', k, field, fp .. idem_encode(o, expires_at - start, pools))
   rcall('PEXPIRE', k, max(1, start + 2 * w - C.now), 'NX')
+end
+
+---------------------------------------------------------------------------
+-- The hot path: check, consume, and track of units >= 0 when nothing of the
+-- customer is due and no bucket of the paying pools carries the COMPLEX
+-- marker (no unlimited or overage bucket, no rollover rows). Then
+-- rules::deduction_order is the pools' stored lists one after the other,
+-- with no unlimited source and no rollover, and rules::deduct is its first
+-- pass alone (the second pass only takes overage buckets); every bucket is
+-- one source, so record() never merges (but overflow may, on the first
+-- bucket). Works on the strings and a few parallel arrays, not on bucket
+-- tables. Returns nil (nothing done) when the general path must run, with
+-- the HMGET reply for it to reuse. benches/cg2_diff.py holds both paths to
+-- the cg1 scripts.
+---------------------------------------------------------------------------
+local HOT_BUCKET = '^([^\31]*)\31([^\30\31]*)'
+local SRC_SLOTS, S_POOL, S_REMAINING, S_ID, S_FROM, S_TAIL, S_STORED, S_LEN = 7, 1, 2, 3, 4, 5, 6, 7
+
+-- op: 'check' | 'consume' | 'track'; key: idempotency key or ''; the
+-- pools are args[at] (count, >= 0) and the pool, cost pairs after it, read
+-- in place (no table per pool).
+local function fast_path(keys, args, now, op, key, feature, units, mode, at)
+  local np = tonumber(args[at])
+  local v
+  if np == 2 then
+    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], args[at + 3])
+  elseif np == 1 then
+    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1])
+  else
+    v = read_fields(keys[1], read_pools(args, at))
+  end
+  local rec = v[1]
+  if not rec then
+    fail('customer_not_found')
+  end
+  local bd, ld = match(rec, REC_DUES)
+  local due = opt_min(d36(bd), d36(ld))
+  if due and due <= now then
+    return nil, v
+  end
+  -- The sources, in deduction order, SRC_SLOTS slots each in one flat array
+  -- S (one table, not one per bucket): pool index, remaining, id, where the
+  -- bucket starts in its pool string, where its remaining ends, the stored
+  -- remaining, the pool string's length then.
+  local n = 0
+  local S = {}
+  for pi = 1, np do
+    local ps = v[pi + 1]
+    if ps then
+      local dup = false
+      local name = args[at + 2 * pi - 1]
+      for q = 1, pi - 1 do
+        if args[at + 2 * q - 1] == name then
+          dup = true
+        end
+      end
+      if not dup then
+        local pos = 1
+        while true do
+          if byte(ps, pos) == COMPLEX_BYTE then
+            return nil, v
+          end
+          local r, id = match(ps, HOT_BUCKET, pos)
+          local o = n * SRC_SLOTS
+          local rem = d36(r)
+          n = n + 1
+          S[o + S_POOL], S[o + S_REMAINING], S[o + S_ID], S[o + S_FROM] = pi, rem, id, pos
+          S[o + S_TAIL], S[o + S_STORED], S[o + S_LEN] = pos + #r, rem, #ps
+          local j = find(ps, RS, pos + #r, true)
+          if not j then
+            break
+          end
+          pos = j + 1
+        end
+      end
+    end
+  end
+  local fp = nil
+  local C = nil
+  local ifield, ifp = nil, nil
+  if key ~= '' then
+    if op == 'consume' then
+      fp = 'consume' .. US .. feature .. US .. fmt(units)
+    else
+      fp = 'track' .. US .. feature .. US .. fmt(units) .. US .. mode
+    end
+    C = { key = keys[1], now = now, ret_idem = tonumber(args[2]) or 86400000 }
+    ifp = digest(fp, IDEM_FP_HEX)
+    local found
+    found, ifield = idem_get(C, key, read_pools(args, at))
+    if found then
+      if found.fp ~= ifp then
+        fail('idempotency_key_reused')
+      end
+      local out = {}
+      for i = 1, np do
+        out[2 * i - 1] = args[at + 2 * i - 1]
+        out[2 * i] = v[i + 1] or ''
+      end
+      return outcome_reply(now, found.outcome, true, feature, out)
+    end
+  end
+  -- rules::deduct (first pass), check/consume/track semantics. Entries are
+  -- built in reply form: { balance id, pool, 'bucket', '', amount, units }.
+  local allowed, uncovered, flags = true, 0, ''
+  local keep = op ~= 'check'
+  local es = NONE
+  if n == 0 then
+    allowed, uncovered, keep = false, units < 0 and -units or units, false
+    flags = (op == 'track' and mode == 'reject' and units > 0) and 'ni' or 'n'
+  else
+    local need = units
+    local ne = 0
+    es = {}
+    for k = 0, n - 1 do
+      if need == 0 then
+        break
+      end
+      local o = k * SRC_SLOTS
+      local avail = S[o + S_REMAINING]
+      if avail < 0 then
+        avail = 0
+      end
+      local pa = at + 2 * S[o + S_POOL]
+      local took, paid = cover(need, avail, tonumber(args[pa]))
+      if took > 0 then
+        S[o + S_REMAINING] = S[o + S_REMAINING] - paid
+        need = need - took
+        ne = ne + 1
+        es[ne] = { S[o + S_ID], args[pa - 1], 'bucket', '', paid, took }
+      end
+    end
+    if need > 0 then
+      if op ~= 'track' or mode == 'reject' then
+        allowed, uncovered, keep, es = false, need, false, NONE
+        if op == 'track' then
+          flags = 'i'
+        end
+      elseif mode == 'cap' then
+        allowed, uncovered = false, need
+      else -- overflow: the rest below zero on the first bucket (rules::overflow)
+        local pa = at + 2 * S[S_POOL]
+        local paid = charge(need, tonumber(args[pa]))
+        local nxt = S[S_REMAINING] - paid
+        if nxt < -MAX or nxt > MAX then
+          fail('amount_out_of_range')
+        end
+        S[S_REMAINING] = nxt
+        -- The first bucket is the first source: its entry, if any, is the first.
+        local first = es[1]
+        if first and first[1] == S[S_ID] then
+          first[5] = first[5] + paid
+          first[6] = first[6] + need
+        elseif paid ~= 0 or need ~= 0 then
+          es[ne + 1] = { S[S_ID], args[pa - 1], 'bucket', '', paid, need }
+        end
+      end
+    end
+  end
+  -- Write back the changed pools: a changed bucket's new remaining before
+  -- its unchanged rest.
+  local out = {}
+  local hset = nil
+  local k = 0
+  for pi = 1, np do
+    local ps = v[pi + 1]
+    local name = args[at + 2 * pi - 1]
+    out[2 * pi - 1] = name
+    while keep and ps and k < n and S[k * SRC_SLOTS + S_POOL] == pi do
+      local o = k * SRC_SLOTS
+      if S[o + S_REMAINING] ~= S[o + S_STORED] then
+        -- Positions shift by the change in length of earlier splices.
+        local shift = #ps - S[o + S_LEN]
+        ps = sub(ps, 1, S[o + S_FROM] + shift - 1) .. e36(S[o + S_REMAINING]) .. sub(ps, S[o + S_TAIL] + shift)
+        hset = hset or {}
+        if hset[#hset - 1] ~= name then
+          hset[#hset + 1] = name
+          hset[#hset + 1] = ps
+        else
+          hset[#hset] = ps
+        end
+      end
+      k = k + 1
+    end
+    out[2 * pi] = ps or ''
+  end
+  if hset then
+    if hset[3] == nil then
+      rcall('HSET', keys[1], hset[1], hset[2])
+    else
+      rcall('HSET', keys[1], unpack(hset))
+    end
+  end
+  if ifield then
+    local o = { allowed = allowed, uncovered = uncovered, no_balance = n == 0, insufficient = flags == 'i' or flags == 'ni', entries = {} }
+    for i, e in ipairs(es) do
+      o.entries[i] = { balance_id = e[1], pool = e[2], kind = 'b', amount = e[5], units = e[6] }
+    end
+    idem_put(C, ifield, ifp, o, read_pools(args, at))
+  end
+  return { allowed and 1 or 0, uncovered, flags, es, now, feature, out }
 end
 
 ---------------------------------------------------------------------------
@@ -1734,10 +2086,20 @@ end
 
 -- check: args [5] feature [6] units [7] npools [8..] pool, cost pairs.
 local function fn_check(keys, args)
+  local now = clock(args[1])
+  local v = nil
+  local units = num(args[6])
+  if (tonumber(args[7]) or -1) >= 0 then
+    local r
+    r, v = fast_path(keys, args, now, 'check', '', args[5], units, '', 7)
+    if r then
+      return r
+    end
+  end
   local pools = read_pools(args, 7)
-  local C = open(keys, args, pools or {})
-  local o = check_rule(C, pools, num(args[6]), false)
-  return outcome_reply(C, o, false, args[5], save(C, pool_names(pools)))
+  local C = open(keys, args, pools or {}, now, v)
+  local o = check_rule(C, pools, units, false)
+  return outcome_reply(C.now, o, false, args[5], save(C, pools))
 end
 
 -- apply: args [5] op [6] idempotency key [7] feature [8] units [9] mode
@@ -1746,12 +2108,21 @@ local function fn_apply(keys, args)
   local op, key = args[5], args[6]
   local feature, units, mode = args[7], num(args[8]), args[9]
   local lock_id = args[10]
+  local now = clock(args[1])
+  local v = nil
+  if (op == 'consume' or (op == 'track' and units >= 0)) and (tonumber(args[12]) or -1) >= 0 then
+    local r
+    r, v = fast_path(keys, args, now, op, key, feature, units, mode, 12)
+    if r then
+      return r
+    end
+  end
   local pools = read_pools(args, 12)
   local C
   if op == 'finalize' then
-    C = open(keys, args, nil)
+    C = open(keys, args, nil, now)
   else
-    C = open(keys, args, pools or {})
+    C = open(keys, args, pools or {}, now, v)
   end
   local now = C.now
   local expires = num(args[11])
@@ -1791,9 +2162,9 @@ local function fn_apply(keys, args)
     local l = get_lock(C, lock_id)
     local r = (not l) and get_receipt(C, lock_id)
     if l or r then
-      shown = l and l[L_FEATURE] or r[F_FEATURE]
+      shown = l and l[LOCK.feature] or r[RECEIPT.feature]
       shown_pools = {}
-      for i, p in ipairs(l and l[L_POOLS] or r[F_POOLS]) do
+      for i, p in ipairs(l and l[LOCK.pools] or r[RECEIPT.pools]) do
         shown_pools[i] = { pool = p[1], cost = p[2] }
       end
     end
@@ -1819,7 +2190,7 @@ local function fn_apply(keys, args)
               break
             end
           end
-          held[i] = { e.balance_id, e.pool, e.kind, e.expires_at or false, e.amount, e.units, (b and next_reset_at(b)) or false }
+          held[i] = { e.balance_id, e.pool, e.kind, e.rollover_expires_at or false, e.amount, e.units, (b and next_reset_at(b)) or false }
         end
         local ps = {}
         for i, p in ipairs(pools) do
@@ -1829,8 +2200,8 @@ local function fn_apply(keys, args)
         if expires then
           C.lock_due = opt_min(C.lock_due, expires)
         end
-        C.receipts[lock_id] = nil
-        C.receipt_del[lock_id] = true
+        lock_state(C).receipts[lock_id] = nil
+        lock_state(C).receipt_del[lock_id] = true
       end
     else
       local lock = get_lock(C, lock_id)
@@ -1839,14 +2210,14 @@ local function fn_apply(keys, args)
         if not r then
           fail('lock_not_found')
         end
-        o, replayed = unpack_outcome(r[F_OUTCOME]), true
+        o, replayed = unpack_outcome(r[RECEIPT.outcome]), true
       else
         if mode == 'release' then
           o = release_held(C, lock, now)
         elseif units == nil then
           o = outcome(true, {}, 0)
         else
-          local diff = units - lock[L_UNITS]
+          local diff = units - lock[LOCK.units]
           if diff < -MAX or diff > MAX then
             fail('amount_out_of_range')
           end
@@ -1857,20 +2228,20 @@ local function fn_apply(keys, args)
             o = track_rule(C, shown_pools, diff, 'cap')
           end
         end
-        C.receipts[lock_id] = { now + C.ret_lock, lock[L_FEATURE], pack_outcome(o), lock[L_POOLS] }
-        C.receipt_del[lock_id] = nil
+        lock_state(C).receipts[lock_id] = { now + C.ret_lock, lock[LOCK.feature], pack_outcome(o), lock[LOCK.pools] }
+        lock_state(C).receipt_del[lock_id] = nil
         set_lock(C, lock_id, nil)
-        if lock[L_EXPIRES_AT] and lock[L_EXPIRES_AT] == C.lock_due then
+        if lock[LOCK.expires_at] and lock[LOCK.expires_at] == C.lock_due then
           recompute_lock_due(C)
         end
       end
     end
   end
-  local strings = save(C, shown and pool_names(shown_pools) or {})
+  local strings = save(C, shown and shown_pools or NONE)
   if ifield and not replayed then
     idem_put(C, ifield, ifp, o, pools)
   end
-  return outcome_reply(C, o, replayed, shown, strings)
+  return outcome_reply(C.now, o, replayed, shown, strings)
 end
 
 -- balances: { created_at, now, { pool, pool string, ... } } (every pool the
@@ -1901,7 +2272,11 @@ local function fn_balances(keys, args)
     end
     C.full = true
     prepare(C)
-    out = save(C, C.pool_list)
+    local all = {}
+    for i, name in ipairs(C.pool_list) do
+      all[i] = { pool = name }
+    end
+    out = save(C, all)
     local live = {}
     for i = 1, #out, 2 do
       if out[i + 1] ~= '' then
