@@ -20,7 +20,7 @@
 # (env C, default 100000; ids cus_00000000000000, 18 characters) holding one
 # monthly and one one-off bucket (api_call 1000 monthly, credits 500 one-off,
 # generated balance ids), per customer, for cg1 and cg2; then idempotency
-# records with 36-character keys (tracks of api_call), per record, for
+# records with 36-character keys (tracks of 1 api_call with overflow: one entry each), per record, for
 # several records-per-customer spreads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -154,7 +154,7 @@ for cid in sys.stdin.read().split():
       "$(cli MEMORY USAGE "$k") B by MEMORY USAGE"
   done
   # Idempotency records: R records spread over P customers (cg2; cg1 for comparison).
-  for spread in "1000 100" "100 1000" "10000 10" "1 100000"; do
+  for spread in "1000 100" "100 1000" "10000 10" "1 100000" "100000 1"; do
     set -- $spread
     P=$1; R=$2
     for layout in cg2 cg1; do
@@ -190,7 +190,7 @@ for j in range(R):
         k = "%s:{%s}" % (L, cid)
         ks = [k, k + ":l", "%s:due:{%s}" % (L, tags[crc16(cid.encode()) % 16384])]
         key = str(uuid.UUID(int=rnd.getrandbits(128)))  # 36 characters
-        a = ["", "86400000", "86400000", cid, "track", key, "api_call", "0", "cap", "", "", "1", "api_call", "1000000"]
+        a = ["", "86400000", "86400000", cid, "track", key, "api_call", "10000", "overflow", "", "", "1", "api_call", "1000000"]
         if L == "cg1":
             print("\t".join(["EVALSHA", sha, "3"] + ks + a))
         else:

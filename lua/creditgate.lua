@@ -1859,7 +1859,8 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     C = { key = keys[1], now = now, ret_idem = tonumber(args[2]) or 86400000 }
     ifp = digest(fp, IDEM_FP_HEX)
     local found
-    found, ifield = idem_get(C, key, read_pools(args, at))
+    C.pools_arg = read_pools(args, at)
+    found, ifield = idem_get(C, key, C.pools_arg)
     if found then
       if found.fp ~= ifp then
         fail('idempotency_key_reused')
@@ -1968,7 +1969,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     for i, e in ipairs(es) do
       o.entries[i] = { balance_id = e[1], pool = e[2], kind = 'b', amount = e[5], units = e[6] }
     end
-    idem_put(C, ifield, ifp, o, read_pools(args, at))
+    idem_put(C, ifield, ifp, o, C.pools_arg)
   end
   return { allowed and 1 or 0, uncovered, flags, es, now, feature, out }
 end
