@@ -62,7 +62,7 @@ $CLI EVAL "$(cat lua/lib.lua lua/create_customer.lua)" 1 'cg1:{cus_2}' 179876160
 $CLI EVAL "$(cat lua/lib.lua lua/grant.lua)" 3 'cg1:{cus_2}' 'cg1:{cus_2}:l' 'cg1:due:{3fi}' 1798761600000 86400000 86400000 cus_2 api_call '' '' 1000000 5 1
 $CLI EVAL "$(cat lua/lib.lua lua/apply.lua)" 3 'cg1:{cus_2}' 'cg1:{cus_2}:l' 'cg1:due:{3fi}' 1798761600000 86400000 86400000 cus_2 consume k7 api_call 30000 '' '' '' 1 api_call 1000000
 $CLI FCALL cg2_v1_migrate 6 'cg1:{cus_2}' 'cg1:{cus_2}:l' 'cg1:due:{3fi}' 'cg2:{cus_2}' 'cg2:{cus_2}:l' 'cg2:due:{3fi}' 1798761600000 86400000 86400000 cus_2
-$CLI FCALL cg2_v1_migrate_key 2 'cg1:{cus_2}:i:k7' 'cg2:{cus_2}' 1798761600000 86400000 k7 i 1 api_call 1000000
+$CLI FCALL cg2_v1_migrate_key 3 'cg1:{cus_2}:i:k7' 'cg2:{cus_2}' 'cg2:due:{3fi}' 1798761600000 86400000 k7 i cus_2 '' 1 api_call 1000000
 $CLI FCALL cg2_v1_apply 3 'cg2:{cus_2}' 'cg2:{cus_2}:l' 'cg2:due:{3fi}' 1798761600000 86400000 86400000 cus_2 consume k7 api_call 30000 '' '' '' 1 api_call 1000000
 ## errors
 $CLI FCALL cg2_v1_balances 3 'cg2:{nobody}' 'cg2:{nobody}:l' 'cg2:due:{4be}' 1798761600000 86400000 86400000 nobody

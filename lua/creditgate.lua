@@ -1676,11 +1676,13 @@ local function outcome_reply(now, o, replayed, feature, pool_strings)
 end
 
 ---------------------------------------------------------------------------
--- Idempotency records. Key <customer key>:i:<window start, base 36>, a hash
--- per customer and window of W = retention ms (windows start at multiples of
--- W); a record written at `now` goes to the window holding now, whose key
--- lives until window start + 2W (PX), past every record's expiry. Field: the
--- first 12 bytes of SHA1(idempotency key). Value (see README-cg2.md):
+-- Idempotency records. Key <due index key>:i:<window start, base 36>: a hash
+-- per cluster slot (the due index's slot tag: the customer's slot, so the
+-- key overhead is shared by every customer of the slot) and window of
+-- W = retention ms (windows start at multiples of W); a record written at
+-- `now` goes to the window holding now, whose key lives until window start
+-- + 2W (PX), past every record's expiry. Field: the first 12 bytes of
+-- SHA1(customer id \31 idempotency key). Value (see README-cg2.md):
 --   4 bytes SHA1(fingerprint) | e36(expires_at - window start) \31
 --   flags digit | e36(uncovered) { \30 pool ref \31 balance id \31 kind \31
 --   e36(amount) \31 e36(units) }
@@ -1747,8 +1749,8 @@ end
 -- The live record of `key`: its fingerprint digest and outcome, or nil.
 local function idem_get(C, key, pools)
   local start, w = idem_window(C)
-  local field = digest(key, IDEM_KEY_HEX)
-  local base = C.key .. ':i:'
+  local field = digest(C.member .. US .. key, IDEM_KEY_HEX)
+  local base = C.due_key .. ':i:'
   local v = rcall('HGET', base .. e36(start), field)
   if not v then
     start = start - w
@@ -1766,7 +1768,7 @@ end
 
 local function idem_put(C, field, fp, o, pools)
   local start, w = idem_window(C)
-  local k = C.key .. ':i:' .. e36(start)
+  local k = C.due_key .. ':i:' .. e36(start)
   local expires_at = C.now + C.ret_idem
   rcall('HSET', k, field, fp .. idem_encode(o, expires_at - start, pools))
   rcall('PEXPIRE', k, max(1, start + 2 * w - C.now), 'NX')
@@ -1856,7 +1858,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     else
       fp = 'track' .. US .. feature .. US .. fmt(units) .. US .. mode
     end
-    C = { key = keys[1], now = now, ret_idem = tonumber(args[2]) or 86400000 }
+    C = { key = keys[1], due_key = keys[3], member = args[4], now = now, ret_idem = tonumber(args[2]) or 86400000 }
     ifp = digest(fp, IDEM_FP_HEX)
     local found
     C.pools_arg = read_pools(args, at)
@@ -2456,11 +2458,12 @@ end
 
 -- migrate_key: one cg1 record key into cg2.
 -- KEYS [1] the cg1 key: cg1:{t}:i:<idempotency key> or cg1:{t}:f:<lock id>
---      [2] the cg2 customer hash cg2:{t}
+--      [2] the cg2 customer hash cg2:{t}  [3] the cg2 due index cg2:due:{s}
 -- ARGV [1] now ('' = TIME) [2] idempotency retention ms [3] the idempotency key
 --      or lock id (the key's tail) [4] kind: 'i' record | 'f' receipt
---      [5..] for 'i': the record's pools, npools then pool, cost pairs
---      (those of its feature), so its entries can name them by position
+--      [5] the customer id [6] (unused) [7..] for 'i': the record's pools,
+--      npools then pool, cost pairs (those of its feature), so its entries
+--      can name them by position
 -- Reply { 1 moved | 0 gone, now }.
 local function fn_migrate_key(keys, args)
   local now = clock(args[1])
@@ -2478,13 +2481,13 @@ local function fn_migrate_key(keys, args)
   local rec = mp_unpack(v) -- { fingerprint, expires_at, packed outcome }
   local expires_at = rec[2]
   if expires_at > now then
-    local pools = read_pools(args, 5) or {}
+    local pools = read_pools(args, 7) or {}
     local w = max(C.ret_idem, 1)
     -- The window of a record written at expires_at - retention.
     local start = floor((expires_at - C.ret_idem) / w) * w
-    local k = C.key .. ':i:' .. e36(start)
+    local k = keys[3] .. ':i:' .. e36(start)
     local o = unpack_outcome(rec[3])
-    rcall('HSET', k, digest(args[3], IDEM_KEY_HEX), digest(rec[1], IDEM_FP_HEX) .. idem_encode(o, expires_at - start, pools))
+    rcall('HSET', k, digest(args[5] .. US .. args[3], IDEM_KEY_HEX), digest(rec[1], IDEM_FP_HEX) .. idem_encode(o, expires_at - start, pools))
     rcall('PEXPIRE', k, max(1, start + 2 * w - now), 'NX')
   end
   rcall('DEL', keys[1])
