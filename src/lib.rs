@@ -6,6 +6,7 @@
 //! - [`rules`]: every rule that moves a balance, pure and in one place;
 //! - [`engine`]: the async interface and the in-process engine.
 
+pub mod bench;
 pub mod calendar;
 pub mod config;
 pub mod engine;

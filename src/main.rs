@@ -37,6 +37,8 @@ enum Command {
     },
     /// Print the seed example on the in-process engine.
     Demo,
+    /// Load-test a sidecar, the engine or the baselines; check the books.
+    Bench(creditgate::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => runtime.block_on(serve(config)),
         Command::ResetDue { config } => runtime.block_on(reset_due(config)),
         Command::Demo => runtime.block_on(demo()),
+        Command::Bench(args) => runtime.block_on(creditgate::bench::run(args)),
     }
 }
 
