@@ -428,7 +428,8 @@ async fn execute(
             r.cpu_us_per_request.sidecar = u.sidecar_known.then(|| per(u.sidecar));
             if u.redis_known {
                 r.cpu_us_per_request.redis = Some(per(u.redis_cpu));
-                if u.script_calls > 0 {
+                // Background calls (a sidecar's reset sweep) are not a row's.
+                if u.script_calls * 10 >= u.requests.max(1) {
                     r.redis_script_us_per_call = Some(u.script_usec as f64 / u.script_calls as f64);
                     r.redis_script_calls_per_request =
                         Some(u.script_calls as f64 / u.requests.max(1) as f64);

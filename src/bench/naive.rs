@@ -69,8 +69,8 @@ async fn check_cm(
     }))
 }
 
-/// `creditgate bench naive-sidecar`: serves until stdin closes (the parent
-/// bench holds the other end) or the process is killed.
+/// `creditgate bench naive-sidecar`: serves until SIGINT / SIGTERM (the
+/// bench runs it under a shell that kills it when the bench ends).
 pub async fn serve(listen: SocketAddr, redis_url: &str) -> Result<(), String> {
     let cm = redis_side::connect(redis_url).await?;
     let sha = redis_side::load_minimal(&cm).await?;
@@ -81,17 +81,8 @@ pub async fn serve(listen: SocketAddr, redis_url: &str) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let stdin_closed = async {
-        let _ = tokio::task::spawn_blocking(|| {
-            let mut sink = String::new();
-            while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {
-                sink.clear();
-            }
-        })
-        .await;
-    };
     axum::serve(listener, app)
-        .with_graceful_shutdown(stdin_closed)
+        .with_graceful_shutdown(crate::server::shutdown_signal())
         .await
         .map_err(|e| e.to_string())
 }

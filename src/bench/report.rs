@@ -163,8 +163,15 @@ impl Report {
             "creditgate bench {} · {} customers × {} one-off bucket(s) · {} round(s) · {} cores · prefix {}",
             self.mode, self.customers, self.buckets, self.rounds, self.machine.cores, self.run_prefix
         );
+        let w = self
+            .rows
+            .iter()
+            .map(|r| r.name.chars().count())
+            .max()
+            .unwrap_or(3)
+            .max(3);
         println!(
-            "{:<34} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
+            "{:<w$} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
             "row",
             "req/s",
             "p50µs",
@@ -183,7 +190,7 @@ impl Report {
         for r in &self.rows {
             let l = &r.latency_us;
             println!(
-                "{:<34} {:>9.0} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
+                "{:<w$} {:>9.0} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
                 r.name,
                 r.throughput,
                 l.p50,
