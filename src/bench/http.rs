@@ -506,6 +506,7 @@ struct UsageAnswer {
 }
 
 /// Every customer's balance in `pool`, through `customers.get`.
+#[allow(clippy::too_many_arguments)]
 pub async fn read_back(
     client: &Client,
     auth: Option<HeaderValue>,

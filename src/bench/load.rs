@@ -284,7 +284,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -293,7 +293,7 @@ impl Rng {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 11) % n.max(1) as u64) as usize
+        ((self.next_u64() >> 11) % n.max(1) as u64) as usize
     }
 }
 
@@ -429,7 +429,7 @@ async fn run_lane<T: Target>(
         }
         let req = Req {
             customer: rng.below(spec.customers),
-            op: spec.mix.pick(rng.next()),
+            op: spec.mix.pick(rng.next_u64()),
         };
         let res = match tokio::time::timeout(spec.timeout, target.call(&mut conn, req)).await {
             Ok(r) => r,

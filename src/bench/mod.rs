@@ -61,7 +61,7 @@ impl Ids {
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub mode: Mode,
+    pub mode: Box<Mode>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,7 +280,7 @@ pub struct SuiteArgs {
 
 /// `creditgate bench …`.
 pub async fn run(args: BenchArgs) -> ExitCode {
-    let r = match args.mode {
+    let r = match *args.mode {
         Mode::Http(a) => http_mode(a).await,
         Mode::Redis(a) => redis_mode(a).await,
         Mode::Baseline(a) => baseline_mode(a).await,
@@ -300,6 +300,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
 }
 
 type RowFuture = Pin<Box<dyn Future<Output = Measured> + Send>>;
+type RunRow = Box<dyn Fn(Spec, Option<Arc<LiveLedger>>, Progress) -> RowFuture + Send + Sync>;
 
 /// One row of the plan: how to run it once, and what to measure around it.
 struct Planned {
@@ -311,7 +312,7 @@ struct Planned {
     ledger: Option<Arc<LiveLedger>>,
     sidecar_pid: Option<u32>,
     compare_to: Option<String>,
-    run: Box<dyn Fn(Spec, Option<Arc<LiveLedger>>, Progress) -> RowFuture + Send + Sync>,
+    run: RunRow,
 }
 
 fn planned<T: Target>(
@@ -836,6 +837,7 @@ struct Baselines {
     seeded: i64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn baselines(
     redis_url: &str,
     naive_client: http::Client,

@@ -139,6 +139,7 @@ pub fn cost_in(catalog: &Catalog, feature: &str, pool: &str, units: Amount) -> R
 
 /// Seeds through the engine: each customer with `buckets` one-off buckets.
 /// Returns, per customer, whether it already held them.
+#[allow(clippy::too_many_arguments)]
 pub async fn seed_engine(
     engine: &Arc<dyn Engine>,
     ids: &Ids,
