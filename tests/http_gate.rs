@@ -1,19 +1,19 @@
 //! `/v1/gate` over the in-process engine and a ManualClock, through the router:
 //! exact status, body and rate-limit headers.
 
-mod http_support;
+mod common;
 
 use std::collections::BTreeMap;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
+use common::http::*;
 use creditgate::config::Config;
 use creditgate::http::Auth;
-use http_support::*;
 use serde_json::json;
 
 const DAY_S: i64 = 24 * 3600;
-/// The seed plan attached at T0 (2026-01-01) resets on 2026-02-01.
+/// The seed plan attached at T0 (2027-01-01) resets on 2027-02-01.
 const FEB_1_S: i64 = 31 * DAY_S;
 
 const GATE: &str = r#"

@@ -6,7 +6,7 @@ mod common;
 
 use common::redis::RedisServer;
 use common::{amt, catalog};
-use creditgate::store::{RedisEngine, RedisOptions};
+use creditgate::engine::redis::{RedisEngine, RedisOptions};
 use creditgate::{Engine, EngineError};
 
 #[tokio::test]
