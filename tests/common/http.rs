@@ -76,22 +76,40 @@ impl Answer {
     }
 }
 
+/// The one request helper: sends `req` to `router` and reads the answer.
+pub async fn send(router: &Router, req: Request<Body>) -> Answer {
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        text,
+        json,
+    }
+}
+
+/// `method path` with a JSON body (none for `Value::Null`).
+pub async fn call(router: &Router, method: &str, path: &str, body: Value) -> Answer {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    let body = match body {
+        Value::Null => Body::empty(),
+        v => Body::from(v.to_string()),
+    };
+    send(router, req.body(body).unwrap()).await
+}
+
 impl Harness {
     pub async fn send(&self, req: Request<Body>) -> Answer {
-        let resp = self.router.clone().oneshot(req).await.expect("infallible");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        let text = String::from_utf8(bytes.to_vec()).unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Answer {
-            status,
-            headers,
-            text,
-            json,
-        }
+        send(&self.router, req).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Answer {
