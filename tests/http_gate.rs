@@ -234,6 +234,51 @@ async fn retry_after_is_the_first_reset_that_covers_the_cost_in_credits() {
     );
 }
 
+/// A bucket carrying debt does not hold its grant after the first reset:
+/// Retry-After names the reset that really lets the request through.
+#[tokio::test]
+async fn retry_after_is_never_early_for_a_bucket_carrying_debt() {
+    let gate_50 = r#"
+[gate]
+routes = [{ prefix = "/big", feature = "api_call", cost = 50 }]
+"#;
+    let h = gate_harness(gate_50, Auth::default());
+    h.post(
+        "/v1/customers.get_or_create",
+        json!({"customer_id": "erin"}),
+    )
+    .await;
+    let a = h
+        .post(
+            "/v1/balances.create",
+            json!({"customer_id": "erin", "feature_id": "api_call", "included_grant": 100,
+                   "reset": {"interval": "month"}, "overage_allowed": true,
+                   "overage_floor": -10, "carry_debt": true}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let a = h
+        .post(
+            "/v1/track",
+            json!({"customer_id": "erin", "feature_id": "api_call", "value": 190,
+                   "overage_behavior": "overflow"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let a = gate(&h, &[("x-customer-id", "erin"), ("x-original-uri", "/big")]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    // -90 + 100 = 10 after Feb 1 (still short of 50); 100 after Mar 1.
+    let mar_1_s = FEB_1_S + 28 * DAY_S;
+    assert_eq!(hdr(&a, "retry-after"), s(&mar_1_s.to_string()));
+    h.clock.set(T0 + FEB_1_S * 1000);
+    let a = gate(&h, &[("x-customer-id", "erin"), ("x-original-uri", "/big")]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(hdr(&a, "retry-after"), s(&(28 * DAY_S).to_string()));
+    h.clock.set(T0 + mar_1_s * 1000);
+    let a = gate(&h, &[("x-customer-id", "erin"), ("x-original-uri", "/big")]).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+}
+
 #[tokio::test]
 async fn no_retry_after_when_no_reset_will_help() {
     let h = gate_harness(GATE, Auth::default());
