@@ -81,6 +81,8 @@ struct RawConfig {
     #[serde(default)]
     redis_cluster: Option<Vec<String>>,
     #[serde(default)]
+    redis_ca_file: Option<String>,
+    #[serde(default)]
     api_keys: Vec<String>,
     #[serde(default)]
     admin_keys: Vec<String>,
@@ -133,6 +135,7 @@ const TOP_LEVEL: &[(&str, Kind)] = &[
     ("listen", Kind::Str),
     ("redis_url", Kind::Str),
     ("redis_cluster", Kind::List),
+    ("redis_ca_file", Kind::Str),
     ("api_keys", Kind::List),
     ("admin_keys", Kind::List),
     ("log_format", Kind::Str),
@@ -150,6 +153,9 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Seed nodes of a Redis Cluster.
     pub redis_cluster: Option<Vec<String>>,
+    /// PEM bundle of the certificates to trust for `rediss://` (instead of
+    /// the system's roots).
+    pub redis_ca_file: Option<std::path::PathBuf>,
     pub api_keys: Vec<String>,
     pub admin_keys: Vec<String>,
     pub log_format: LogFormat,
@@ -343,6 +349,7 @@ impl Config {
             listen,
             redis_url: raw.redis_url,
             redis_cluster: raw.redis_cluster,
+            redis_ca_file: raw.redis_ca_file.map(Into::into),
             api_keys: raw.api_keys,
             admin_keys: raw.admin_keys,
             log_format: raw.log_format,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::engine::redis::{RedisOptions, RedisTarget};
+use crate::engine::redis::{RedisOptions, RedisTarget, Tls};
 use crate::engine::{
     AlwaysReady, Engine, LockIndex, MemoryEngine, MemoryLockIndex, Readiness, RedisEngine,
 };
@@ -58,6 +58,17 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
         accept_eviction: config.accept_eviction,
         retention,
         timeout: Duration::from_millis(config.redis_timeout_ms),
+        tls: Tls {
+            ca_bundle: match &config.redis_ca_file {
+                None => None,
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    ConfigError::new(
+                        "redis_ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?),
+            },
+        },
     };
     let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
         .await

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::error::{Code, EngineError};
+use crate::error::{chain, Cause, Code, EngineError};
 
 /// An error answer. The `message` never carries an internal detail for 5xx.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,9 +32,9 @@ pub enum ApiError {
     /// 413 `payload_too_large`.
     PayloadTooLarge,
     /// 500 `internal_error`; the detail is logged, never sent.
-    Internal(String),
+    Internal(Cause),
     /// 503 `store_unavailable`; the detail is logged, never sent.
-    StoreUnavailable(String),
+    StoreUnavailable(Cause),
 }
 
 /// The body of every error answer.
@@ -145,7 +145,8 @@ impl IntoResponse for ApiError {
         let store = matches!(self, ApiError::Internal(_) | ApiError::StoreUnavailable(_));
         match &self {
             ApiError::Internal(d) | ApiError::StoreUnavailable(d) => {
-                tracing::warn!(code = self.code().as_str(), detail = %d, "request failed")
+                let detail = chain(d);
+                tracing::warn!(code = self.code().as_str(), detail = %detail, "request failed")
             }
             _ => tracing::warn!(
                 code = self.code().as_str(),

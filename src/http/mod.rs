@@ -170,7 +170,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events", post(routes::track))
         .route("/v1/balances.finalize", post(routes::finalize))
         .route("/v1/gate", any(gate::gate))
-        .route("/v1/gate/*path", any(gate::gate))
+        .route("/v1/gate/{*path}", any(gate::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(admin)
@@ -184,7 +184,7 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
-                ApiError::Internal("handler panicked".into()).into_response()
+                ApiError::Internal(crate::error::Cause::msg("handler panicked")).into_response()
             },
         ))
         .with_state(state)

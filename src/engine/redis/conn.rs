@@ -9,7 +9,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-use crate::error::EngineError;
+use crate::error::{Cause, EngineError};
 use crate::model::Retention;
 
 /// A multiplexed connection to a standalone server or a cluster.
@@ -70,6 +70,8 @@ pub struct RedisOptions {
     /// Bound on connecting and on each reply; past it a call answers
     /// `StoreUnavailable` rather than hanging.
     pub timeout: Duration,
+    /// TLS for `rediss://` targets.
+    pub tls: Tls,
 }
 
 impl RedisOptions {
@@ -80,26 +82,60 @@ impl RedisOptions {
             accept_eviction: false,
             retention: Retention::default(),
             timeout: Duration::from_secs(2),
+            tls: Tls::default(),
         }
     }
 }
 
 /// Maps a connection-level failure.
 pub(crate) fn unavailable(e: RedisError) -> EngineError {
-    EngineError::StoreUnavailable(e.to_string())
+    EngineError::StoreUnavailable(Cause::new(e))
+}
+
+/// TLS settings for `rediss://` targets.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// PEM certificates to trust instead of the system's roots (a managed
+    /// Redis's or a private CA's bundle).
+    pub ca_bundle: Option<Vec<u8>>,
+}
+
+impl Tls {
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: self.ca_bundle.clone(),
+        }
+    }
+}
+
+/// rustls needs one process-wide crypto provider; ring, installed once.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// Opens the connection `target` names; each reply bounded by `timeout`.
-pub async fn open(target: &RedisTarget, timeout: Duration) -> Result<Conn, EngineError> {
+/// `rediss://` URLs speak TLS (trusting `tls.ca_bundle` when given, else
+/// the system's roots); a user and password in the URL authenticate.
+pub async fn open(target: &RedisTarget, timeout: Duration, tls: &Tls) -> Result<Conn, EngineError> {
+    install_crypto_provider();
     Ok(match target {
         RedisTarget::Standalone(url) => {
-            let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+            let client = if url.starts_with("rediss://") && tls.ca_bundle.is_some() {
+                redis::Client::build_with_tls(url.as_str(), tls.certificates())
+            } else {
+                redis::Client::open(url.as_str())
+            }
+            .map_err(unavailable)?;
             let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(timeout)
-                .set_response_timeout(timeout)
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
                 .set_number_of_retries(2)
-                .set_factor(2)
-                .set_max_delay(500);
+                .set_min_delay(Duration::from_millis(10))
+                .set_max_delay(Duration::from_millis(500));
             Conn::Single(Box::new(
                 ConnectionManager::new_with_config(client, config)
                     .await
@@ -107,7 +143,13 @@ pub async fn open(target: &RedisTarget, timeout: Duration) -> Result<Conn, Engin
             ))
         }
         RedisTarget::Cluster(urls) => {
-            let client = redis::cluster::ClusterClient::new(urls.clone()).map_err(unavailable)?;
+            let mut builder = redis::cluster::ClusterClientBuilder::new(urls.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout);
+            if tls.ca_bundle.is_some() {
+                builder = builder.certs(tls.certificates());
+            }
+            let client = builder.build().map_err(unavailable)?;
             Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
         }
     })
@@ -138,9 +180,9 @@ pub async fn check_eviction(conn: &Conn, accept: bool) -> Result<(), EngineError
     if accept {
         Ok(())
     } else {
-        Err(EngineError::StoreUnavailable(format!(
+        Err(EngineError::StoreUnavailable(Cause::msg(format!(
             "maxmemory-policy is {policy}, not noeviction: Redis could silently delete \
                  balances (set accept_eviction to run anyway)"
-        )))
+        ))))
     }
 }

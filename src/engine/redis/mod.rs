@@ -35,7 +35,7 @@ use conn::unavailable;
 use reply::{decode_buckets, decode_outcome, int, map_error, string, Ctx};
 use scripts::Script;
 
-pub use conn::{Conn, RedisOptions, RedisTarget};
+pub use conn::{Conn, RedisOptions, RedisTarget, Tls};
 pub use keys::{customer_keys, CustomerKeys, LAYOUT};
 pub use lock_index::RedisLockIndex;
 pub use scripts::{Loaded, Scripts, LIB_LUA};
@@ -64,7 +64,7 @@ impl RedisEngine {
         if opts.namespace.contains(['{', '}']) {
             return Err(invalid("redis.namespace", "must not hold { or }"));
         }
-        let conn = conn::open(&opts.target, opts.timeout).await?;
+        let conn = conn::open(&opts.target, opts.timeout, &opts.tls).await?;
         conn::check_eviction(&conn, opts.accept_eviction).await?;
         let scripts = Loaded::new(conn.clone());
         scripts.load().await?;

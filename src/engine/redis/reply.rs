@@ -6,7 +6,7 @@ use redis::{ErrorKind, RedisError, Value};
 
 use super::conn::unavailable;
 use crate::calendar::Interval;
-use crate::error::{invalid, Code, EngineError};
+use crate::error::{invalid, Cause, Code, EngineError};
 use crate::model::*;
 use crate::money::Amount;
 use crate::rules;
@@ -108,17 +108,19 @@ pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
                     .unwrap_or("argument");
                 invalid(field, reason.to_string())
             }
-            _ => EngineError::Internal(format!("script error: {detail}")),
+            _ => EngineError::Internal(Cause::msg(format!("script error: {detail}"))),
         };
     }
     match e.kind() {
-        ErrorKind::ResponseError | ErrorKind::TypeError => EngineError::Internal(e.to_string()),
+        ErrorKind::Server(_) | ErrorKind::UnexpectedReturnType | ErrorKind::Parse => {
+            EngineError::Internal(Cause::new(e))
+        }
         _ => unavailable(e),
     }
 }
 
 fn bad_reply(what: &str) -> EngineError {
-    EngineError::Internal(format!("unexpected script reply ({what})"))
+    EngineError::Internal(Cause::msg(format!("unexpected script reply ({what})")))
 }
 
 pub(crate) fn array(v: Value) -> Result<Vec<Value>, EngineError> {

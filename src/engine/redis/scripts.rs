@@ -3,11 +3,11 @@
 //! and the readiness probe that reloads what the server lost.
 
 use async_trait::async_trait;
-use redis::{ErrorKind, RedisError, Value};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use super::conn::{unavailable, Conn};
 use crate::engine::Readiness;
-use crate::error::EngineError;
+use crate::error::{Cause, EngineError};
 
 /// The shared library, prepended to every operation script.
 pub const LIB_LUA: &str = include_str!("../../../lua/lib.lua");
@@ -146,7 +146,10 @@ impl Loaded {
                     .await
                     .map_err(unavailable)?;
                 if sha != s.sha {
-                    return Err(EngineError::Internal(format!("{} sha mismatch", s.name)));
+                    return Err(EngineError::Internal(Cause::msg(format!(
+                        "{} sha mismatch",
+                        s.name
+                    ))));
                 }
             }
         }
@@ -164,7 +167,7 @@ impl Loaded {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(&script.sha).arg(keys.len()).arg(keys).arg(args);
         match cmd.query_async::<Value>(&mut conn).await {
-            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(&script.body).arg(keys.len()).arg(keys).arg(args);
                 cmd.query_async::<Value>(&mut conn).await

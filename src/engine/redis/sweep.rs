@@ -8,7 +8,7 @@ use super::keys::{self, LAYOUT};
 use super::reply::int;
 use super::RedisEngine;
 use crate::engine::{Engine, SweepReport};
-use crate::error::EngineError;
+use crate::error::{Cause, EngineError};
 
 /// The due index is swept in this many shards of consecutive slots, each
 /// under its own lease, so several sidecars share the work.
@@ -103,7 +103,7 @@ impl RedisEngine {
             }
             let mut out = vec![];
             while let Some(r) = tasks.join_next().await {
-                let r = r.map_err(|e| EngineError::Internal(e.to_string()))?;
+                let r = r.map_err(|e| EngineError::Internal(Cause::new(e)))?;
                 out.extend(r.map_err(unavailable)?);
             }
             return Ok(out);
