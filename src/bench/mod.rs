@@ -466,7 +466,7 @@ fn catalog_of(config: &Option<PathBuf>) -> Result<(Arc<Catalog>, String), String
         Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => EXAMPLE_CONFIG.to_string(),
     };
-    let now = crate::engine::Clock::now_ms(&crate::engine::SystemClock);
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
     let c = Config::parse(&text, &BTreeMap::new(), now).map_err(|e| e.to_string())?;
     Ok((c.catalog, text))
 }

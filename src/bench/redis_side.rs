@@ -17,10 +17,10 @@ use super::load::{Fail, Op, Reply, Req, Target};
 use super::progress::Progress;
 use super::Ids;
 use crate::calendar::Interval;
+use crate::engine::redis::{customer_keys, RedisEngine, RedisOptions, RedisTarget};
 use crate::error::EngineError;
-use crate::model::{Catalog, Grant, Outcome, OverageBehavior, Retention};
+use crate::model::{Catalog, Grant, Outcome, OverageBehavior};
 use crate::money::Amount;
-use crate::store::{customer_keys, RedisEngine, RedisOptions, RedisTarget};
 use crate::Engine;
 
 /// The minimal decision the baseline measures (the same text as the shared
@@ -43,10 +43,8 @@ pub async fn engine(
 ) -> Result<Arc<dyn Engine>, String> {
     let opts = RedisOptions {
         target: RedisTarget::Standalone(url.to_string()),
-        namespace: String::new(),
-        accept_eviction: false,
-        retention: Retention::default(),
         timeout,
+        ..RedisOptions::standalone(url)
     };
     let e = RedisEngine::connect(opts, catalog, None)
         .await
@@ -112,7 +110,7 @@ impl Target for EngineTarget {
                 .await
                 .map(|o| self.reply(&o, true)),
             Op::Track => {
-                let op = crate::rules::Op::Track {
+                let op = crate::model::Op::Track {
                     feature: self.feature.clone(),
                     units: self.units,
                     behavior: OverageBehavior::Cap,
