@@ -146,7 +146,7 @@ fn main() {
     all.extend(rt.block_on(run_routes("in-process", &base, &args)));
     let redis = match std::env::var_os("CREDITGATE_BENCH_SKIP_REDIS") {
         Some(_) => None,
-        None => rt.block_on(support::RedisServer::start()),
+        None => Some(support::RedisServer::start()),
     };
     if let Some(redis) = redis {
         let env = BTreeMap::from([("CREDITGATE_REDIS_URL".to_string(), redis.url())]);

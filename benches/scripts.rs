@@ -9,39 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use creditgate::calendar::Interval;
-use creditgate::model::{
-    Catalog, CreditSchemaItem, FeatureDef, FeatureType, Grant, OverageBehavior,
-};
-use creditgate::store::{RedisEngine, RedisOptions};
-use creditgate::{Amount, Cost, Engine};
+use creditgate::engine::redis::{RedisEngine, RedisOptions};
+use creditgate::model::{Grant, OverageBehavior};
+use creditgate::{Amount, Engine};
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{drive, print_header, print_table, Args};
-
-fn catalog() -> Arc<Catalog> {
-    let metered = |id: &str| FeatureDef {
-        id: id.into(),
-        kind: FeatureType::Metered,
-        credit_schema: vec![],
-    };
-    let item = |f: &str, c: &str| CreditSchemaItem {
-        metered_feature_id: f.into(),
-        credit_cost: Cost::parse(c).unwrap(),
-    };
-    Arc::new(
-        Catalog::new(vec![
-            metered("basic_message"),
-            metered("premium_message"),
-            FeatureDef {
-                id: "credits".into(),
-                kind: FeatureType::CreditSystem,
-                credit_schema: vec![item("basic_message", "1"), item("premium_message", "10")],
-            },
-        ])
-        .unwrap(),
-    )
-}
+use support::{catalog, drive, print_header, print_table, Args};
 
 fn main() {
     let args = Args::from_env();
@@ -51,9 +25,7 @@ fn main() {
         .unwrap();
     print_header("scripts load", &args);
     let started = Instant::now();
-    let Some(redis) = rt.block_on(support::RedisServer::start()) else {
-        return;
-    };
+    let redis = support::RedisServer::start();
     let rows = rt.block_on(async {
         let engine = Arc::new(
             RedisEngine::connect(RedisOptions::standalone(&redis.url()), catalog(), None)

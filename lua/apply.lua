@@ -1,14 +1,18 @@
 -- apply: consume, track, reserve or finalize, with an optional idempotency key.
 -- KEYS[1] customer hash cg1:{t}   KEYS[2] lock hash cg1:{t}:l   KEYS[3] due index cg1:due:{<slot tag>}
--- ARGV[1] now ('' = TIME)  ARGV[2] idempotency retention ms  ARGV[3] lock retention ms  ARGV[4] customer id
+-- ARGV[1] now: ms UTC ('' = Redis TIME)
+-- ARGV[2] idempotency_retention_ms: how long an idempotency record is kept
+-- ARGV[3] lock_retention_ms: how long a finalized lock is remembered
+-- ARGV[4] customer_id: the member of the due index
 -- ARGV[5] op: consume | track | reserve | finalize
--- ARGV[6] idempotency key ('' = none); the record is the key cg1:{t}:i:<key>
--- ARGV[7] feature id (finalize: '')
--- ARGV[8] units (raw, x10^4; track: negative refunds; finalize: override value or '')
--- ARGV[9] track: cap | reject | overflow; finalize: confirm | release; else ''
--- ARGV[10] lock id (reserve, finalize; else '')   ARGV[11] reserve: lock expires_at ('' = never)
--- ARGV[12] number of pools N (-1 = unknown feature; finalize: 0, the lock keeps its own)
--- ARGV[13..] N pairs: pool id, cost (raw, x10^6), in deduction order.
+-- ARGV[6] idempotency_key: '' = none; the record is the key cg1:{t}:i:<key>
+-- ARGV[7] feature_id: finalize: ''
+-- ARGV[8] units: raw, x10^4; track: negative refunds; finalize: override value or ''
+-- ARGV[9] mode: track: cap | reject | overflow; finalize: confirm | release; else ''
+-- ARGV[10] lock_id: reserve, finalize; else ''
+-- ARGV[11] expires_at: reserve: the lock's expiry ('' = never)
+-- ARGV[12] pool_count: N (-1 = unknown feature; finalize: 0, the lock keeps its own)
+-- ARGV[13..] pools: N pairs: pool id, cost (raw, x10^6), in deduction order
 -- Reply: an outcome (see lua/README.md). track with reject answers flag 'i'
 -- rather than an error, so a replayed refusal can be told apart.
 -- Trusts: ids valid, units >= 0 for consume/reserve, override >= 0.
@@ -45,11 +49,11 @@ return run_main(function()
     local v = redis.call('GET', ikey)
     if v then
       local rec = cmsgpack.unpack(v)
-      if rec[2] > now then
-        if rec[1] ~= fp then
+      if rec[RECORD.EXPIRES_AT] > now then
+        if rec[RECORD.FINGERPRINT] ~= fp then
           fail('idempotency_key_reused')
         end
-        o, replayed = unpack_outcome(rec[3]), true
+        o, replayed = unpack_outcome(rec[RECORD.OUTCOME]), true
       end
     end
   end
@@ -59,9 +63,11 @@ return run_main(function()
     local r = (not l) and get_receipt(C, lock_id)
     local src = l or r
     if src then
-      shown, shown_pools = src[l and 1 or 2], {}
-      for i, p in ipairs(src[4]) do
-        shown_pools[i] = { pool = p[1], cost = p[2] }
+      shown = l and l[LOCK.FEATURE] or r[RECEIPT.FEATURE]
+      shown_pools = {}
+      -- A lock and its receipt keep their pools at the same position.
+      for i, p in ipairs(src[LOCK.POOLS]) do
+        shown_pools[i] = { pool = p[POOL.ID], cost = p[POOL.COST] }
       end
     end
   end
@@ -100,14 +106,14 @@ return run_main(function()
         if not r then
           fail('lock_not_found')
         end
-        o, replayed = unpack_outcome(r[3]), true
+        o, replayed = unpack_outcome(r[RECEIPT.OUTCOME]), true
       else
         if mode == 'release' then
           o = release_held(C, lock, now)
         elseif units == nil then
           o = outcome(true, {}, 0)
         else
-          local diff = units - lock[2]
+          local diff = units - lock[LOCK.UNITS]
           if diff < -MAX or diff > MAX then
             fail('amount_out_of_range')
           end
@@ -118,10 +124,10 @@ return run_main(function()
             o = track(C, shown_pools, diff, 'cap')
           end
         end
-        C.receipts[lock_id] = { now + C.ret_lock, lock[1], pack_outcome(o), lock[4] }
+        C.receipts[lock_id] = { now + C.ret_lock, lock[LOCK.FEATURE], pack_outcome(o), lock[LOCK.POOLS] }
         C.receipt_del[lock_id] = nil
         set_lock(C, lock_id, nil)
-        if lock[3] and lock[3] == C.le then
+        if lock[LOCK.EXPIRES_AT] and lock[LOCK.EXPIRES_AT] == C.le then
           recompute_le(C)
         end
       end

@@ -1,13 +1,23 @@
 -- grant: adds a bucket to a customer.
 -- KEYS[1] customer hash cg1:{t}   KEYS[2] lock hash cg1:{t}:l   KEYS[3] due index cg1:due:{<slot tag>}
--- ARGV[1] now ('' = TIME)  ARGV[2] idempotency retention ms  ARGV[3] lock retention ms  ARGV[4] customer id
--- ARGV[5] pool (feature or credit system id)   ARGV[6] balance id ('' = generate b<seq>)
--- ARGV[7] plan id ('')   ARGV[8] granted (raw, x10^4)
--- ARGV[9] interval code 0 one_off 1 minute 2 hour 3 day 4 week 5 month 6 quarter 7 semi_annual 8 year
--- ARGV[10] interval count   ARGV[11] first next_reset_at ('' = now + one period)   ARGV[12] expires_at ('')
--- ARGV[13] flags: any of u (unlimited) o (overage allowed) d (carry debt)   ARGV[14] overage floor raw <= 0 ('')
--- ARGV[15] rollover: '' none, 'month' or 'forever'   ARGV[16] rollover max raw ('')
--- ARGV[17] rollover max_percentage raw (x10^4, '')   ARGV[18] rollover length in months ('' = 1)
+-- ARGV[1] now: ms UTC ('' = Redis TIME)
+-- ARGV[2] idempotency_retention_ms: how long an idempotency record is kept
+-- ARGV[3] lock_retention_ms: how long a finalized lock is remembered
+-- ARGV[4] customer_id: the member of the due index
+-- ARGV[5] pool: feature or credit system id
+-- ARGV[6] balance_id: '' = generate b<seq>
+-- ARGV[7] plan_id: '' = none
+-- ARGV[8] granted: raw, x10^4
+-- ARGV[9] interval: code 0 one_off 1 minute 2 hour 3 day 4 week 5 month 6 quarter 7 semi_annual 8 year
+-- ARGV[10] interval_count: '' = 1
+-- ARGV[11] next_reset_at: the first boundary ('' = now + one period)
+-- ARGV[12] expires_at: '' = never
+-- ARGV[13] flags: any of u (unlimited) o (overage allowed) d (carry debt)
+-- ARGV[14] overage_floor: raw <= 0 ('' = unbounded)
+-- ARGV[15] rollover: '' none, 'month' or 'forever'
+-- ARGV[16] rollover_max: raw ('' = none)
+-- ARGV[17] rollover_max_percentage: raw (x10^4, '' = none)
+-- ARGV[18] rollover_length: months ('' = 1)
 -- Reply: the balance id.
 -- Trusts: the input rules of model::validate_grant that need no clock or state
 -- (ids, bounds, interval, floor, rollover rules); checks the ones that need `now`.

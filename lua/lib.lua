@@ -28,6 +28,22 @@ local RS = '\30' -- row separator
 local CUSTOMER_FIELD = '\31' -- the customer record's field in the customer hash
 local ROWS_SUFFIX = '\31r' -- a bucket's rollover rows: field <balance id>\31r
 
+-- Positions inside the msgpack arrays stored in Redis (never renumber: they
+-- are stored bytes). A pending lock, one field of the lock hash:
+local LOCK = { FEATURE = 1, UNITS = 2, EXPIRES_AT = 3, POOLS = 4, HELD = 5 }
+-- one held entry of a lock (a source it took from, and that bucket's
+-- next_reset_at at hold time: a bucket that has reset since gets nothing back):
+local HELD = { BALANCE_ID = 1, POOL = 2, KIND = 3, ROLLOVER_EXPIRES_AT = 4, AMOUNT = 5, UNITS = 6, NEXT_RESET_AT = 7 }
+-- a pool the lock was reserved from:
+local POOL = { ID = 1, COST = 2 }
+-- a finalized lock's receipt (key <customer key>:f:<lock id>):
+local RECEIPT = { FORGET_AT = 1, FEATURE = 2, OUTCOME = 3, POOLS = 4 }
+-- an idempotency record (key <customer key>:i:<key>):
+local RECORD = { FINGERPRINT = 1, EXPIRES_AT = 2, OUTCOME = 3 }
+-- a stored outcome, and one of its entries:
+local PACKED = { ALLOWED = 1, UNCOVERED = 2, NO_BALANCE = 3, INSUFFICIENT = 4, ENTRIES = 5 }
+local ENTRY = { BALANCE_ID = 1, POOL = 2, KIND = 3, ROLLOVER_EXPIRES_AT = 4, AMOUNT = 5, UNITS = 6 }
+
 local function fail(code, detail)
   error({ cg = detail and (code .. ' ' .. detail) or code })
 end
@@ -603,8 +619,9 @@ local function encode_record(C)
 end
 
 -- Locks: a pending lock is one field of the lock hash, msgpack of
--- { feature, units, expires_at|false, pools, held }, pools = { {pool, cost}... },
--- held = { {balance_id, pool, kind, rollover expiry|false, amount, units, marker|false}... }.
+-- { feature, units, expires_at|false, pools, held } (positions: LOCK), pools =
+-- { {pool, cost}... } (POOL), held = { {balance_id, pool, kind, rollover
+-- expiry|false, amount, units, next_reset_at|false}... } (HELD).
 local function get_lock(C, id)
   local l = C.locks[id]
   if l ~= nil then
@@ -626,7 +643,8 @@ local function set_lock(C, id, l)
 end
 
 -- Finalized locks are kept as their own key <customer key>:f:<lock id> with a
--- relative expiry (PX); inside, msgpack { forget_at, feature, outcome }.
+-- relative expiry (PX); inside, msgpack { forget_at, feature, outcome, pools }
+-- (positions: RECEIPT).
 local function receipt_key(C, id)
   return C.key .. ':f:' .. id
 end
@@ -639,7 +657,7 @@ local function get_receipt(C, id)
       r = cmsgpack.unpack(v)
     end
   end
-  if r and r[1] > C.now then
+  if r and r[RECEIPT.FORGET_AT] > C.now then
     return r
   end
   return nil
@@ -655,13 +673,13 @@ local function recompute_le(C)
     if l == nil then
       l = cmsgpack.unpack(raw[i + 1])
     end
-    if l and l[3] then
-      le = opt_min(le, l[3])
+    if l and l[LOCK.EXPIRES_AT] then
+      le = opt_min(le, l[LOCK.EXPIRES_AT])
     end
   end
   for id, l in pairs(C.locks) do
-    if l and l[3] and C.lock_dirty[id] then
-      le = opt_min(le, l[3])
+    if l and l[LOCK.EXPIRES_AT] and C.lock_dirty[id] then
+      le = opt_min(le, l[LOCK.EXPIRES_AT])
     end
   end
   C.le = le
@@ -1103,12 +1121,13 @@ local function outcome(allowed, entries, uncovered)
   return { allowed = allowed, entries = entries, uncovered = uncovered, nb = false, ins = false }
 end
 
--- held: { bid, pool, kind, exp|false, amount, units, marker|false }
+-- rules::release_held over a lock's held entries (positions: HELD).
 local function release_held(C, lock, at)
   local entries = {}
   local lost = 0
-  for _, h in ipairs(lock[5]) do
-    local bid, kind, exp, amount, units, marker = h[1], h[3], h[4] or nil, h[5], h[6], h[7] or nil
+  for _, h in ipairs(lock[LOCK.HELD]) do
+    local bid, kind, exp = h[HELD.BALANCE_ID], h[HELD.KIND], h[HELD.ROLLOVER_EXPIRES_AT] or nil
+    local amount, units, marker = h[HELD.AMOUNT], h[HELD.UNITS], h[HELD.NEXT_RESET_AT] or nil
     local b = find_bucket(C, bid)
     local target = nil
     if b and (b.expires == nil or b.expires > at) then
@@ -1136,14 +1155,15 @@ local function release_held(C, lock, at)
     end
     lost = lost + units - u
     if back > 0 or u > 0 then
-      entries[#entries + 1] = { bid = bid, pool = h[2], kind = kind, exp = exp, amount = -back, units = -u }
+      entries[#entries + 1] = { bid = bid, pool = h[HELD.POOL], kind = kind, exp = exp, amount = -back, units = -u }
     end
   end
   return outcome(true, entries, lost)
 end
 
--- A stored outcome: msgpack-friendly { allowed, uncovered, nb, ins, entries }
--- with entries { bid, pool, kind, exp|false, amount, units }.
+-- A stored outcome: msgpack-friendly { allowed, uncovered, no_balance,
+-- insufficient, entries } (positions: PACKED) with entries { balance_id,
+-- pool, kind, rollover expiry|false, amount, units } (positions: ENTRY).
 local function pack_outcome(o)
   local es = {}
   for i, e in ipairs(o.entries) do
@@ -1154,10 +1174,23 @@ end
 
 local function unpack_outcome(p)
   local es = {}
-  for i, e in ipairs(p[5]) do
-    es[i] = { bid = e[1], pool = e[2], kind = e[3], exp = e[4] or nil, amount = e[5], units = e[6] }
+  for i, e in ipairs(p[PACKED.ENTRIES]) do
+    es[i] = {
+      bid = e[ENTRY.BALANCE_ID],
+      pool = e[ENTRY.POOL],
+      kind = e[ENTRY.KIND],
+      exp = e[ENTRY.ROLLOVER_EXPIRES_AT] or nil,
+      amount = e[ENTRY.AMOUNT],
+      units = e[ENTRY.UNITS],
+    }
   end
-  return { allowed = p[1] == 1, uncovered = p[2], nb = p[3] == 1, ins = p[4] == 1, entries = es }
+  return {
+    allowed = p[PACKED.ALLOWED] == 1,
+    uncovered = p[PACKED.UNCOVERED],
+    nb = p[PACKED.NO_BALANCE] == 1,
+    ins = p[PACKED.INSUFFICIENT] == 1,
+    entries = es,
+  }
 end
 
 -- rules::prepare: expired pending locks are released (each as of its own
@@ -1174,7 +1207,7 @@ local function prepare(C)
       local id = raw[i]
       local l = cmsgpack.unpack(raw[i + 1])
       C.locks[id] = l
-      local e = l[3] or nil
+      local e = l[LOCK.EXPIRES_AT] or nil
       if e and e <= now then
         expired[#expired + 1] = { e = e, id = id }
       elseif e then
@@ -1190,7 +1223,7 @@ local function prepare(C)
     for _, x in ipairs(expired) do
       local lock = C.locks[x.id]
       local o = release_held(C, lock, x.e)
-      C.receipts[x.id] = { x.e + C.ret_lock, lock[1], pack_outcome(o), lock[4] }
+      C.receipts[x.id] = { x.e + C.ret_lock, lock[LOCK.FEATURE], pack_outcome(o), lock[LOCK.POOLS] }
       set_lock(C, x.id, nil)
     end
     C.le = le
@@ -1339,6 +1372,8 @@ local function bucket_view(b)
     b.unlimited and 1 or 0,
     b.overage and 1 or 0,
     rows,
+    b.anchor,
+    b.carry and 1 or 0,
   }
 end
 

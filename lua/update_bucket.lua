@@ -1,8 +1,13 @@
 -- update_bucket: sets a bucket's remaining, or adds to it.
 -- KEYS[1] customer hash cg1:{t}   KEYS[2] lock hash cg1:{t}:l   KEYS[3] due index cg1:due:{<slot tag>}
--- ARGV[1] now ('' = TIME)  ARGV[2] idempotency retention ms  ARGV[3] lock retention ms  ARGV[4] customer id
--- ARGV[5] pool   ARGV[6] balance id ('' = the pool's first bucket in deduction order)
--- ARGV[7] 'set' | 'add'   ARGV[8] amount (raw, x10^4)
+-- ARGV[1] now: ms UTC ('' = Redis TIME)
+-- ARGV[2] idempotency_retention_ms: how long an idempotency record is kept
+-- ARGV[3] lock_retention_ms: how long a finalized lock is remembered
+-- ARGV[4] customer_id: the member of the due index
+-- ARGV[5] pool: feature or credit system id
+-- ARGV[6] balance_id: '' = the pool's first bucket in deduction order
+-- ARGV[7] mode: 'set' | 'add'
+-- ARGV[8] amount: raw, x10^4
 -- Reply: 1. Errors: balance_not_found, amount_out_of_range.
 -- Trusts: the pool is a known feature id.
 return run_main(function()

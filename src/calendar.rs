@@ -22,16 +22,19 @@ pub const MAX_INSTANT_MS: i64 = 253_402_300_799_999;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[repr(u8)]
 pub enum Interval {
-    OneOff,
-    Minute,
-    Hour,
-    Day,
-    Week,
-    Month,
-    Quarter,
-    SemiAnnual,
-    Year,
+    // The discriminants are the codes stored in Redis (`lua/grant.lua`,
+    // `make_period` in `lua/lib.lua`): never renumber them.
+    OneOff = 0,
+    Minute = 1,
+    Hour = 2,
+    Day = 3,
+    Week = 4,
+    Month = 5,
+    Quarter = 6,
+    SemiAnnual = 7,
+    Year = 8,
 }
 
 /// How one interval advances: a fixed number of milliseconds or of months.
@@ -53,6 +56,16 @@ impl Interval {
         Interval::SemiAnnual,
         Interval::Year,
     ];
+
+    /// The interval's stored code (0 one_off … 8 year).
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The interval of a stored code.
+    pub fn from_code(code: u8) -> Option<Interval> {
+        Interval::ALL.into_iter().find(|i| i.code() == code)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -214,6 +227,28 @@ pub fn ms_of(y: i64, m: i64, d: i64, hh: i64, mm: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interval_codes_are_the_stored_ones() {
+        // Stored buckets hold these codes: this pins them.
+        let codes: Vec<(Interval, u8)> = Interval::ALL.iter().map(|i| (*i, i.code())).collect();
+        assert_eq!(
+            codes,
+            [
+                (Interval::OneOff, 0),
+                (Interval::Minute, 1),
+                (Interval::Hour, 2),
+                (Interval::Day, 3),
+                (Interval::Week, 4),
+                (Interval::Month, 5),
+                (Interval::Quarter, 6),
+                (Interval::SemiAnnual, 7),
+                (Interval::Year, 8),
+            ]
+        );
+        assert_eq!(Interval::from_code(5), Some(Interval::Month));
+        assert_eq!(Interval::from_code(9), None);
+    }
 
     #[test]
     fn month_end_clamps_without_drift() {

@@ -13,10 +13,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::calendar::Interval;
-use crate::model::{
-    validate_grant, Catalog, FeatureDef, Grant, RolloverConfig, RolloverDuration, MAX_ID_BYTES,
-};
+use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_BYTES};
 use crate::money::Amount;
 
 /// The prefix of every environment override.
@@ -73,92 +70,6 @@ impl DeployEnv {
     }
 }
 
-/// One item of a plan: a bucket `billing.attach` grants, anchored at the
-/// moment of attachment.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlanItem {
-    pub feature_id: String,
-    /// The grant per period (default 0: only valid with `unlimited` or
-    /// `overage_allowed`).
-    #[serde(default)]
-    pub included: Amount,
-    /// Default `one_off`: granted once, never resets.
-    #[serde(default = "one_off")]
-    pub interval: Interval,
-    #[serde(default)]
-    pub interval_count: Option<u32>,
-    #[serde(default)]
-    pub rollover: Option<RolloverConfig>,
-    #[serde(default)]
-    pub unlimited: bool,
-    #[serde(default)]
-    pub overage_allowed: bool,
-    #[serde(default)]
-    pub overage_floor: Option<Amount>,
-    #[serde(default)]
-    pub carry_debt: bool,
-}
-
-fn one_off() -> Interval {
-    Interval::OneOff
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Plan {
-    pub id: String,
-    #[serde(default)]
-    pub items: Vec<PlanItem>,
-}
-
-impl Plan {
-    /// The deterministic balance id of item `index`: `<plan>:<feature>`, and
-    /// `<plan>:<feature>:<n>` for the n-th (n ≥ 2) item on the same feature.
-    /// Deterministic ids make a racing double attach collide on
-    /// `BalanceAlreadyExists` instead of granting twice.
-    pub fn balance_id(&self, index: usize) -> String {
-        let feature = &self.items[index].feature_id;
-        let nth = self.items[..index]
-            .iter()
-            .filter(|i| &i.feature_id == feature)
-            .count()
-            + 1;
-        if nth == 1 {
-            format!("{}:{}", self.id, feature)
-        } else {
-            format!("{}:{}:{}", self.id, feature, nth)
-        }
-    }
-
-    /// The grant of item `index`, anchored at the engine's now.
-    pub fn grant(&self, index: usize) -> Grant {
-        let item = &self.items[index];
-        let mut rollover = item.rollover.clone();
-        // A forever rollover carries no length (Autumn sends one anyway).
-        if let Some(r) = &mut rollover {
-            if r.duration == RolloverDuration::Forever {
-                r.length = None;
-            }
-        }
-        Grant {
-            pool: item.feature_id.clone(),
-            balance_id: Some(self.balance_id(index)),
-            plan_id: Some(self.id.clone()),
-            granted: item.included,
-            interval: Some(item.interval),
-            interval_count: item.interval_count,
-            next_reset_at: None,
-            expires_at: None,
-            rollover,
-            unlimited: item.unlimited,
-            overage_allowed: item.overage_allowed,
-            overage_floor: item.overage_floor,
-            carry_debt: item.carry_debt,
-        }
-    }
-}
-
 /// The file as written (before validation).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,6 +80,8 @@ struct RawConfig {
     redis_url: Option<String>,
     #[serde(default)]
     redis_cluster: Option<Vec<String>>,
+    #[serde(default)]
+    redis_ca_file: Option<String>,
     #[serde(default)]
     api_keys: Vec<String>,
     #[serde(default)]
@@ -222,6 +135,7 @@ const TOP_LEVEL: &[(&str, Kind)] = &[
     ("listen", Kind::Str),
     ("redis_url", Kind::Str),
     ("redis_cluster", Kind::List),
+    ("redis_ca_file", Kind::Str),
     ("api_keys", Kind::List),
     ("admin_keys", Kind::List),
     ("log_format", Kind::Str),
@@ -239,6 +153,9 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Seed nodes of a Redis Cluster.
     pub redis_cluster: Option<Vec<String>>,
+    /// PEM bundle of the certificates to trust for `rediss://` (instead of
+    /// the system's roots).
+    pub redis_ca_file: Option<std::path::PathBuf>,
     pub api_keys: Vec<String>,
     pub admin_keys: Vec<String>,
     pub log_format: LogFormat,
@@ -332,7 +249,7 @@ impl Config {
         Config::parse(
             &text,
             &env,
-            crate::engine::Clock::now_ms(&crate::engine::SystemClock),
+            crate::clock::Clock::now_ms(&crate::clock::SystemClock),
         )
     }
 
@@ -432,6 +349,7 @@ impl Config {
             listen,
             redis_url: raw.redis_url,
             redis_cluster: raw.redis_cluster,
+            redis_ca_file: raw.redis_ca_file.map(Into::into),
             api_keys: raw.api_keys,
             admin_keys: raw.admin_keys,
             log_format: raw.log_format,
@@ -553,17 +471,22 @@ impl Default for GateConfig {
     }
 }
 
+/// An HTTP header name (an RFC 9110 token), lower-cased as HTTP compares
+/// them; `None` when `v` is not one.
+fn header_name(v: &str) -> Option<String> {
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    (!v.is_empty() && v.chars().all(token)).then(|| v.to_ascii_lowercase())
+}
+
 impl GateConfig {
     fn validate(raw: RawGate, catalog: &Catalog) -> Result<GateConfig, ConfigError> {
         let header = |key: &str, v: &str| -> Result<String, ConfigError> {
-            axum::http::HeaderName::from_bytes(v.as_bytes())
-                .map(|h| h.as_str().to_string())
-                .map_err(|_| {
-                    ConfigError::new(
-                        format!("gate.{key}"),
-                        format!("{v:?} is not an HTTP header name"),
-                    )
-                })
+            header_name(v).ok_or_else(|| {
+                ConfigError::new(
+                    format!("gate.{key}"),
+                    format!("{v:?} is not an HTTP header name"),
+                )
+            })
         };
         if !(400..=499).contains(&raw.deny_status) {
             return Err(ConfigError::new(

@@ -1,6 +1,7 @@
 //! The engine's typed errors. Every one leaves the customer's state unchanged.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
@@ -15,6 +16,8 @@ pub enum EngineError {
     FeatureNotFound(String),
     #[error("balance not found")]
     BalanceNotFound,
+    #[error("plan {0:?} not found")]
+    PlanNotFound(String),
     #[error("a balance with id {0:?} already exists")]
     BalanceAlreadyExists(String),
     #[error("a customer may hold at most {0} balances")]
@@ -30,9 +33,76 @@ pub enum EngineError {
     #[error("the result would leave a balance outside ±1e11")]
     AmountOutOfRange,
     #[error("store unavailable: {0}")]
-    StoreUnavailable(String),
+    StoreUnavailable(#[source] Cause),
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[source] Cause),
+}
+
+/// What went wrong below the engine (a Redis error, an I/O error, a reply
+/// that makes no sense), kept whole: it displays as its source and hands on
+/// that source's own chain, so logs show every level. Compared by message,
+/// so errors stay comparable in tests.
+#[derive(Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl Cause {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(Arc::new(e))
+    }
+
+    /// A cause that is only a message (nothing below it).
+    pub fn msg(m: impl Into<String>) -> Cause {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Msg(String);
+        Cause::new(Msg(m.into()))
+    }
+
+    /// The error it wraps.
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Cause) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Cause {}
+
+/// Every message of an error's chain, outermost first, joined by `: `.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let m = s.to_string();
+        if !out.ends_with(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        next = s.source();
+    }
+    out
 }
 
 /// Shorthand for [`EngineError::InvalidInput`].
@@ -44,22 +114,122 @@ pub fn invalid(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Eng
 }
 
 impl EngineError {
-    /// A stable machine-readable code, shared by the HTTP API and the Lua replies.
-    pub fn code(&self) -> &'static str {
+    /// The error's code: one row of [`Code::TABLE`].
+    pub fn code(&self) -> Code {
         match self {
-            EngineError::InvalidInput { .. } => "invalid_inputs",
-            EngineError::CustomerNotFound => "customer_not_found",
-            EngineError::FeatureNotFound(_) => "feature_not_found",
-            EngineError::BalanceNotFound => "balance_not_found",
-            EngineError::BalanceAlreadyExists(_) => "balance_already_exists",
-            EngineError::TooManyBuckets(_) => "too_many_balances",
-            EngineError::InsufficientBalance => "insufficient_balance",
-            EngineError::LockAlreadyExists(_) => "lock_already_exists",
-            EngineError::LockNotFound(_) => "lock_not_found",
-            EngineError::IdempotencyKeyReused => "idempotency_key_reused",
-            EngineError::AmountOutOfRange => "amount_out_of_range",
-            EngineError::StoreUnavailable(_) => "store_unavailable",
-            EngineError::Internal(_) => "internal_error",
+            EngineError::InvalidInput { .. } => Code::InvalidInputs,
+            EngineError::CustomerNotFound => Code::CustomerNotFound,
+            EngineError::FeatureNotFound(_) => Code::FeatureNotFound,
+            EngineError::BalanceNotFound => Code::BalanceNotFound,
+            EngineError::PlanNotFound(_) => Code::PlanNotFound,
+            EngineError::BalanceAlreadyExists(_) => Code::BalanceAlreadyExists,
+            EngineError::TooManyBuckets(_) => Code::TooManyBalances,
+            EngineError::InsufficientBalance => Code::InsufficientBalance,
+            EngineError::LockAlreadyExists(_) => Code::LockAlreadyExists,
+            EngineError::LockNotFound(_) => Code::LockNotFound,
+            EngineError::IdempotencyKeyReused => Code::IdempotencyKeyReused,
+            EngineError::AmountOutOfRange => Code::AmountOutOfRange,
+            EngineError::StoreUnavailable(_) => Code::StoreUnavailable,
+            EngineError::Internal(_) => Code::InternalError,
         }
+    }
+}
+
+/// Every error code creditgate answers, the one table the engines, the Lua
+/// replies (`-CG <code> [detail]`) and the HTTP layer read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    InvalidInputs,
+    InsufficientBalance,
+    AmountOutOfRange,
+    TooManyBalances,
+    NoSecretKey,
+    InvalidSecretKey,
+    Forbidden,
+    NotFound,
+    CustomerNotFound,
+    FeatureNotFound,
+    PlanNotFound,
+    BalanceNotFound,
+    LockNotFound,
+    MethodNotAllowed,
+    IdempotencyKeyReused,
+    LockAlreadyExists,
+    BalanceAlreadyExists,
+    PayloadTooLarge,
+    InternalError,
+    StoreUnavailable,
+}
+
+impl Code {
+    /// Code, its wire name, and the HTTP status it answers with.
+    pub const TABLE: [(Code, &'static str, u16); 20] = [
+        (Code::InvalidInputs, "invalid_inputs", 400),
+        (Code::InsufficientBalance, "insufficient_balance", 400),
+        // Bad input too: the request would take a balance out of bounds.
+        (Code::AmountOutOfRange, "amount_out_of_range", 400),
+        (Code::TooManyBalances, "too_many_balances", 400),
+        (Code::NoSecretKey, "no_secret_key", 401),
+        (Code::InvalidSecretKey, "invalid_secret_key", 401),
+        (Code::Forbidden, "forbidden", 403),
+        (Code::NotFound, "not_found", 404),
+        (Code::CustomerNotFound, "customer_not_found", 404),
+        (Code::FeatureNotFound, "feature_not_found", 404),
+        (Code::PlanNotFound, "plan_not_found", 404),
+        (Code::BalanceNotFound, "balance_not_found", 404),
+        (Code::LockNotFound, "lock_not_found", 404),
+        (Code::MethodNotAllowed, "method_not_allowed", 405),
+        (Code::IdempotencyKeyReused, "idempotency_key_reused", 409),
+        (Code::LockAlreadyExists, "lock_already_exists", 409),
+        (Code::BalanceAlreadyExists, "balance_already_exists", 409),
+        (Code::PayloadTooLarge, "payload_too_large", 413),
+        (Code::InternalError, "internal_error", 500),
+        (Code::StoreUnavailable, "store_unavailable", 503),
+    ];
+
+    fn row(self) -> &'static (Code, &'static str, u16) {
+        // Every variant has exactly one row (tested below).
+        Code::TABLE
+            .iter()
+            .find(|r| r.0 == self)
+            .unwrap_or(&Code::TABLE[18])
+    }
+
+    /// The wire name (`invalid_inputs`, …).
+    pub fn as_str(self) -> &'static str {
+        self.row().1
+    }
+
+    /// The HTTP status this code answers with.
+    pub fn status(self) -> u16 {
+        self.row().2
+    }
+
+    /// The code with this wire name.
+    pub fn parse(name: &str) -> Option<Code> {
+        Code::TABLE.iter().find(|r| r.1 == name).map(|r| r.0)
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_one_row_and_a_unique_name() {
+        let mut names = std::collections::BTreeSet::new();
+        for (code, name, _) in Code::TABLE {
+            assert_eq!(Code::TABLE.iter().filter(|r| r.0 == code).count(), 1);
+            assert!(names.insert(name), "{name} twice");
+            assert_eq!(Code::parse(name), Some(code));
+            assert_eq!(code.as_str(), name);
+        }
+        assert_eq!(Code::InternalError.status(), 500);
     }
 }

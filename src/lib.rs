@@ -1,23 +1,57 @@
 //! creditgate: exact, atomic credit and rate limiting.
 //!
-//! The tree reads as the architecture:
-//! - [`money`] and [`calendar`]: fixed-point amounts and reset boundaries;
-//! - [`model`]: the domain (catalog, buckets, rollovers, locks, answers);
-//! - [`rules`]: every rule that moves a balance, pure and in one place;
-//! - [`engine`]: the async interface and the in-process engine.
+//! The tree reads as the architecture. Dependencies point from the edges to
+//! the core, never back:
+//!
+//! ```text
+//!   main.rs (CLI) ──> server (wiring) ──> http ──> service ──> engine ──> rules ──> model ──> money, calendar
+//!                          │                         │            │                   │
+//!                          ├──> config ──────────────┴────────────┴──> clock, error ──┘
+//!                          └──> sweeper ──> metrics
+//! ```
+//!
+//! The core (no I/O, no async):
+//! - [`money`]: fixed-point amounts and costs, the rounding rule;
+//! - [`calendar`]: intervals and reset boundaries (month-end clamping);
+//! - [`model`]: the domain — catalog, buckets, rollovers, locks, plans,
+//!   requests ([`model::Op`]) and answers, and their validation;
+//! - [`rules`]: every rule that moves a balance, pure and in one place, and
+//!   the `Retry-After` projection built on the same reset rule;
+//! - [`clock`]: the injectable clock; [`error`]: typed errors and the one
+//!   table of error codes.
+//!
+//! Between core and edges:
+//! - [`engine`]: the async [`Engine`] trait and the ports the edges need
+//!   besides it (readiness, the lock-id index), with both engines side by
+//!   side: [`engine::memory`] (in process) and [`engine::redis`];
+//! - [`service`]: what a request does beyond one engine call — plan attach,
+//!   reserve with the lock-id claim, finalize's lookup, Retry-After;
+//! - [`metrics`]: the counters HTTP and the reset task both record.
+//!
+//! The edges:
+//! - [`http`]: the axum API (routes, Autumn-shaped views, the gate, errors,
+//!   auth, OpenAPI) — the only module besides `server` and `main` that
+//!   knows axum;
+//! - [`config`]: TOML and `CREDITGATE_*`, validated before a port is bound;
+//! - [`sweeper`]: the periodic reset task;
+//! - [`server`]: wiring a configuration to an engine and serving it.
 
+pub mod bench;
 pub mod calendar;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod money;
 pub mod rules;
 pub mod server;
-pub mod store;
+pub mod service;
 pub mod sweeper;
 
-pub use engine::{Clock, Engine, ManualClock, MemoryEngine, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use engine::{Engine, MemoryEngine};
 pub use error::EngineError;
 pub use money::{Amount, Cost};

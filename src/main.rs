@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use creditgate::config::{Config, LogFormat};
-use creditgate::model::{Catalog, CreditSchemaItem, FeatureDef, FeatureType, Grant, Retention};
-use creditgate::{calendar::Interval, Amount, Cost, Engine, MemoryEngine, SystemClock};
+use creditgate::model::Retention;
+use creditgate::service::Service;
+use creditgate::{Amount, Clock, Engine, MemoryEngine, SystemClock};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +38,8 @@ enum Command {
     },
     /// Print the seed example on the in-process engine.
     Demo,
+    /// Load-test a sidecar, the engine or the baselines; check the books.
+    Bench(creditgate::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => runtime.block_on(serve(config)),
         Command::ResetDue { config } => runtime.block_on(reset_due(config)),
         Command::Demo => runtime.block_on(demo()),
+        Command::Bench(args) => runtime.block_on(creditgate::bench::run(args)),
     }
 }
 
@@ -124,7 +128,7 @@ async fn serve(path: PathBuf) -> ExitCode {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let sweeper = tokio::spawn(creditgate::sweeper::run(
-        state.engine.clone(),
+        state.engine().clone(),
         state.metrics.clone(),
         std::time::Duration::from_secs(config.reset_interval_secs),
         stopped(stop_rx.clone()),
@@ -146,7 +150,7 @@ async fn reset_due(path: PathBuf) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
-    match creditgate::sweeper::sweep_once(state.engine.as_ref(), &state.metrics).await {
+    match creditgate::sweeper::sweep_once(state.engine().as_ref(), &state.metrics).await {
         Ok((r, took)) => {
             println!(
                 "swept {} customers, applied {} resets in {} ms ({} shards leased elsewhere)",
@@ -164,46 +168,31 @@ async fn reset_due(path: PathBuf) -> ExitCode {
     }
 }
 
-/// The seed: credits with basic_message = 1 and premium_message = 10, a plan
-/// of 200 credits a month; 15 premium + 50 basic leave 0, the next basic is denied.
+/// The seed, from the example configuration: credits with basic_message = 1
+/// and premium_message = 10, a plan of 200 credits a month; 15 premium + 50
+/// basic leave 0, the next basic is denied.
 async fn demo() -> ExitCode {
-    let cost = |s: &str| Cost::parse(s).expect("literal cost");
-    let features = vec![
-        FeatureDef {
-            id: "basic_message".into(),
-            kind: FeatureType::Metered,
-            credit_schema: vec![],
-        },
-        FeatureDef {
-            id: "premium_message".into(),
-            kind: FeatureType::Metered,
-            credit_schema: vec![],
-        },
-        FeatureDef {
-            id: "credits".into(),
-            kind: FeatureType::CreditSystem,
-            credit_schema: vec![
-                CreditSchemaItem {
-                    metered_feature_id: "basic_message".into(),
-                    credit_cost: cost("1"),
-                },
-                CreditSchemaItem {
-                    metered_feature_id: "premium_message".into(),
-                    credit_cost: cost("10"),
-                },
-            ],
-        },
-    ];
+    const EXAMPLE: &str = include_str!("../examples/creditgate.toml");
+    let config = match Config::parse(EXAMPLE, &Default::default(), SystemClock.now_ms()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("creditgate demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let run = async {
-        let catalog = Arc::new(Catalog::new(features)?);
-        let engine = MemoryEngine::new(catalog, Arc::new(SystemClock), Retention::default());
-        engine.create_customer("alice").await?;
-        engine
-            .grant(
-                "alice",
-                &Grant::new("credits", Amount::whole(200), Interval::Month),
-            )
-            .await?;
+        let engine: Arc<dyn Engine> = Arc::new(MemoryEngine::new(
+            config.catalog.clone(),
+            Arc::new(SystemClock),
+            Retention::default(),
+        ));
+        let mut service = Service::new(
+            engine.clone(),
+            config.catalog.clone(),
+            Arc::new(SystemClock),
+        );
+        service.plans = Arc::new(config.plans.clone());
+        service.attach("alice", "pro").await?;
         println!(
             "plan: 200 credits a month; basic_message = 1 credit, premium_message = 10 credits"
         );

@@ -416,8 +416,12 @@ pub struct BucketView {
     pub overage_allowed: bool,
     pub interval: Interval,
     pub interval_count: u32,
+    /// The instant periods count from (0 for one_off).
+    pub anchor: i64,
     pub next_reset_at: Option<i64>,
     pub expires_at: Option<i64>,
+    /// A reset keeps debt (remaining below zero) instead of forgiving it.
+    pub carry_debt: bool,
     pub rollovers: Vec<RolloverRow>,
 }
 
@@ -645,4 +649,225 @@ pub fn validate_grant(
         }
     }
     Ok(period)
+}
+
+/// One item of a plan: a bucket `billing.attach` grants, anchored at the
+/// moment of attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanItem {
+    pub feature_id: String,
+    /// The grant per period (default 0: only valid with `unlimited` or
+    /// `overage_allowed`).
+    #[serde(default)]
+    pub included: Amount,
+    /// Default `one_off`: granted once, never resets.
+    #[serde(default = "one_off")]
+    pub interval: Interval,
+    #[serde(default)]
+    pub interval_count: Option<u32>,
+    #[serde(default)]
+    pub rollover: Option<RolloverConfig>,
+    #[serde(default)]
+    pub unlimited: bool,
+    #[serde(default)]
+    pub overage_allowed: bool,
+    #[serde(default)]
+    pub overage_floor: Option<Amount>,
+    #[serde(default)]
+    pub carry_debt: bool,
+}
+
+fn one_off() -> Interval {
+    Interval::OneOff
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub id: String,
+    #[serde(default)]
+    pub items: Vec<PlanItem>,
+}
+
+impl Plan {
+    /// The deterministic balance id of item `index`: `<plan>:<feature>`, and
+    /// `<plan>:<feature>:<n>` for the n-th (n ≥ 2) item on the same feature.
+    /// Deterministic ids make a racing double attach collide on
+    /// `BalanceAlreadyExists` instead of granting twice.
+    pub fn balance_id(&self, index: usize) -> String {
+        let feature = &self.items[index].feature_id;
+        let nth = self.items[..index]
+            .iter()
+            .filter(|i| &i.feature_id == feature)
+            .count()
+            + 1;
+        if nth == 1 {
+            format!("{}:{}", self.id, feature)
+        } else {
+            format!("{}:{}:{}", self.id, feature, nth)
+        }
+    }
+
+    /// The grant of item `index`, anchored at the engine's now.
+    pub fn grant(&self, index: usize) -> Grant {
+        let item = &self.items[index];
+        let mut rollover = item.rollover.clone();
+        // A forever rollover carries no length (Autumn sends one anyway).
+        if let Some(r) = &mut rollover {
+            if r.duration == RolloverDuration::Forever {
+                r.length = None;
+            }
+        }
+        Grant {
+            pool: item.feature_id.clone(),
+            balance_id: Some(self.balance_id(index)),
+            plan_id: Some(self.id.clone()),
+            granted: item.included,
+            interval: Some(item.interval),
+            interval_count: item.interval_count,
+            next_reset_at: None,
+            expires_at: None,
+            rollover,
+            unlimited: item.unlimited,
+            overage_allowed: item.overage_allowed,
+            overage_floor: item.overage_floor,
+            carry_debt: item.carry_debt,
+        }
+    }
+}
+
+/// A request that moves balances, as the rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Consume {
+        feature: String,
+        units: Amount,
+    },
+    Track {
+        feature: String,
+        units: Amount,
+        behavior: OverageBehavior,
+    },
+    Reserve {
+        lock_id: String,
+        feature: String,
+        units: Amount,
+        expires_at: Option<i64>,
+    },
+    Finalize {
+        lock_id: String,
+        action: FinalizeAction,
+        override_units: Option<Amount>,
+    },
+}
+
+impl Op {
+    /// The canonical form an idempotency record compares: parsed values, so
+    /// `25` and `25.0` are the same request.
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Op::Consume { feature, units } => format!("consume\x1f{feature}\x1f{}", units.raw()),
+            Op::Track {
+                feature,
+                units,
+                behavior,
+            } => {
+                format!(
+                    "track\x1f{feature}\x1f{}\x1f{}",
+                    units.raw(),
+                    behavior.as_str()
+                )
+            }
+            Op::Reserve {
+                lock_id,
+                feature,
+                units,
+                expires_at,
+            } => format!(
+                "reserve\x1f{lock_id}\x1f{feature}\x1f{}\x1f{}",
+                units.raw(),
+                expires_at.map_or(String::new(), |e| e.to_string())
+            ),
+            Op::Finalize {
+                lock_id,
+                action,
+                override_units,
+            } => format!(
+                "finalize\x1f{lock_id}\x1f{}\x1f{}",
+                matches!(action, FinalizeAction::Confirm) as u8,
+                override_units.map_or(String::new(), |u| u.raw().to_string())
+            ),
+        }
+    }
+
+    /// The feature the request names (finalize names a lock instead).
+    pub fn feature_id(&self) -> Option<&str> {
+        match self {
+            Op::Consume { feature, .. }
+            | Op::Track { feature, .. }
+            | Op::Reserve { feature, .. } => Some(feature),
+            Op::Finalize { .. } => None,
+        }
+    }
+
+    /// The feature whose pools the answer shows (finalize: the lock's).
+    pub fn feature<'a>(&'a self, state: &'a CustomerState) -> Option<&'a str> {
+        match self {
+            Op::Consume { feature, .. }
+            | Op::Track { feature, .. }
+            | Op::Reserve { feature, .. } => Some(feature),
+            Op::Finalize { lock_id, .. } => state.locks.get(lock_id).map(|l| l.feature.as_str()),
+        }
+    }
+
+    /// Every check of the request that needs no clock (ids, signs,
+    /// instants in range). The Redis engine runs this before its script,
+    /// which checks the rest against its own `now`.
+    pub fn validate_shape(&self) -> Result<(), EngineError> {
+        match self {
+            Op::Consume { feature, units } | Op::Reserve { feature, units, .. } => {
+                validate_id("feature_id", feature)?;
+                if units.is_negative() {
+                    return Err(invalid("required_balance", "must not be negative"));
+                }
+            }
+            Op::Track { feature, .. } => validate_id("feature_id", feature)?,
+            Op::Finalize { override_units, .. } => {
+                if override_units.is_some_and(|u| u.is_negative()) {
+                    return Err(invalid("override_value", "must not be negative"));
+                }
+            }
+        }
+        match self {
+            Op::Reserve {
+                lock_id,
+                expires_at,
+                ..
+            } => {
+                validate_id("lock_id", lock_id)?;
+                if let Some(e) = *expires_at {
+                    validate_instant("expires_at", e)?;
+                }
+            }
+            Op::Finalize { lock_id, .. } => validate_id("lock_id", lock_id)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// [`Op::validate_shape`] plus the checks against `now`.
+    pub fn validate(&self, now: i64) -> Result<(), EngineError> {
+        self.validate_shape()?;
+        if let Op::Reserve {
+            expires_at: Some(e),
+            ..
+        } = self
+        {
+            if *e <= now {
+                return Err(invalid("expires_at", "must be in the future"));
+            }
+        }
+        Ok(())
+    }
 }

@@ -5,10 +5,10 @@
 //! functions directly; `lua/lib.lua` is their line-by-line twin, and the
 //! differential test holds the two to identical answers.
 
-use crate::calendar::{add_months, MAX_INSTANT_MS};
+use crate::calendar::{add_months, Period, MAX_INSTANT_MS};
 use crate::error::{invalid, EngineError};
 use crate::model::*;
-use crate::money::{charge, cover, Amount, Cost, MAX_AMOUNT_RAW};
+use crate::money::{affordable_units, charge, cover, Amount, Cost, MAX_AMOUNT_RAW};
 
 /// Boundaries older than this many periods before `now` can hold no live
 /// rollover (a rollover lives at most 64 periods), so a lazy reset looks at
@@ -560,136 +560,14 @@ pub fn pool_balance(buckets: &[Bucket], pool: &str) -> PoolBalance {
                 overage_allowed: b.overage_allowed,
                 interval: b.interval,
                 interval_count: b.interval_count,
+                anchor: b.anchor,
                 next_reset_at: b.next_reset_at,
                 expires_at: b.expires_at,
+                carry_debt: b.carry_debt && !b.unlimited,
                 rollovers: b.rollovers.clone(),
             })
             .collect(),
         rollovers,
-    }
-}
-
-/// A request that moves balances, as the rules see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    Consume {
-        feature: String,
-        units: Amount,
-    },
-    Track {
-        feature: String,
-        units: Amount,
-        behavior: OverageBehavior,
-    },
-    Reserve {
-        lock_id: String,
-        feature: String,
-        units: Amount,
-        expires_at: Option<i64>,
-    },
-    Finalize {
-        lock_id: String,
-        action: FinalizeAction,
-        override_units: Option<Amount>,
-    },
-}
-
-impl Op {
-    /// The canonical form an idempotency record compares: parsed values, so
-    /// `25` and `25.0` are the same request.
-    pub fn fingerprint(&self) -> String {
-        match self {
-            Op::Consume { feature, units } => format!("consume\x1f{feature}\x1f{}", units.raw()),
-            Op::Track {
-                feature,
-                units,
-                behavior,
-            } => {
-                format!(
-                    "track\x1f{feature}\x1f{}\x1f{}",
-                    units.raw(),
-                    behavior.as_str()
-                )
-            }
-            Op::Reserve {
-                lock_id,
-                feature,
-                units,
-                expires_at,
-            } => format!(
-                "reserve\x1f{lock_id}\x1f{feature}\x1f{}\x1f{}",
-                units.raw(),
-                expires_at.map_or(String::new(), |e| e.to_string())
-            ),
-            Op::Finalize {
-                lock_id,
-                action,
-                override_units,
-            } => format!(
-                "finalize\x1f{lock_id}\x1f{}\x1f{}",
-                matches!(action, FinalizeAction::Confirm) as u8,
-                override_units.map_or(String::new(), |u| u.raw().to_string())
-            ),
-        }
-    }
-
-    /// The feature whose pools the answer shows (finalize: the lock's).
-    pub fn feature<'a>(&'a self, state: &'a CustomerState) -> Option<&'a str> {
-        match self {
-            Op::Consume { feature, .. }
-            | Op::Track { feature, .. }
-            | Op::Reserve { feature, .. } => Some(feature),
-            Op::Finalize { lock_id, .. } => state.locks.get(lock_id).map(|l| l.feature.as_str()),
-        }
-    }
-
-    /// Every check of the request that needs no clock (ids, signs,
-    /// instants in range). The Redis engine runs this before its script,
-    /// which checks the rest against its own `now`.
-    pub fn validate_shape(&self) -> Result<(), EngineError> {
-        match self {
-            Op::Consume { feature, units } | Op::Reserve { feature, units, .. } => {
-                validate_id("feature_id", feature)?;
-                if units.is_negative() {
-                    return Err(invalid("required_balance", "must not be negative"));
-                }
-            }
-            Op::Track { feature, .. } => validate_id("feature_id", feature)?,
-            Op::Finalize { override_units, .. } => {
-                if override_units.is_some_and(|u| u.is_negative()) {
-                    return Err(invalid("override_value", "must not be negative"));
-                }
-            }
-        }
-        match self {
-            Op::Reserve {
-                lock_id,
-                expires_at,
-                ..
-            } => {
-                validate_id("lock_id", lock_id)?;
-                if let Some(e) = *expires_at {
-                    validate_instant("expires_at", e)?;
-                }
-            }
-            Op::Finalize { lock_id, .. } => validate_id("lock_id", lock_id)?,
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn validate(&self, now: i64) -> Result<(), EngineError> {
-        self.validate_shape()?;
-        if let Op::Reserve {
-            expires_at: Some(e),
-            ..
-        } = self
-        {
-            if *e <= now {
-                return Err(invalid("expires_at", "must be in the future"));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -1036,4 +914,106 @@ pub fn update_bucket(
     };
     b.remaining = Amount::from_raw_i128(next).ok_or(EngineError::AmountOutOfRange)?;
     Ok(())
+}
+
+/// The owned pools among those that pay for a feature (`costs`, from
+/// [`Catalog::pools_for`]), each with its cost: what the balance shown in an
+/// answer and [`retry_after_ms`] both look at.
+pub fn owned_pool_views<'c, 'p>(
+    costs: &'c [PoolCost],
+    pools: &'p [PoolBalance],
+) -> Vec<(&'c PoolCost, &'p PoolBalance)> {
+    costs
+        .iter()
+        .filter_map(|c| {
+            pools
+                .iter()
+                .find(|p| p.pool == c.pool && p.owned)
+                .map(|p| (c, p))
+        })
+        .collect()
+}
+
+/// How many future resets [`retry_after_ms`] looks at: the first this many
+/// boundaries after now, over all the paying buckets together. A request
+/// that no reset among them would let through gets no `Retry-After`.
+pub const RETRY_AFTER_HORIZON: usize = 64;
+
+/// The boundaries of `b` that have passed by `t`, counted from its next
+/// reset (0 before it).
+fn boundaries_by(b: &BucketView, period: Period, t: i64) -> i64 {
+    match b.next_reset_at {
+        Some(next) if next <= t => {
+            period.last_index_at_or_before(b.anchor, t)
+                - period.last_index_at_or_before(b.anchor, next)
+                + 1
+        }
+        _ => 0,
+    }
+}
+
+/// Milliseconds until the earliest reset after which the pools that pay for
+/// the feature would cover `units`, or `None` when none of the next
+/// [`RETRY_AFTER_HORIZON`] resets would.
+///
+/// At each candidate instant (a paying bucket's reset boundary, in order)
+/// the pools are projected with the reset rule itself: a bucket past `j` of
+/// its boundaries holds [`remaining_after`] `j` (its grant, or with
+/// `carry_debt` its debt paid off one grant per period), buckets and
+/// rollovers expired by then are gone, the rest keep what they hold now;
+/// each source covers as many units as it affords at its pool's cost, as
+/// consume charges them. Rollovers a reset would create and overage below
+/// zero are not counted, so the answer is never early.
+pub fn retry_after_ms(
+    costs: &[PoolCost],
+    pools: &[PoolBalance],
+    units: Amount,
+    now: i64,
+) -> Option<i64> {
+    let owned = owned_pool_views(costs, pools);
+    let live_at = |expires: Option<i64>, t: i64| expires.is_none_or(|e| e > t);
+    let mut times: Vec<i64> = Vec::new();
+    for b in owned.iter().flat_map(|(_, p)| p.buckets.iter()) {
+        let (Some(period), Some(next)) =
+            (Period::new(b.interval, b.interval_count), b.next_reset_at)
+        else {
+            continue;
+        };
+        let first = period.last_index_at_or_before(b.anchor, next);
+        for k in 0..RETRY_AFTER_HORIZON as i64 {
+            let t = period.boundary(b.anchor, first + k);
+            if t > MAX_INSTANT_MS || !live_at(b.expires_at, t) {
+                break;
+            }
+            if t > now {
+                times.push(t);
+            }
+        }
+    }
+    times.sort_unstable();
+    times.dedup();
+    times.truncate(RETRY_AFTER_HORIZON);
+    for t in times {
+        let mut need = units.raw() as i128;
+        for (c, p) in &owned {
+            for b in p.buckets.iter().filter(|b| live_at(b.expires_at, t)) {
+                if b.unlimited {
+                    return Some(t - now);
+                }
+                let passed = Period::new(b.interval, b.interval_count)
+                    .map_or(0, |period| boundaries_by(b, period, t));
+                let held =
+                    remaining_after(b.remaining.raw(), b.granted.raw(), b.carry_debt, passed)
+                        .clamp(-(MAX_AMOUNT_RAW as i128), MAX_AMOUNT_RAW as i128);
+                need -= affordable_units(held as i64, c.cost);
+                for r in b.rollovers.iter().filter(|r| live_at(r.expires_at, t)) {
+                    need -= affordable_units(r.balance.raw(), c.cost);
+                }
+            }
+        }
+        if need <= 0 {
+            return Some(t - now);
+        }
+    }
+    None
 }

@@ -5,11 +5,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::engine::{Clock, Engine, MemoryEngine, SystemClock};
-use crate::http::{self, AlwaysReady, AppState, LockIndex, MemoryLockIndex, Readiness};
+use crate::engine::redis::{RedisOptions, RedisTarget, Tls};
+use crate::engine::{
+    AlwaysReady, Engine, LockIndex, MemoryEngine, MemoryLockIndex, Readiness, RedisEngine,
+};
+use crate::http::{self, AppState};
 use crate::model::Retention;
-use crate::store::{RedisEngine, RedisOptions, RedisTarget};
 
 /// What the HTTP layer needs from a store: the engine, its readiness probe,
 /// and the lock-id → customer index `finalize` uses without a customer id.
@@ -55,6 +58,17 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
         accept_eviction: config.accept_eviction,
         retention,
         timeout: Duration::from_millis(config.redis_timeout_ms),
+        tls: Tls {
+            ca_bundle: match &config.redis_ca_file {
+                None => None,
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    ConfigError::new(
+                        "redis_ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?),
+            },
+        },
     };
     let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
         .await
@@ -62,7 +76,7 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
     let engine = Arc::new(engine);
     Ok(Backend {
         lock_index: Arc::new(engine.lock_index()),
-        readiness: engine.clone(),
+        readiness: Arc::new(engine.readiness()),
         engine,
         in_process: false,
     })

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::{Engine, SweepReport};
 use crate::error::EngineError;
-use crate::http::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// One sweep, timed and counted.
 pub async fn sweep_once(

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use common::{catalog, start};
 use creditgate::calendar::{Interval, DAY_MS, HOUR_MS, MINUTE_MS};
+use creditgate::model::Op;
 use creditgate::model::*;
-use creditgate::rules::Op;
 use creditgate::{Amount, Clock, Engine, EngineError, ManualClock, MemoryEngine};
 use proptest::prelude::*;
 
@@ -23,20 +23,20 @@ const CUSTOMERS: [&str; 3] = ["c0", "c1", "we{ir}d: é"];
 const FEATURES: [&str; 9] = [
     "action1",
     "action2",
-    "credits",
+    "ai_credits",
     "api_call",
     "third",
     "thirds",
     "premium_message",
-    "msg_credits",
+    "credits",
     "nope",
 ];
 const POOLS: [&str; 6] = [
     "action1",
-    "credits",
+    "ai_credits",
     "api_call",
     "thirds",
-    "msg_credits",
+    "credits",
     "action2",
 ];
 const LOCKS: [&str; 4] = ["L1", "L2", "L3", "L{1}: é"];
@@ -171,7 +171,7 @@ fn feature() -> impl Strategy<Value = &'static str> + Clone {
         6 => Just("action1"),
         3 => Just("action2"),
         2 => Just("third"),
-        2 => Just("credits"),
+        2 => Just("ai_credits"),
         1 => prop::sample::select(&FEATURES[4..]),
     ]
 }
@@ -179,7 +179,7 @@ fn feature() -> impl Strategy<Value = &'static str> + Clone {
 fn pool() -> impl Strategy<Value = &'static str> {
     prop_oneof![
         6 => Just("api_call"),
-        4 => Just("credits"),
+        4 => Just("ai_credits"),
         3 => Just("action1"),
         1 => prop::sample::select(&POOLS[..]),
     ]

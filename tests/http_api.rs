@@ -1,10 +1,10 @@
 //! The HTTP API over the in-process engine, driven through the router.
 
-mod http_support;
+mod common;
 
 use axum::http::StatusCode;
+use common::http::*;
 use creditgate::http::Auth;
-use http_support::*;
 use serde_json::{json, Value};
 
 const MONTH_MS: i64 = 31 * 24 * 3_600_000;

@@ -1,19 +1,19 @@
 //! `/v1/gate` over the in-process engine and a ManualClock, through the router:
 //! exact status, body and rate-limit headers.
 
-mod http_support;
+mod common;
 
 use std::collections::BTreeMap;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
+use common::http::*;
 use creditgate::config::Config;
 use creditgate::http::Auth;
-use http_support::*;
 use serde_json::json;
 
 const DAY_S: i64 = 24 * 3600;
-/// The seed plan attached at T0 (2026-01-01) resets on 2026-02-01.
+/// The seed plan attached at T0 (2027-01-01) resets on 2027-02-01.
 const FEB_1_S: i64 = 31 * DAY_S;
 
 const GATE: &str = r#"
@@ -232,6 +232,51 @@ async fn retry_after_is_the_first_reset_that_covers_the_cost_in_credits() {
         hdr(&a, "ratelimit"),
         s(&format!("\"ai_credits\";r=0;t={DAY_S}"))
     );
+}
+
+/// A bucket carrying debt does not hold its grant after the first reset:
+/// Retry-After names the reset that really lets the request through.
+#[tokio::test]
+async fn retry_after_is_never_early_for_a_bucket_carrying_debt() {
+    let gate_50 = r#"
+[gate]
+routes = [{ prefix = "/big", feature = "api_call", cost = 50 }]
+"#;
+    let h = gate_harness(gate_50, Auth::default());
+    h.post(
+        "/v1/customers.get_or_create",
+        json!({"customer_id": "erin"}),
+    )
+    .await;
+    let a = h
+        .post(
+            "/v1/balances.create",
+            json!({"customer_id": "erin", "feature_id": "api_call", "included_grant": 100,
+                   "reset": {"interval": "month"}, "overage_allowed": true,
+                   "overage_floor": -10, "carry_debt": true}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let a = h
+        .post(
+            "/v1/track",
+            json!({"customer_id": "erin", "feature_id": "api_call", "value": 190,
+                   "overage_behavior": "overflow"}),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let a = gate(&h, &[("x-customer-id", "erin"), ("x-original-uri", "/big")]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    // -90 + 100 = 10 after Feb 1 (still short of 50); 100 after Mar 1.
+    let mar_1_s = FEB_1_S + 28 * DAY_S;
+    assert_eq!(hdr(&a, "retry-after"), s(&mar_1_s.to_string()));
+    h.clock.set(T0 + FEB_1_S * 1000);
+    let a = gate(&h, &[("x-customer-id", "erin"), ("x-original-uri", "/big")]).await;
+    assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(hdr(&a, "retry-after"), s(&(28 * DAY_S).to_string()));
+    h.clock.set(T0 + mar_1_s * 1000);
+    let a = gate(&h, &[("x-customer-id", "erin"), ("x-original-uri", "/big")]).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
 }
 
 #[tokio::test]

@@ -9,16 +9,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
+use common::http::{call, CONFIG};
 use common::redis::RedisServer;
 use creditgate::config::Config;
 use creditgate::http::app;
 use creditgate::server::state_from_config;
 use serde_json::{json, Value};
-use tower::ServiceExt;
-
-const CONFIG: &str = include_str!("../examples/creditgate.toml");
 
 fn config(redis_url: &str, timeout_ms: u64) -> Config {
     let env = BTreeMap::from([
@@ -29,24 +26,6 @@ fn config(redis_url: &str, timeout_ms: u64) -> Config {
         ),
     ]);
     Config::parse(CONFIG, &env, 0).expect("config")
-}
-
-async fn call(router: &axum::Router, method: &str, path: &str, body: Value) -> (StatusCode, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let res = router.clone().oneshot(req).await.unwrap();
-    let status = res.status();
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,24 +41,27 @@ async fn serves_on_redis_and_answers_503_quickly_when_it_goes_away() {
     assert_eq!(
         call(&router, "POST", "/v1/customers.get_or_create", c)
             .await
-            .0,
+            .status,
         StatusCode::OK
     );
     let attach = json!({"customer_id": "outage", "plan_id": "pro"});
     assert_eq!(
-        call(&router, "POST", "/v1/billing.attach", attach).await.0,
+        call(&router, "POST", "/v1/billing.attach", attach)
+            .await
+            .status,
         StatusCode::OK
     );
     let check =
         json!({"customer_id": "outage", "feature_id": "premium_message", "send_event": true});
-    let (status, body) = call(&router, "POST", "/v1/check", check.clone()).await;
+    let a = call(&router, "POST", "/v1/check", check.clone()).await;
+    let (status, body) = (a.status, a.json);
     assert_eq!(
         (status, body["allowed"].clone()),
         (StatusCode::OK, json!(true))
     );
     assert_eq!(body["balance"]["remaining"], json!(190));
     assert_eq!(
-        call(&router, "GET", "/readyz", Value::Null).await.0,
+        call(&router, "GET", "/readyz", Value::Null).await.status,
         StatusCode::OK
     );
     assert!(
@@ -89,7 +71,8 @@ async fn serves_on_redis_and_answers_503_quickly_when_it_goes_away() {
 
     server.stop_now();
     let started = Instant::now();
-    let (status, body) = call(&router, "POST", "/v1/check", check).await;
+    let a = call(&router, "POST", "/v1/check", check).await;
+    let (status, body) = (a.status, a.json);
     let took = started.elapsed();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["code"], json!("store_unavailable"));
@@ -99,15 +82,10 @@ async fn serves_on_redis_and_answers_503_quickly_when_it_goes_away() {
         "answered after {took:?}"
     );
     assert_eq!(
-        call(&router, "GET", "/readyz", Value::Null).await.0,
+        call(&router, "GET", "/readyz", Value::Null).await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let req = Request::get("/metrics").body(Body::empty()).unwrap();
-    let res = router.clone().oneshot(req).await.unwrap();
-    let text = axum::body::to_bytes(res.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&text);
+    let text = call(&router, "GET", "/metrics", Value::Null).await.text;
     assert!(!text.contains("creditgate_store_errors_total 0"), "{text}");
 }
 
@@ -126,11 +104,14 @@ async fn serves_on_a_redis_cluster_from_configuration() {
         let c = format!("cluster-{i}");
         let attach = json!({"customer_id": c, "plan_id": "pro"});
         assert_eq!(
-            call(&router, "POST", "/v1/billing.attach", attach).await.0,
+            call(&router, "POST", "/v1/billing.attach", attach)
+                .await
+                .status,
             StatusCode::OK
         );
         let track = json!({"customer_id": c, "feature_id": "premium_message", "value": 2});
-        let (status, body) = call(&router, "POST", "/v1/track", track).await;
+        let a = call(&router, "POST", "/v1/track", track).await;
+        let (status, body) = (a.status, a.json);
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["balance"]["remaining"], json!(180));
     }
@@ -140,7 +121,7 @@ async fn serves_on_a_redis_cluster_from_configuration() {
         .collect();
     assert!(nodes.len() > 1);
     assert_eq!(
-        call(&router, "GET", "/readyz", Value::Null).await.0,
+        call(&router, "GET", "/readyz", Value::Null).await.status,
         StatusCode::OK
     );
 }

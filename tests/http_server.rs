@@ -1,12 +1,12 @@
 //! The API through a real `server::run` on 127.0.0.1:0, and the binary's
 //! refusal of a bad configuration.
 
-mod http_support;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use http_support::*;
+use common::http::*;
 use serde_json::{json, Value};
 
 struct Running {

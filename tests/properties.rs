@@ -7,15 +7,20 @@ use std::collections::BTreeMap;
 
 use common::{amt, catalog, start};
 use creditgate::calendar::{add_months, Interval, DAY_MS, HOUR_MS};
+use creditgate::model::Op;
 use creditgate::model::*;
 use creditgate::money::{Amount, AMOUNT_SCALE};
-use creditgate::rules::Op;
 use creditgate::{Engine, ManualClock, MemoryEngine};
 use proptest::prelude::*;
 use std::sync::Arc;
 
 const FEATURES: [&str; 6] = [
-    "action1", "action2", "credits", "api_call", "third", "thirds",
+    "action1",
+    "action2",
+    "ai_credits",
+    "api_call",
+    "third",
+    "thirds",
 ];
 
 #[derive(Debug, Clone)]
@@ -30,7 +35,13 @@ enum Step {
 }
 
 fn pools() -> impl Strategy<Value = &'static str> {
-    prop::sample::select(vec!["action1", "action2", "credits", "api_call", "thirds"])
+    prop::sample::select(vec![
+        "action1",
+        "action2",
+        "ai_credits",
+        "api_call",
+        "thirds",
+    ])
 }
 
 fn grant(allow_debt: bool) -> impl Strategy<Value = Grant> {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use common::cluster::RedisCluster;
 use common::{amt, catalog, start};
 use creditgate::calendar::{Interval, DAY_MS};
+use creditgate::engine::redis::{RedisEngine, RedisOptions, RedisTarget};
 use creditgate::model::*;
-use creditgate::store::{RedisEngine, RedisOptions, RedisTarget};
 use creditgate::{Clock, Engine, ManualClock, MemoryEngine};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +39,7 @@ async fn cluster_answers_like_memory() {
                     duration: RolloverDuration::Month,
                     length: Some(2),
                 }),
-                ..Grant::new("credits", amt("100"), Interval::Month)
+                ..Grant::new("ai_credits", amt("100"), Interval::Month)
             };
             e.grant(c, &g).await.unwrap();
             e.grant(c, &Grant::new("action1", amt("5"), Interval::OneOff))

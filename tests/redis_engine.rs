@@ -8,8 +8,8 @@ use std::sync::Arc;
 use common::redis::{engine, RedisServer};
 use common::{amt, catalog, start};
 use creditgate::calendar::{Interval, DAY_MS};
+use creditgate::engine::redis::keys::{escape, slot};
 use creditgate::model::*;
-use creditgate::store::keys::{escape, slot};
 use creditgate::{Engine, ManualClock};
 
 fn fresh_clock() -> Arc<ManualClock> {
@@ -39,10 +39,13 @@ async fn scripts_reload_after_script_flush() {
     // Readiness reloads scripts the server lost (it probes with SCRIPT
     // EXISTS). Other tests share this server and may reload them first, so
     // only the outcome is asserted: ready, with every script present.
-    use creditgate::http::Readiness;
-    assert!(e.ready().await);
+    use creditgate::engine::Readiness;
+    assert!(e.readiness().ready().await);
     assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
-    assert!(e.ready().await, "ready again once the scripts are reloaded");
+    assert!(
+        e.readiness().ready().await,
+        "ready again once the scripts are reloaded"
+    );
     for script in e.scripts().all() {
         assert_eq!(
             server.cli(&["SCRIPT", "EXISTS", &script.sha]).trim(),
@@ -53,7 +56,7 @@ async fn scripts_reload_after_script_flush() {
     }
 }
 
-fn ns_of(e: &creditgate::store::RedisEngine) -> String {
+fn ns_of(e: &creditgate::engine::redis::RedisEngine) -> String {
     let k = e.keys("x");
     k.customer.split("cg1:").next().unwrap().to_string()
 }
@@ -177,7 +180,7 @@ async fn hash_tags_keep_customers_apart() {
 
 #[tokio::test]
 async fn lock_index_finds_a_locks_customer() {
-    use creditgate::http::LockIndex;
+    use creditgate::engine::LockIndex;
     let e = engine(catalog(), fresh_clock(), Retention::default()).await;
     let idx = e.lock_index();
     let t = start();
@@ -205,7 +208,7 @@ async fn lock_index_finds_a_locks_customer() {
 
 #[tokio::test]
 async fn lock_index_refuses_a_claim_on_another_customers_live_id() {
-    use creditgate::http::LockIndex;
+    use creditgate::engine::LockIndex;
     let e = engine(catalog(), fresh_clock(), Retention::default()).await;
     let idx = e.lock_index();
     // Whole days, so the keys' real TTLs never lapse during the test.
@@ -259,7 +262,7 @@ async fn sweep_resets_each_due_customer_once() {
         e.grant(&c, &Grant::new("api_call", amt("100"), Interval::Month))
             .await
             .unwrap();
-        e.grant(&c, &Grant::new("credits", amt("5"), Interval::OneOff))
+        e.grant(&c, &Grant::new("ai_credits", amt("5"), Interval::OneOff))
             .await
             .unwrap();
         e.track(&c, "api_call", amt("60"), OverageBehavior::Cap, None)
@@ -280,10 +283,10 @@ async fn sweep_resets_each_due_customer_once() {
     assert_eq!(api.remaining, amt("100"));
     // A second sweeper on the same keys: leases were given back after the
     // sweep, so it may sweep every shard, and finds nothing left to do.
-    let other = creditgate::store::RedisEngine::connect(
-        creditgate::store::RedisOptions {
+    let other = creditgate::engine::redis::RedisEngine::connect(
+        creditgate::engine::redis::RedisOptions {
             namespace: ns_of(&e),
-            ..creditgate::store::RedisOptions::standalone(&RedisServer::shared().url())
+            ..creditgate::engine::redis::RedisOptions::standalone(&RedisServer::shared().url())
         },
         catalog(),
         None,
@@ -297,11 +300,11 @@ async fn sweep_resets_each_due_customer_once() {
 #[tokio::test]
 async fn without_a_clock_the_scripts_read_redis_time() {
     let server = RedisServer::shared();
-    let opts = creditgate::store::RedisOptions {
+    let opts = creditgate::engine::redis::RedisOptions {
         namespace: common::redis::namespace(),
-        ..creditgate::store::RedisOptions::standalone(&server.url())
+        ..creditgate::engine::redis::RedisOptions::standalone(&server.url())
     };
-    let e = creditgate::store::RedisEngine::connect(opts, catalog(), None)
+    let e = creditgate::engine::redis::RedisEngine::connect(opts, catalog(), None)
         .await
         .unwrap();
     let before = std::time::SystemTime::now()

@@ -6,7 +6,7 @@ mod common;
 
 use common::redis::RedisServer;
 use common::{amt, catalog};
-use creditgate::store::{RedisEngine, RedisOptions};
+use creditgate::engine::redis::{RedisEngine, RedisOptions};
 use creditgate::{Engine, EngineError};
 
 #[tokio::test]
@@ -33,7 +33,7 @@ async fn eviction_policy_and_unavailable_store() {
         .err()
         .unwrap();
     match err {
-        EngineError::StoreUnavailable(m) => assert!(m.contains("allkeys-lru"), "{m}"),
+        EngineError::StoreUnavailable(m) => assert!(m.to_string().contains("allkeys-lru"), "{m}"),
         other => panic!("accepted an evicting Redis: {other:?}"),
     }
     let accepting = RedisOptions {

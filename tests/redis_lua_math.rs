@@ -6,8 +6,8 @@ mod common;
 
 use common::redis::RedisServer;
 use creditgate::calendar::{add_months, civil_from_ms, Interval, Period, MAX_INSTANT_MS};
+use creditgate::engine::redis::LIB_LUA;
 use creditgate::money::{affordable_units, charge, Cost, MAX_AMOUNT_RAW, MAX_COST_RAW};
-use creditgate::store::LIB_LUA;
 use proptest::prelude::*;
 
 const HUGE: i128 = 1 << 53;
@@ -161,7 +161,7 @@ return out
             args.extend([t, m, code as i64, count as i64, d].map(|x| x.to_string()));
             let (y, mo, dd, tod) = civil_from_ms(t);
             want.push(format!("{} {y}-{mo}-{dd} {tod}", add_months(t, m)));
-            match Period::new(Interval::ALL[code], count) {
+            match Period::new(Interval::from_code(code as u8).unwrap(), count) {
                 Some(p) => {
                     let i = p.last_index_at_or_before(t, t + d);
                     want.push(format!("{i} {} {}", p.boundary(t, i + 1), p.nominal_ms()));

@@ -50,13 +50,17 @@ fn readme_examples_give_the_documented_replies() {
         );
     }
     // A script loaded by hand has the engine's SHA.
-    let scripts = creditgate::store::Scripts::new();
+    let scripts = creditgate::engine::redis::Scripts::new();
     for s in scripts.all() {
-        let cmd = format!("$CLI SCRIPT LOAD \"$(cat lua/lib.lua lua/{}.lua)\"", s.name);
+        let lib = if s.with_library { "lua/lib.lua " } else { "" };
+        let cmd = format!("$CLI SCRIPT LOAD \"$(cat {lib}lua/{}.lua)\"", s.name);
         assert_eq!(server.sh(root, &cmd).trim(), format!("\"{}\"", s.sha));
     }
     for (command, expected) in examples {
         let got = server.sh(root, &command);
+        if std::env::var_os("CG_PRINT_EXAMPLES").is_some() {
+            println!("=====\n{command}-----\n{got}");
+        }
         assert_eq!(got, expected, "example:\n{command}");
     }
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use common::redis::RedisServer;
 use common::{amt, catalog};
 use creditgate::calendar::Interval;
+use creditgate::engine::redis::{RedisEngine, RedisOptions};
 use creditgate::model::{Grant, Retention};
-use creditgate::store::{RedisEngine, RedisOptions};
 use creditgate::Engine;
 
 fn used_memory(server: &RedisServer) -> i64 {
@@ -54,7 +54,7 @@ async fn bytes_per_customer() {
                 e.grant(&id, &Grant::new("api_call", amt("1000"), Interval::Month))
                     .await
                     .unwrap();
-                e.grant(&id, &Grant::new("credits", amt("500"), Interval::OneOff))
+                e.grant(&id, &Grant::new("ai_credits", amt("500"), Interval::OneOff))
                     .await
                     .unwrap();
             }
@@ -102,7 +102,10 @@ async fn consume_throughput() {
         let id = format!("tp_{w}");
         engine.create_customer(&id).await.unwrap();
         engine
-            .grant(&id, &Grant::new("credits", amt("1000000"), Interval::Month))
+            .grant(
+                &id,
+                &Grant::new("ai_credits", amt("1000000"), Interval::Month),
+            )
             .await
             .unwrap();
     }

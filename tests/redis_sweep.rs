@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::redis::{namespace, RedisServer};
 use common::{amt, catalog, start};
 use creditgate::calendar::{ms_of, Interval};
+use creditgate::engine::redis::{RedisEngine, RedisOptions};
 use creditgate::model::{Grant, Retention};
-use creditgate::store::{RedisEngine, RedisOptions};
 use creditgate::{Clock, Engine, ManualClock};
 use futures_util::StreamExt;
 

@@ -4,21 +4,22 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{amt, start, Fx};
+use common::{amt, catalog, start, Fx};
 use creditgate::calendar::{civil_from_ms, ms_of, Interval, DAY_MS, HOUR_MS, MINUTE_MS};
 use creditgate::model::*;
+use creditgate::Clock;
 use creditgate::EngineError;
 
 async fn seed_plan(fx: Fx) {
     fx.customer("c").await;
-    fx.monthly("c", "msg_credits", "200").await;
+    fx.monthly("c", "credits", "200").await;
     assert!(fx.consume("c", "premium_message", "15").await.allowed);
     assert!(fx.consume("c", "basic_message", "50").await.allowed);
-    assert_eq!(fx.remaining("c", "msg_credits").await, amt("0"));
+    assert_eq!(fx.remaining("c", "credits").await, amt("0"));
     let denied = fx.consume("c", "basic_message", "1").await;
     assert!(!denied.allowed);
     assert!(denied.entries.is_empty());
-    assert_eq!(fx.pool("c", "msg_credits").await.usage, amt("200"));
+    assert_eq!(fx.pool("c", "credits").await.usage, amt("200"));
 
     // A premium request at 3 credits, used 6 times, costs exactly 18.
     fx.customer("r").await;
@@ -39,7 +40,7 @@ async fn seed_plan(fx: Fx) {
 
 async fn check_costs_without_deducting(fx: Fx) {
     fx.customer("c").await;
-    fx.monthly("c", "credits", "100").await;
+    fx.monthly("c", "ai_credits", "100").await;
     let e = &fx.engine;
     let a = e.check("c", "action1", amt("50.75")).await.unwrap();
     assert!(a.allowed);
@@ -49,19 +50,19 @@ async fn check_costs_without_deducting(fx: Fx) {
     assert_eq!(b.entries[0].amount, amt("30.45"));
     let c = e.check("c", "action2", amt("167.33")).await.unwrap();
     assert!(!c.allowed, "100.398 credits do not fit in 100");
-    assert_eq!(fx.remaining("c", "credits").await, amt("100"));
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("100"));
 }
 
 async fn consume_is_exact_and_all_or_nothing(fx: Fx) {
     fx.customer("c").await;
-    fx.monthly("c", "credits", "1000").await;
+    fx.monthly("c", "ai_credits", "1000").await;
     assert!(fx.consume("c", "action1", "25.75").await.allowed);
-    assert_eq!(fx.remaining("c", "credits").await, amt("994.85"));
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("994.85"));
     fx.consume("c", "action1", "10.5").await;
     fx.consume("c", "action2", "15.25").await;
-    assert_eq!(fx.remaining("c", "credits").await, amt("983.60"));
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("983.60"));
     assert!(!fx.consume("c", "action1", "10000").await.allowed);
-    assert_eq!(fx.remaining("c", "credits").await, amt("983.6"));
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("983.6"));
 }
 
 async fn unowned_features_are_never_allowed(fx: Fx) {
@@ -95,13 +96,13 @@ async fn unowned_features_are_never_allowed(fx: Fx) {
 async fn feature_pool_before_credit_system(fx: Fx) {
     fx.customer("c").await;
     fx.monthly("c", "action1", "100").await;
-    fx.monthly("c", "credits", "200").await;
+    fx.monthly("c", "ai_credits", "200").await;
     fx.track("c", "action1", "40.5").await;
     assert_eq!(fx.remaining("c", "action1").await, amt("59.5"));
-    assert_eq!(fx.remaining("c", "credits").await, amt("200"));
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("200"));
     let out = fx.track("c", "action1", "80").await;
     assert_eq!(fx.remaining("c", "action1").await, amt("0"));
-    assert_eq!(fx.remaining("c", "credits").await, amt("195.9"));
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("195.9"));
     assert_eq!(out.entries.len(), 2);
     assert_eq!(
         (out.entries[0].amount, out.entries[0].units),
@@ -112,7 +113,7 @@ async fn feature_pool_before_credit_system(fx: Fx) {
         (amt("4.1"), amt("20.5"))
     );
     fx.track("c", "action1", "50.75").await;
-    assert_eq!(fx.remaining("c", "credits").await, amt("185.75"));
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("185.75"));
 }
 
 async fn monthly_before_one_off(fx: Fx) {
@@ -270,11 +271,11 @@ async fn lazy_reset(fx: Fx) {
 
 async fn exact_decimals(fx: Fx) {
     fx.customer("c").await;
-    fx.one_off("c", "credits", "500").await;
+    fx.one_off("c", "ai_credits", "500").await;
     fx.track("c", "action1", "0.1").await;
     fx.track("c", "action1", "0.2").await;
-    assert_eq!(fx.remaining("c", "credits").await, amt("499.94"));
-    assert_eq!(fx.remaining("c", "credits").await.to_string(), "499.94");
+    assert_eq!(fx.remaining("c", "ai_credits").await, amt("499.94"));
+    assert_eq!(fx.remaining("c", "ai_credits").await.to_string(), "499.94");
 }
 
 async fn rounding_up_per_source(fx: Fx) {
@@ -523,6 +524,38 @@ async fn carried_debt(fx: Fx) {
     );
 }
 
+/// Retry-After is never early: a bucket carrying debt does not refill to
+/// its grant at the next reset, so the first reset that lets the request
+/// through is the one the reset rule says, not the first one.
+async fn retry_after_follows_carried_debt(fx: Fx) {
+    fx.customer("c").await;
+    let g = Grant {
+        overage_allowed: true,
+        overage_floor: Some(amt("-10")),
+        carry_debt: true,
+        ..Grant::new("api_call", amt("100"), Interval::Month)
+    };
+    let id = fx.grant("c", g).await;
+    fx.engine
+        .track("c", "api_call", amt("190"), OverageBehavior::Overflow, None)
+        .await
+        .unwrap();
+    assert_eq!(fx.bucket("c", "api_call", &id).await.remaining, amt("-90"));
+    let denied = fx.consume("c", "api_call", "50").await;
+    assert!(!denied.allowed);
+    let costs = catalog().pools_for("api_call").unwrap();
+    let now = fx.clock.now_ms();
+    let wait = creditgate::rules::retry_after_ms(&costs, &denied.pools, amt("50"), now);
+    let (feb, mar) = (ms_of(2027, 2, 1, 0, 0), ms_of(2027, 3, 1, 0, 0));
+    assert_eq!(wait, Some(mar - now), "the second reset, not the first");
+    // The answer holds against the engine itself: denied after the first
+    // reset (10 left, 10 more of overage), allowed after the second.
+    fx.clock.set(feb);
+    assert!(!fx.consume("c", "api_call", "50").await.allowed);
+    fx.clock.set(mar);
+    assert!(fx.consume("c", "api_call", "50").await.allowed);
+}
+
 async fn expiring_grants(fx: Fx) {
     fx.customer("c").await;
     let g = Grant {
@@ -547,67 +580,121 @@ async fn bad_input_changes_nothing(fx: Fx) {
         ..g
     };
     let base = Grant::new("api_call", amt("1"), Interval::Month);
-    let bad: Vec<Grant> = vec![
-        Grant {
-            granted: amt("-1"),
-            ..base.clone()
-        },
-        Grant {
-            granted: amt("0"),
-            ..base.clone()
-        },
-        Grant {
-            interval_count: Some(0),
-            ..base.clone()
-        },
-        Grant {
-            pool: "".into(),
-            ..base.clone()
-        },
-        Grant {
-            pool: "x".repeat(257),
-            ..base.clone()
-        },
-        Grant {
-            balance_id: Some("a\nb".into()),
-            ..base.clone()
-        },
-        Grant {
-            pool: "unknown".into(),
-            ..base.clone()
-        },
-        Grant {
-            rollover: rollover(None, None, 65),
-            ..base.clone()
-        },
-        Grant {
-            rollover: rollover(Some("1"), Some("1"), 1),
-            ..base.clone()
-        },
-        Grant {
-            rollover: rollover(None, Some("101"), 1),
-            ..base.clone()
-        },
-        Grant {
-            rollover: rollover(None, None, 1),
-            interval: Some(Interval::OneOff),
-            ..base.clone()
-        },
-        Grant {
-            rollover: rollover(None, None, 3),
-            ..Grant::new("api_call", amt("1"), Interval::Day)
-        },
-        Grant {
-            expires_at: Some(start() + DAY_MS),
-            ..month(base.clone())
-        },
-        Grant {
-            overage_floor: Some(amt("-5")),
-            ..base.clone()
-        },
+    // Each bad grant with the error it must get: invalid input naming the
+    // field, or the typed error.
+    let invalid = |field: &'static str| Err::<(), _>(field);
+    let bad: Vec<(Grant, Result<(), &'static str>)> = vec![
+        (
+            Grant {
+                granted: amt("-1"),
+                ..base.clone()
+            },
+            invalid("included_grant"),
+        ),
+        (
+            Grant {
+                granted: amt("0"),
+                ..base.clone()
+            },
+            invalid("included_grant"),
+        ),
+        (
+            Grant {
+                interval_count: Some(0),
+                ..base.clone()
+            },
+            invalid("interval_count"),
+        ),
+        (
+            Grant {
+                pool: "".into(),
+                ..base.clone()
+            },
+            invalid("feature_id"),
+        ),
+        (
+            Grant {
+                pool: "x".repeat(257),
+                ..base.clone()
+            },
+            invalid("feature_id"),
+        ),
+        (
+            Grant {
+                balance_id: Some("a\nb".into()),
+                ..base.clone()
+            },
+            invalid("balance_id"),
+        ),
+        (
+            Grant {
+                pool: "unknown".into(),
+                ..base.clone()
+            },
+            Ok(()),
+        ),
+        (
+            Grant {
+                rollover: rollover(None, None, 65),
+                ..base.clone()
+            },
+            invalid("rollover.length"),
+        ),
+        (
+            Grant {
+                rollover: rollover(Some("1"), Some("1"), 1),
+                ..base.clone()
+            },
+            invalid("rollover"),
+        ),
+        (
+            Grant {
+                rollover: rollover(None, Some("101"), 1),
+                ..base.clone()
+            },
+            invalid("rollover.max_percentage"),
+        ),
+        (
+            Grant {
+                rollover: rollover(None, None, 1),
+                interval: Some(Interval::OneOff),
+                ..base.clone()
+            },
+            invalid("rollover"),
+        ),
+        (
+            Grant {
+                rollover: rollover(None, None, 3),
+                ..Grant::new("api_call", amt("1"), Interval::Day)
+            },
+            invalid("rollover.length"),
+        ),
+        (
+            Grant {
+                expires_at: Some(start() + DAY_MS),
+                ..month(base.clone())
+            },
+            invalid("expires_at"),
+        ),
+        (
+            Grant {
+                overage_floor: Some(amt("-5")),
+                ..base.clone()
+            },
+            invalid("overage_floor"),
+        ),
     ];
-    for g in bad {
-        assert!(e.grant("c", &g).await.is_err(), "accepted {g:?}");
+    let field_of = |e: EngineError| match e {
+        EngineError::InvalidInput { field, .. } => field,
+        other => panic!("expected invalid input, got {other:?}"),
+    };
+    for (g, want) in bad {
+        let err = e.grant("c", &g).await.expect_err("a bad grant is refused");
+        match want {
+            Err(field) => assert_eq!(field_of(err), field, "{g:?}"),
+            // `Ok` marks the one that is not invalid input: an unknown pool.
+            Ok(()) => assert_eq!(err, EngineError::FeatureNotFound("unknown".into())),
+        }
     }
     // A day bucket may keep rollovers for two months (62 periods), not three.
     let ok = Grant {
@@ -615,14 +702,20 @@ async fn bad_input_changes_nothing(fx: Fx) {
         ..Grant::new("api_call", amt("1"), Interval::Day)
     };
     assert!(e.grant("c", &ok).await.is_ok());
-    assert!(e.consume("c", "api_call", amt("-1"), None).await.is_err());
-    assert!(e
+    let err = e
+        .consume("c", "api_call", amt("-1"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(err), "required_balance");
+    let err = e
         .track("c", "", amt("1"), OverageBehavior::Cap, None)
         .await
-        .is_err());
-    assert!(e.create_customer("").await.is_err());
-    assert!(e.create_customer(&"c".repeat(257)).await.is_err());
-    assert!(e.create_customer("bell\u{7}").await.is_err());
+        .unwrap_err();
+    assert_eq!(field_of(err), "feature_id");
+    for id in ["".to_string(), "c".repeat(257), "bell\u{7}".to_string()] {
+        let err = e.create_customer(&id).await.unwrap_err();
+        assert_eq!(field_of(err), "customer_id", "{id:?}");
+    }
     let up = BucketUpdate {
         pool: "api_call".into(),
         balance_id: None,
@@ -689,6 +782,7 @@ on_every_engine!(
     reject_and_overflow,
     unlimited_absorbs,
     carried_debt,
+    retry_after_follows_carried_debt,
     expiring_grants,
     bad_input_changes_nothing,
     too_many_buckets,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{amt, Fx};
 use creditgate::calendar::ms_of;
-use creditgate::http::metrics::Metrics;
+use creditgate::metrics::Metrics;
 use creditgate::sweeper;
 
 async fn due_customers(fx: &Fx, n: usize) {

@@ -1,9 +1,9 @@
 //! What the benches share: arguments, a closed-loop load driver with latency
-//! percentiles, a private redis-server, and the report table.
+//! percentiles, the tests' redis-server harness, the catalog fixture, and
+//! the report table.
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,72 +176,19 @@ pub async fn wait_http(url: &str, within: Duration) {
     }
 }
 
-/// A private redis-server on a free loopback port in a temp dir, killed on drop.
-pub struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
+/// The tests' redis-server harness (private, on a unix socket in a temp dir,
+/// killed with the process): one harness for tests and benches.
+#[path = "../../tests/common/redis.rs"]
+mod redis_server;
+pub use redis_server::RedisServer;
 
-impl RedisServer {
-    /// `None` (with a note) when `redis-server` is not installed.
-    pub async fn start() -> Option<RedisServer> {
-        let dir = tempfile::tempdir().ok()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let Ok(child) = child else {
-            eprintln!("redis-server not found: skipping the Redis rows (see README to install it)");
-            return None;
-        };
-        let server = RedisServer {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 7];
-                if s.write_all(b"PING\r\n").await.is_ok()
-                    && s.read_exact(&mut buf).await.is_ok()
-                    && &buf == b"+PONG\r\n"
-                {
-                    return Some(server);
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not answer");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The catalog of the example configuration, the one catalog fixture.
+pub fn catalog() -> std::sync::Arc<creditgate::model::Catalog> {
+    creditgate::config::Config::parse(
+        include_str!("../../examples/creditgate.toml"),
+        &Default::default(),
+        0,
+    )
+    .expect("the example configuration")
+    .catalog
 }

@@ -1,63 +1,19 @@
-//! The engine interface every store implements, and the clock it reads.
+//! The engine interface every store implements, and the ports the edges
+//! (HTTP, the reset task) need from a store besides it: readiness and the
+//! lock-id index. Both engines sit below: [`memory`] (in process) and
+//! [`redis`] (Redis Functions on one customer's slot).
 
 pub mod memory;
-
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+pub mod redis;
 
 use async_trait::async_trait;
 
 use crate::error::EngineError;
 use crate::model::*;
 use crate::money::Amount;
-use crate::rules::Op;
 
-pub use memory::MemoryEngine;
-
-/// Milliseconds UTC. Injected so tests move time instead of waiting for it.
-pub trait Clock: Send + Sync + 'static {
-    fn now_ms(&self) -> i64;
-}
-
-/// The machine's wall clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-    }
-}
-
-/// A clock tests set and advance by hand.
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(now_ms: i64) -> ManualClock {
-        ManualClock(AtomicI64::new(now_ms))
-    }
-    pub fn set(&self, now_ms: i64) {
-        self.0.store(now_ms, Ordering::SeqCst);
-    }
-    pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-impl<C: Clock> Clock for std::sync::Arc<C> {
-    fn now_ms(&self) -> i64 {
-        (**self).now_ms()
-    }
-}
+pub use memory::{MemoryEngine, MemoryLockIndex};
+pub use redis::RedisEngine;
 
 /// What one sweep of the periodic reset task did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -179,4 +135,54 @@ pub trait Engine: Send + Sync + 'static {
         };
         self.apply(customer_id, &op, key).await
     }
+}
+
+/// Whether the store can serve (reachable, its code loaded). Kept outside the
+/// [`Engine`] trait; the in-process engine is always ready.
+#[async_trait]
+pub trait Readiness: Send + Sync + 'static {
+    async fn ready(&self) -> bool;
+}
+
+/// Always ready: the in-process engine.
+pub struct AlwaysReady;
+
+#[async_trait]
+impl Readiness for AlwaysReady {
+    async fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// Finding a lock's customer from its id alone: Autumn's `finalize` does not
+/// send `customer_id`. A reserve records `lock_id → customer_id`; a finalize
+/// without a customer looks it up. The engine keeps lock ids unique per
+/// customer; the index makes them unique across customers while it remembers
+/// them: a reserve first *claims* the id, and a claim for an id another
+/// customer holds is refused (409 `lock_already_exists`), so a finalize
+/// without `customer_id` can never reach another customer's lock.
+#[async_trait]
+pub trait LockIndex: Send + Sync + 'static {
+    /// Records (or refreshes) `lock_id → customer_id`. `keep_until` (ms) is
+    /// when the entry may be forgotten; `None` keeps it until a later record
+    /// sets a time (a pending lock without expiry).
+    async fn record(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: Option<i64>,
+        now: i64,
+    ) -> Result<(), EngineError>;
+    /// Claims `lock_id` for `customer_id` until `keep_until` unless another
+    /// customer holds it (a live entry): `false` then, and nothing changes.
+    /// One atomic step, so two customers racing for one id cannot both win.
+    async fn claim(
+        &self,
+        lock_id: &str,
+        customer_id: &str,
+        keep_until: i64,
+        now: i64,
+    ) -> Result<bool, EngineError>;
+    /// The customer that last reserved `lock_id`, if remembered.
+    async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError>;
 }

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::error::EngineError;
+use crate::error::{chain, Cause, Code, EngineError};
 
 /// An error answer. The `message` never carries an internal detail for 5xx.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,18 +23,18 @@ pub enum ApiError {
     Forbidden,
     /// 404 with the given code (`customer_not_found`, `feature_not_found`,
     /// `plan_not_found`, `lock_not_found`, `balance_not_found`, `not_found`).
-    NotFound { code: &'static str, message: String },
+    NotFound { code: Code, message: String },
     /// 405 `method_not_allowed`.
     MethodNotAllowed,
     /// 409 with the given code (`idempotency_key_reused`,
     /// `lock_already_exists`, `balance_already_exists`).
-    Conflict { code: &'static str, message: String },
+    Conflict { code: Code, message: String },
     /// 413 `payload_too_large`.
     PayloadTooLarge,
     /// 500 `internal_error`; the detail is logged, never sent.
-    Internal(String),
+    Internal(Cause),
     /// 503 `store_unavailable`; the detail is logged, never sent.
-    StoreUnavailable(String),
+    StoreUnavailable(Cause),
 }
 
 /// The body of every error answer.
@@ -56,32 +56,23 @@ impl ApiError {
         ApiError::InvalidInputs(format!("invalid {field}: {reason}"))
     }
 
+    /// The status [`Code::TABLE`] gives this error's code.
     pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::InvalidInputs(_) | ApiError::InsufficientBalance => StatusCode::BAD_REQUEST,
-            ApiError::NoSecretKey | ApiError::InvalidSecretKey => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
-            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        }
+        StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            ApiError::InvalidInputs(_) => "invalid_inputs",
-            ApiError::InsufficientBalance => "insufficient_balance",
-            ApiError::NoSecretKey => "no_secret_key",
-            ApiError::InvalidSecretKey => "invalid_secret_key",
-            ApiError::Forbidden => "forbidden",
-            ApiError::NotFound { code, .. } | ApiError::Conflict { code, .. } => code,
-            ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::PayloadTooLarge => "payload_too_large",
-            ApiError::Internal(_) => "internal_error",
-            ApiError::StoreUnavailable(_) => "store_unavailable",
+            ApiError::InvalidInputs(_) => Code::InvalidInputs,
+            ApiError::InsufficientBalance => Code::InsufficientBalance,
+            ApiError::NoSecretKey => Code::NoSecretKey,
+            ApiError::InvalidSecretKey => Code::InvalidSecretKey,
+            ApiError::Forbidden => Code::Forbidden,
+            ApiError::NotFound { code, .. } | ApiError::Conflict { code, .. } => *code,
+            ApiError::MethodNotAllowed => Code::MethodNotAllowed,
+            ApiError::PayloadTooLarge => Code::PayloadTooLarge,
+            ApiError::Internal(_) => Code::InternalError,
+            ApiError::StoreUnavailable(_) => Code::StoreUnavailable,
         }
     }
 
@@ -102,7 +93,7 @@ impl ApiError {
         }
     }
 
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn not_found(code: Code, message: impl Into<String>) -> ApiError {
         ApiError::NotFound {
             code,
             message: message.into(),
@@ -121,16 +112,19 @@ impl From<EngineError> for ApiError {
                 "invalid feature_id: a customer may hold at most {n} balances"
             )),
             EngineError::CustomerNotFound => {
-                ApiError::not_found("customer_not_found", "customer not found")
+                ApiError::not_found(Code::CustomerNotFound, "customer not found")
             }
             EngineError::FeatureNotFound(ref f) => {
-                ApiError::not_found("feature_not_found", format!("feature {f:?} not found"))
+                ApiError::not_found(Code::FeatureNotFound, format!("feature {f:?} not found"))
             }
             EngineError::BalanceNotFound => {
-                ApiError::not_found("balance_not_found", "balance not found")
+                ApiError::not_found(Code::BalanceNotFound, "balance not found")
+            }
+            EngineError::PlanNotFound(ref p) => {
+                ApiError::not_found(Code::PlanNotFound, format!("plan {p:?} not found"))
             }
             EngineError::LockNotFound(ref l) => {
-                ApiError::not_found("lock_not_found", format!("lock {l:?} not found"))
+                ApiError::not_found(Code::LockNotFound, format!("lock {l:?} not found"))
             }
             EngineError::BalanceAlreadyExists(_)
             | EngineError::LockAlreadyExists(_)
@@ -151,10 +145,11 @@ impl IntoResponse for ApiError {
         let store = matches!(self, ApiError::Internal(_) | ApiError::StoreUnavailable(_));
         match &self {
             ApiError::Internal(d) | ApiError::StoreUnavailable(d) => {
-                tracing::warn!(code = self.code(), detail = %d, "request failed")
+                let detail = chain(d);
+                tracing::warn!(code = self.code().as_str(), detail = %detail, "request failed")
             }
             _ => tracing::warn!(
-                code = self.code(),
+                code = self.code().as_str(),
                 status = status.as_u16(),
                 "request refused"
             ),

@@ -22,14 +22,14 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::metrics::Decision;
 use super::routes::{IDEMPOTENCY_HEADER, REPLAYED_HEADER};
 use super::views;
 use super::AppState;
 use crate::calendar::{Period, Step};
 use crate::error::EngineError;
-use crate::model::{Outcome, PoolBalance, PoolCost};
-use crate::money::{affordable_units, Amount, AMOUNT_SCALE};
+use crate::metrics::Decision;
+use crate::model::{Outcome, PoolCost};
+use crate::money::{Amount, AMOUNT_SCALE};
 
 /// What `w` counts a month as (30 days), so the policy stays the same from
 /// one month to the next; `t` gives the exact time to the next reset.
@@ -165,7 +165,7 @@ fn ask(s: &AppState, headers: &HeaderMap, suffix: Option<&str>) -> Result<Ask, A
             (route.feature.clone(), route.cost)
         }
     };
-    if s.catalog.feature(&feature).is_none() {
+    if s.service.catalog.feature(&feature).is_none() {
         return Err(ApiError::invalid(
             &g.feature_header,
             format!("unknown feature {feature:?}"),
@@ -215,10 +215,10 @@ pub async fn gate(
 ) -> Result<Response, ApiError> {
     let ask = ask(&s, &headers, path_suffix(&uri))?;
     let key = header(&headers, IDEMPOTENCY_HEADER)?.map(str::to_string);
-    let costs = s.catalog.pools_for(&ask.feature)?;
+    let costs = s.service.catalog.pools_for(&ask.feature)?;
     let deny = StatusCode::from_u16(s.gate.deny_status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
     let out = match s
-        .engine
+        .engine()
         .consume(&ask.customer, &ask.feature, ask.cost, key.as_deref())
         .await
     {
@@ -353,7 +353,7 @@ fn window_secs(p: Period) -> i64 {
 }
 
 fn limits(s: &AppState, ask: &Ask, costs: &[PoolCost], out: Option<&Outcome>) -> Limits {
-    let now = s.clock.now_ms();
+    let now = s.service.clock.now_ms();
     let empty = Limits {
         policy: ask.feature.clone(),
         quota: Some(0),
@@ -372,9 +372,8 @@ fn limits(s: &AppState, ask: &Ask, costs: &[PoolCost], out: Option<&Outcome>) ->
         Default::default()
     };
     let retry_after = (!out.allowed)
-        .then(|| retry_after_ms(costs, &out.pools, ask.cost, now))
-        .flatten()
-        .map(|ms| (ms + 999) / 1000);
+        .then(|| s.service.retry_after_secs(costs, out, ask.cost))
+        .flatten();
     let Some((p, _)) = views::choose_balance(costs, &out.pools, ask.cost, &spent) else {
         return Limits {
             retry_after,
@@ -395,59 +394,6 @@ fn limits(s: &AppState, ask: &Ask, costs: &[PoolCost], out: Option<&Outcome>) ->
         window,
         retry_after,
     }
-}
-
-/// Milliseconds until the earliest bucket reset after which the pools that
-/// pay for the feature would cover `units`, or `None` when no reset will.
-///
-/// At each candidate instant (a bucket's next reset, in order) the pools are
-/// projected: buckets that have reset by then hold their grant again, buckets
-/// and rollovers that have expired are gone, the rest keep what they hold now;
-/// each source covers as many units as it affords at its pool's cost, as
-/// consume charges them. Only each bucket's first reset counts, and a reset's
-/// new rollover is not counted (so the answer is never early).
-pub fn retry_after_ms(
-    costs: &[PoolCost],
-    pools: &[PoolBalance],
-    units: Amount,
-    now: i64,
-) -> Option<i64> {
-    let owned = super::views::owned_pools(costs, pools);
-    let live_at = |expires: Option<i64>, t: i64| expires.is_none_or(|e| e > t);
-    let mut times: Vec<i64> = owned
-        .iter()
-        .flat_map(|(_, p)| p.buckets.iter())
-        .filter_map(|b| b.next_reset_at.filter(|&t| live_at(b.expires_at, t)))
-        .filter(|&t| t > now)
-        .collect();
-    times.sort_unstable();
-    times.dedup();
-    for t in times {
-        let mut need = units.raw() as i128;
-        for (c, p) in &owned {
-            for b in &p.buckets {
-                if !live_at(b.expires_at, t) {
-                    continue;
-                }
-                if b.unlimited {
-                    return Some(t - now);
-                }
-                let held = if b.next_reset_at.is_some_and(|r| r <= t) {
-                    b.granted.raw()
-                } else {
-                    b.remaining.raw()
-                };
-                need -= affordable_units(held, c.cost);
-                for r in b.rollovers.iter().filter(|r| live_at(r.expires_at, t)) {
-                    need -= affordable_units(r.balance.raw(), c.cost);
-                }
-            }
-        }
-        if need <= 0 {
-            return Some(t - now);
-        }
-    }
-    None
 }
 
 #[cfg(test)]

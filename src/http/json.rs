@@ -15,7 +15,6 @@ use super::error::{ApiError, MAX_BODY_BYTES};
 /// Unknown fields are ignored.
 pub struct ApiJson<T>(pub T);
 
-#[axum::async_trait]
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
@@ -41,10 +40,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// Whether reading the body failed because it passed the limit: the error
+/// `http_body_util::Limited` raises, found by type in the source chain.
 fn is_length_limit(e: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
-        if s.to_string().contains("length limit") {
+        if s.is::<http_body_util::LengthLimitError>() {
             return true;
         }
         source = s.source();

@@ -6,8 +6,6 @@
 pub mod error;
 pub mod gate;
 pub mod json;
-pub mod lock_index;
-pub mod metrics;
 pub mod openapi;
 pub mod routes;
 pub mod views;
@@ -15,37 +13,21 @@ pub mod views;
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_trait::async_trait;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 
-use crate::config::{Config, DeployEnv, GateConfig, Plan};
-use crate::engine::{Clock, Engine};
-use crate::model::Catalog;
+use crate::clock::Clock;
+use crate::config::{Config, DeployEnv, GateConfig};
+use crate::engine::{AlwaysReady, Engine, LockIndex, Readiness};
+use crate::error::Code;
+use crate::metrics::Metrics;
+use crate::model::{Catalog, Plan};
+use crate::service::Service;
 
 pub use error::ApiError;
-pub use lock_index::{LockIndex, MemoryLockIndex};
-pub use metrics::Metrics;
-
-/// Whether the store can serve (reachable, scripts loaded). Kept outside the
-/// [`Engine`] trait; the in-process engine is always ready.
-#[async_trait]
-pub trait Readiness: Send + Sync + 'static {
-    async fn ready(&self) -> bool;
-}
-
-/// Always ready: the in-process engine.
-pub struct AlwaysReady;
-
-#[async_trait]
-impl Readiness for AlwaysReady {
-    async fn ready(&self) -> bool {
-        true
-    }
-}
 
 /// Bearer keys. Both lists empty: no authentication.
 #[derive(Debug, Clone, Default)]
@@ -93,20 +75,15 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Everything a request needs.
+/// Everything a request needs: the service (engine, catalog, plans, clock,
+/// lock index) and what only HTTP uses.
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: Arc<dyn Engine>,
-    pub catalog: Arc<Catalog>,
-    pub plans: Arc<Vec<Plan>>,
-    pub clock: Arc<dyn Clock>,
+    pub service: Arc<Service>,
     pub auth: Arc<Auth>,
-    pub lock_index: Arc<dyn LockIndex>,
     pub readiness: Arc<dyn Readiness>,
     pub metrics: Arc<Metrics>,
     pub env: DeployEnv,
-    /// How long a finalized lock stays findable by id alone (ms).
-    pub lock_retention_ms: i64,
     /// The forward-auth gate's settings.
     pub gate: Arc<GateConfig>,
 }
@@ -116,29 +93,29 @@ impl AppState {
     /// lock index and always ready. `catalog` must be the engine's.
     pub fn new(engine: Arc<dyn Engine>, catalog: Arc<Catalog>, clock: Arc<dyn Clock>) -> AppState {
         AppState {
-            engine,
-            catalog,
-            plans: Arc::new(vec![]),
-            clock,
+            service: Arc::new(Service::new(engine, catalog, clock)),
             auth: Arc::new(Auth::default()),
-            lock_index: Arc::new(MemoryLockIndex::default()),
             readiness: Arc::new(AlwaysReady),
             metrics: Arc::new(Metrics::default()),
             env: DeployEnv::Live,
-            lock_retention_ms: 24 * 3_600_000,
             gate: Arc::new(GateConfig::default()),
         }
     }
 
+    fn service_mut(&mut self) -> &mut Service {
+        Arc::make_mut(&mut self.service)
+    }
+
     /// Takes plans, keys, env and retention from a configuration.
     pub fn configured(mut self, config: &Config) -> AppState {
-        self.plans = Arc::new(config.plans.clone());
+        let service = self.service_mut();
+        service.plans = Arc::new(config.plans.clone());
+        service.lock_retention_ms = (config.idempotency_ttl_secs as i64).saturating_mul(1000);
         self.auth = Arc::new(Auth {
             api_keys: config.api_keys.clone(),
             admin_keys: config.admin_keys.clone(),
         });
         self.env = config.env;
-        self.lock_retention_ms = (config.idempotency_ttl_secs as i64).saturating_mul(1000);
         self.gate = Arc::new(config.gate.clone());
         self
     }
@@ -149,7 +126,7 @@ impl AppState {
     }
 
     pub fn with_plans(mut self, plans: Vec<Plan>) -> AppState {
-        self.plans = Arc::new(plans);
+        self.service_mut().plans = Arc::new(plans);
         self
     }
 
@@ -159,7 +136,7 @@ impl AppState {
     }
 
     pub fn with_lock_index(mut self, index: Arc<dyn LockIndex>) -> AppState {
-        self.lock_index = index;
+        self.service_mut().lock_index = index;
         self
     }
 
@@ -167,24 +144,24 @@ impl AppState {
         self.readiness = readiness;
         self
     }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.service.engine
+    }
 }
 
-/// Routes only admin keys may use.
-pub const ADMIN_ROUTES: &[&str] = &[
-    "/v1/billing.attach",
-    "/v1/balances.create",
-    "/v1/balances.update",
-];
-
-/// The router: every `/v1` route behind bearer auth, plus health, readiness,
-/// metrics and the OpenAPI document.
+/// The router: the application routes behind bearer auth (api or admin
+/// keys), the admin routes behind their own layer (admin keys only), plus
+/// health, readiness, metrics and the OpenAPI document.
 pub fn app(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/v1/customers.get_or_create", post(routes::get_or_create))
-        .route("/v1/customers.get", post(routes::get_customer))
+    let admin = Router::new()
         .route("/v1/billing.attach", post(routes::attach))
         .route("/v1/balances.create", post(routes::create_balance))
         .route("/v1/balances.update", post(routes::update_balance))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let application = Router::new()
+        .route("/v1/customers.get_or_create", post(routes::get_or_create))
+        .route("/v1/customers.get", post(routes::get_customer))
         .route("/v1/balances.check", post(routes::check))
         .route("/v1/check", post(routes::check))
         .route("/v1/entitled", post(routes::check))
@@ -193,10 +170,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events", post(routes::track))
         .route("/v1/balances.finalize", post(routes::finalize))
         .route("/v1/gate", any(gate::gate))
-        .route("/v1/gate/*path", any(gate::gate))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route("/v1/gate/{*path}", any(gate::gate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
-        .merge(v1)
+        .merge(admin)
+        .merge(application)
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
@@ -206,45 +184,57 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
-                ApiError::Internal("handler panicked".into()).into_response()
+                ApiError::Internal(crate::error::Cause::msg("handler panicked")).into_response()
             },
         ))
         .with_state(state)
 }
 
 async fn not_found() -> ApiError {
-    ApiError::not_found("not_found", "no such route")
+    ApiError::not_found(Code::NotFound, "no such route")
 }
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Response {
+/// The role of the request's bearer key; `Ok(None)` when authentication is
+/// off (both key lists empty).
+fn caller(s: &AppState, req: &Request) -> Result<Option<Role>, ApiError> {
     if s.auth.is_open() {
-        return next.run(req).await;
+        return Ok(None);
     }
     let header = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let Some(header) = header.map(str::trim).filter(|h| !h.is_empty()) else {
-        return ApiError::NoSecretKey.into_response();
+        return Err(ApiError::NoSecretKey);
     };
     let key = header
         .strip_prefix("Bearer ")
         .or_else(|| header.strip_prefix("bearer "))
         .unwrap_or(header)
         .trim();
-    match s.auth.role(key) {
-        None => ApiError::InvalidSecretKey.into_response(),
-        Some(Role::Api) if ADMIN_ROUTES.contains(&req.uri().path()) => {
-            ApiError::Forbidden.into_response()
-        }
-        Some(_) => next.run(req).await,
+    s.auth.role(key).map(Some).ok_or(ApiError::InvalidSecretKey)
+}
+
+/// Application routes: any api or admin key.
+async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match caller(&s, &req) {
+        Ok(_) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 
+/// Admin routes: admin keys only.
+async fn require_admin(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match caller(&s, &req) {
+        Ok(None | Some(Role::Admin)) => next.run(req).await,
+        Ok(Some(Role::Api)) => ApiError::Forbidden.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
 /// One debug line per request, the latency histogram, decisions and store
 /// errors. Never logs a key or a body.
 async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
@@ -257,7 +247,7 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
     let resp = next.run(req).await;
     let elapsed = start.elapsed();
     s.metrics.latency(&route, elapsed);
-    if let Some(d) = resp.extensions().get::<metrics::Decision>() {
+    if let Some(d) = resp.extensions().get::<crate::metrics::Decision>() {
         s.metrics.decision(&route, d.0);
     } else if route.starts_with("/v1/") && !resp.status().is_success() {
         s.metrics.decision(&route, "error");

@@ -12,21 +12,15 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::json::{ApiJson, Count, Millis};
-use super::metrics::Decision;
 use super::views::{self, BalanceView, CustomerView, DeductionView};
 use super::AppState;
 use crate::calendar::Interval;
-use crate::error::EngineError;
+use crate::metrics::Decision;
 use crate::model::{
-    BalanceChange, BucketUpdate, FinalizeAction, Grant, Outcome, OverageBehavior, RolloverConfig,
-    RolloverDuration, MAX_BUCKETS_PER_CUSTOMER,
+    BalanceChange, BucketUpdate, FinalizeAction, Grant, Op, Outcome, OverageBehavior,
+    RolloverConfig, RolloverDuration,
 };
 use crate::money::Amount;
-use crate::rules::Op;
-
-/// How long a reserve's claim on a lock id lasts before the reserve itself
-/// records the lock's real lifetime (ms).
-const CLAIM_MS: i64 = 60_000;
 
 /// The header that marks an answer replayed from an idempotency record.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -49,8 +43,8 @@ pub async fn get_or_create(
     State(s): State<AppState>,
     ApiJson(b): ApiJson<CustomerBody>,
 ) -> Result<Response, ApiError> {
-    s.engine.create_customer(&b.customer_id).await?;
-    let balances = s.engine.balances(&b.customer_id).await?;
+    s.engine().create_customer(&b.customer_id).await?;
+    let balances = s.engine().balances(&b.customer_id).await?;
     Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
 }
 
@@ -61,7 +55,7 @@ pub async fn get_customer(
     State(s): State<AppState>,
     ApiJson(b): ApiJson<CustomerBody>,
 ) -> Result<Response, ApiError> {
-    let balances = s.engine.balances(&b.customer_id).await?;
+    let balances = s.engine().balances(&b.customer_id).await?;
     Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
 }
 
@@ -87,40 +81,7 @@ pub async fn attach(
     State(s): State<AppState>,
     ApiJson(b): ApiJson<AttachBody>,
 ) -> Result<Response, ApiError> {
-    let plan = s.plans.iter().find(|p| p.id == b.plan_id).ok_or_else(|| {
-        ApiError::not_found("plan_not_found", format!("plan {:?} not found", b.plan_id))
-    })?;
-    s.engine.create_customer(&b.customer_id).await?;
-    let current = s.engine.balances(&b.customer_id).await?;
-    let held: Vec<&str> = current
-        .pools
-        .iter()
-        .flat_map(|p| p.buckets.iter())
-        .map(|x| x.balance_id.as_str())
-        .collect();
-    let attached = current
-        .pools
-        .iter()
-        .flat_map(|p| p.buckets.iter())
-        .any(|x| x.plan_id.as_deref() == Some(plan.id.as_str()));
-    if !attached {
-        let missing: Vec<usize> = (0..plan.items.len())
-            .filter(|&i| !held.contains(&plan.balance_id(i).as_str()))
-            .collect();
-        if held.len() + missing.len() > MAX_BUCKETS_PER_CUSTOMER {
-            return Err(ApiError::invalid(
-                "plan_id",
-                format!("the customer would hold more than {MAX_BUCKETS_PER_CUSTOMER} balances"),
-            ));
-        }
-        for i in missing {
-            match s.engine.grant(&b.customer_id, &plan.grant(i)).await {
-                // A racing attach granted it first: already attached.
-                Ok(_) | Err(EngineError::BalanceAlreadyExists(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
+    s.service.attach(&b.customer_id, &b.plan_id).await?;
     Ok(Json(AttachResponse {
         success: true,
         customer_id: b.customer_id,
@@ -217,7 +178,7 @@ pub async fn create_balance(
         overage_floor: b.overage_floor,
         carry_debt: b.carry_debt.unwrap_or(false),
     };
-    let id = s.engine.grant(&b.customer_id, &grant).await?;
+    let id = s.engine().grant(&b.customer_id, &grant).await?;
     Ok(Json(CreateBalanceResponse {
         success: true,
         balance_id: id,
@@ -259,7 +220,7 @@ pub async fn update_balance(
         balance_id: b.balance_id,
         change,
     };
-    s.engine.update_bucket(&b.customer_id, &update).await?;
+    s.engine().update_bucket(&b.customer_id, &update).await?;
     Ok(Json(Success { success: true }).into_response())
 }
 
@@ -343,7 +304,7 @@ pub async fn check(
             "must not be negative",
         ));
     }
-    let costs = s.catalog.pools_for(&b.feature_id)?;
+    let costs = s.service.catalog.pools_for(&b.feature_id)?;
     let lock = b.lock.filter(|l| l.enabled.unwrap_or(true));
     let applies = lock.is_some() || b.send_event.unwrap_or(false);
     let out: Outcome = if let Some(lock) = &lock {
@@ -351,42 +312,22 @@ pub async fn check(
             .lock_id
             .as_deref()
             .ok_or_else(|| ApiError::invalid("lock.lock_id", "is required"))?;
-        let expires_at = lock.expires_at.map(|m| m.0);
-        // Claim the id across customers first (briefly: a refused reserve
-        // lets it lapse), so a finalize without customer_id finds only ours.
-        let now = s.clock.now_ms();
-        let claim_until = now.saturating_add(CLAIM_MS);
-        if !s
-            .lock_index
-            .claim(lock_id, &b.customer_id, claim_until, now)
-            .await?
-        {
-            return Err(EngineError::LockAlreadyExists(lock_id.to_string()).into());
-        }
-        let out = s
-            .engine
+        s.service
             .reserve(
                 &b.customer_id,
                 lock_id,
                 &b.feature_id,
                 required,
-                expires_at,
+                lock.expires_at.map(|m| m.0),
                 key.as_deref(),
             )
-            .await?;
-        if out.allowed {
-            let keep = expires_at.map(|e| e.saturating_add(s.lock_retention_ms));
-            s.lock_index
-                .record(lock_id, &b.customer_id, keep, s.clock.now_ms())
-                .await?;
-        }
-        out
+            .await?
     } else if b.send_event.unwrap_or(false) {
-        s.engine
+        s.engine()
             .consume(&b.customer_id, &b.feature_id, required, key.as_deref())
             .await?
     } else {
-        s.engine
+        s.engine()
             .check(&b.customer_id, &b.feature_id, required)
             .await?
     };
@@ -457,13 +398,16 @@ pub async fn track(
         (h, body) => h.or(body),
     };
     let value = b.value.unwrap_or(Amount::whole(1));
-    let costs = s.catalog.pools_for(&b.feature_id)?;
+    let costs = s.service.catalog.pools_for(&b.feature_id)?;
     let op = Op::Track {
         feature: b.feature_id.clone(),
         units: value,
         behavior: b.overage_behavior.unwrap_or_default(),
     };
-    let out = s.engine.apply(&b.customer_id, &op, key.as_deref()).await?;
+    let out = s
+        .engine()
+        .apply(&b.customer_id, &op, key.as_deref())
+        .await?;
     if out.insufficient {
         let resp = decision(ApiError::InsufficientBalance.into_response(), false);
         return Ok(replayed(resp, out.replayed));
@@ -510,30 +454,14 @@ pub async fn finalize(
     ApiJson(b): ApiJson<FinalizeBody>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
-    crate::model::validate_id("lock_id", &b.lock_id)?;
-    let now = s.clock.now_ms();
-    let customer = match b.customer_id {
-        Some(c) => c,
-        None => s.lock_index.lookup(&b.lock_id, now).await?.ok_or_else(|| {
-            ApiError::not_found("lock_not_found", format!("lock {:?} not found", b.lock_id))
-        })?,
-    };
-    let out = s
-        .engine
+    let (_, out) = s
+        .service
         .finalize(
-            &customer,
+            b.customer_id,
             &b.lock_id,
             b.action,
             b.override_value,
             key.as_deref(),
-        )
-        .await?;
-    s.lock_index
-        .record(
-            &b.lock_id,
-            &customer,
-            Some(now.saturating_add(s.lock_retention_ms)),
-            now,
         )
         .await?;
     Ok(replayed(

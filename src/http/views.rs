@@ -139,23 +139,6 @@ pub fn balances_map(pools: &[PoolBalance]) -> BTreeMap<String, Option<BalanceVie
         .collect()
 }
 
-/// The pools the customer owns among those that may pay (`costs`, in
-/// deduction order), each with its balance.
-pub fn owned_pools<'c, 'p>(
-    costs: &'c [PoolCost],
-    pools: &'p [PoolBalance],
-) -> Vec<(&'c PoolCost, &'p PoolBalance)> {
-    costs
-        .iter()
-        .filter_map(|c| {
-            pools
-                .iter()
-                .find(|p| p.pool == c.pool && p.owned)
-                .map(|p| (c, p))
-        })
-        .collect()
-}
-
 /// The pool Autumn answers `balance` with, and `required` in its units:
 /// the feature's own balance if owned and it alone covers the request; else
 /// the first owned credit system (catalog order) containing the feature that
@@ -170,7 +153,7 @@ pub fn choose_balance<'a>(
     required: Amount,
     spent: &BTreeMap<String, i64>,
 ) -> Option<(&'a PoolBalance, Amount)> {
-    let candidates = owned_pools(costs, pools);
+    let candidates = crate::rules::owned_pool_views(costs, pools);
     let needed = |c: &PoolCost| charge(required.abs().raw(), c.cost);
     let covers = |c: &PoolCost, p: &PoolBalance| {
         p.unlimited

@@ -3,66 +3,27 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod http;
 pub mod redis;
 
 use std::sync::Arc;
 
-use creditgate::calendar::{ms_of, Interval};
+use creditgate::calendar::Interval;
 use creditgate::model::*;
 use creditgate::{Amount, Engine, ManualClock, MemoryEngine};
 
-/// 2027-01-01T00:00Z: every scenario starts here.
+/// 2027-01-01T00:00Z: every test starts here.
 pub fn start() -> i64 {
-    ms_of(2027, 1, 1, 0, 0)
+    http::T0
 }
 
 pub fn amt(s: &str) -> Amount {
     Amount::parse(s).expect("test amount")
 }
 
-fn metered(id: &str) -> FeatureDef {
-    FeatureDef {
-        id: id.into(),
-        kind: FeatureType::Metered,
-        credit_schema: vec![],
-    }
-}
-
-fn credit_system(id: &str, items: &[(&str, &str)]) -> FeatureDef {
-    FeatureDef {
-        id: id.into(),
-        kind: FeatureType::CreditSystem,
-        credit_schema: items
-            .iter()
-            .map(|(f, c)| CreditSchemaItem {
-                metered_feature_id: (*f).into(),
-                credit_cost: c.parse().unwrap(),
-            })
-            .collect(),
-    }
-}
-
-/// The catalog every scenario uses.
+/// The catalog every test uses: the example configuration's.
 pub fn catalog() -> Arc<Catalog> {
-    Arc::new(
-        Catalog::new(vec![
-            metered("action1"),
-            metered("action2"),
-            credit_system("credits", &[("action1", "0.2"), ("action2", "0.6")]),
-            metered("basic_message"),
-            metered("premium_message"),
-            credit_system(
-                "msg_credits",
-                &[("basic_message", "1"), ("premium_message", "10")],
-            ),
-            metered("premium_request"),
-            credit_system("req_credits", &[("premium_request", "3")]),
-            metered("third"),
-            credit_system("thirds", &[("third", "0.333333")]),
-            metered("api_call"),
-        ])
-        .expect("test catalog"),
-    )
+    http::config().catalog
 }
 
 /// An engine and the clock it reads.
@@ -99,15 +60,16 @@ impl Fx {
             .get_or_init(|| cluster::RedisCluster::start(3))
             .urls();
         let clock = Arc::new(ManualClock::new(start()));
-        let opts = creditgate::store::RedisOptions {
-            target: creditgate::store::RedisTarget::Cluster(nodes),
+        let opts = creditgate::engine::redis::RedisOptions {
+            target: creditgate::engine::redis::RedisTarget::Cluster(nodes),
             namespace: redis::namespace(),
-            ..creditgate::store::RedisOptions::standalone("")
+            ..creditgate::engine::redis::RedisOptions::standalone("")
         };
         let dyn_clock: Arc<dyn creditgate::Clock> = clock.clone();
-        let engine = creditgate::store::RedisEngine::connect(opts, catalog(), Some(dyn_clock))
-            .await
-            .expect("connect the redis engine to the cluster");
+        let engine =
+            creditgate::engine::redis::RedisEngine::connect(opts, catalog(), Some(dyn_clock))
+                .await
+                .expect("connect the redis engine to the cluster");
         Fx {
             engine: Arc::new(engine),
             clock,

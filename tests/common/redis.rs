@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use creditgate::engine::redis::{RedisEngine, RedisOptions};
 use creditgate::model::Retention;
-use creditgate::store::{RedisEngine, RedisOptions};
 use creditgate::{Clock, ManualClock};
 
 pub struct RedisServer {
@@ -48,7 +48,7 @@ pub fn spawn_watched(script: &str) -> Child {
 }
 
 impl RedisServer {
-    fn start() -> RedisServer {
+    pub fn start() -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let socket = dir.path().join("redis.sock");
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());

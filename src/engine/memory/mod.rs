@@ -9,11 +9,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{Clock, Engine, SweepReport};
+use super::{Engine, SweepReport};
+use crate::clock::Clock;
 use crate::error::EngineError;
 use crate::model::*;
 use crate::money::Amount;
-use crate::rules::{self, Op};
+use crate::rules;
+
+pub mod lock_index;
+
+pub use lock_index::MemoryLockIndex;
 
 const SHARDS: usize = 64;
 

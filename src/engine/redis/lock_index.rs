@@ -1,29 +1,30 @@
 //! The lock-id → customer index in Redis, for a `finalize` that does not send
 //! its customer (Autumn's SDK does not). One small key per lock id, outside
 //! every customer's slot (its hash tag is the escaped lock id), never touched
-//! by a script: `<ns>cg1:lock:{<escaped lock id>}` = `<customer id>\x1f<keep until ms>`
+//! by a customer's script (`lua/lock_claim.lua` runs on it alone): `<ns>cg1:lock:{<escaped lock id>}` = `<customer id>\x1f<keep until ms>`
 //! with a relative expiry (`PX`). The stored instant is also compared with
 //! `now`, so an injected clock sees the same answers as the in-process index.
 
 use async_trait::async_trait;
-use redis::RedisError;
 
+use super::conn::unavailable;
 use super::keys::{escape, LAYOUT};
-use super::Conn;
+use super::reply::int;
+use super::scripts::Loaded;
+use crate::engine::LockIndex;
 use crate::error::EngineError;
-use crate::http::LockIndex;
 
 /// [`LockIndex`] over the engine's shared connection.
 #[derive(Clone)]
 pub struct RedisLockIndex {
-    conn: Conn,
+    scripts: Loaded,
     namespace: String,
 }
 
 impl RedisLockIndex {
-    pub fn new(conn: Conn, namespace: &str) -> RedisLockIndex {
+    pub fn new(scripts: Loaded, namespace: &str) -> RedisLockIndex {
         RedisLockIndex {
-            conn,
+            scripts,
             namespace: namespace.to_string(),
         }
     }
@@ -31,10 +32,6 @@ impl RedisLockIndex {
     pub fn key(&self, lock_id: &str) -> String {
         format!("{}{LAYOUT}lock:{{{}}}", self.namespace, escape(lock_id))
     }
-}
-
-fn unavailable(e: RedisError) -> EngineError {
-    EngineError::StoreUnavailable(e.to_string())
 }
 
 #[async_trait]
@@ -46,7 +43,7 @@ impl LockIndex for RedisLockIndex {
         keep_until: Option<i64>,
         now: i64,
     ) -> Result<(), EngineError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.scripts.conn.clone();
         let value = format!(
             "{customer_id}\x1f{}",
             keep_until.map_or(String::new(), |k| k.to_string())
@@ -66,39 +63,28 @@ impl LockIndex for RedisLockIndex {
         keep_until: i64,
         now: i64,
     ) -> Result<bool, EngineError> {
-        // One script on the one index key: read the holder, refuse if another
-        // customer's entry is live, else write ours (never shortening our own).
-        const CLAIM: &str = r#"
-local v = redis.call('GET', KEYS[1])
-local now, keep = tonumber(ARGV[3]), tonumber(ARGV[2])
-if v then
-  local sep = string.find(v, '\31', 1, true)
-  local holder, until_s = string.sub(v, 1, sep - 1), string.sub(v, sep + 1)
-  local until_ms = tonumber(until_s)
-  local live = until_ms == nil or until_ms > now
-  if holder ~= ARGV[1] and live then return 0 end
-  if holder == ARGV[1] then
-    if until_ms == nil then return 1 end
-    if until_ms > keep then keep = until_ms end
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1] .. '\31' .. string.format('%d', keep), 'PX', math.max(keep - now, 1))
-return 1
-"#;
-        let mut conn = self.conn.clone();
-        let claimed: i64 = redis::Script::new(CLAIM)
-            .key(self.key(lock_id))
-            .arg(customer_id)
-            .arg(keep_until)
-            .arg(now)
-            .invoke_async(&mut conn)
+        // One script on the one index key (`lua/lock_claim.lua`): read the
+        // holder, refuse if another customer's entry is live, else write ours
+        // (never shortening our own).
+        let key = self.key(lock_id);
+        let claimed = self
+            .scripts
+            .eval(
+                &self.scripts.scripts.lock_claim,
+                &[&key],
+                &[
+                    customer_id.to_string(),
+                    keep_until.to_string(),
+                    now.to_string(),
+                ],
+            )
             .await
             .map_err(unavailable)?;
-        Ok(claimed == 1)
+        Ok(int(&claimed)? == 1)
     }
 
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.scripts.conn.clone();
         let v: Option<String> = redis::cmd("GET")
             .arg(self.key(lock_id))
             .query_async(&mut conn)

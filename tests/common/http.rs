@@ -1,6 +1,6 @@
-//! Shared helpers for the HTTP tests: the seed catalog on a MemoryEngine with
-//! a ManualClock, and a request helper over `oneshot`.
-#![allow(dead_code)]
+//! The HTTP tests' harness: the example configuration on a MemoryEngine
+//! (or any engine) with a ManualClock, and the one request helper, over
+//! `oneshot`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,39 +15,11 @@ use creditgate::{ManualClock, MemoryEngine};
 use serde_json::Value;
 use tower::ServiceExt;
 
-/// 2026-01-01T00:00:00Z.
-pub const T0: i64 = 1_767_225_600_000;
+/// Every HTTP test starts at the scenarios' epoch, 2027-01-01T00:00Z.
+pub const T0: i64 = 1_798_761_600_000;
 
-pub const CONFIG: &str = r#"
-[[features]]
-id = "basic_message"
-[[features]]
-id = "premium_message"
-[[features]]
-id = "action1"
-[[features]]
-id = "action2"
-[[features]]
-id = "credits"
-type = "credit_system"
-credit_schema = [
-  { metered_feature_id = "basic_message", credit_cost = 1 },
-  { metered_feature_id = "premium_message", credit_cost = 10 },
-]
-[[features]]
-id = "ai_credits"
-type = "credit_system"
-credit_schema = [
-  { metered_feature_id = "action1", credit_cost = 0.2 },
-  { metered_feature_id = "action2", credit_cost = 0.6 },
-]
-[[plans]]
-id = "pro"
-items = [{ feature_id = "credits", included = 200, interval = "month" }]
-[[plans]]
-id = "roll"
-items = [{ feature_id = "action1", included = 400, interval = "month", rollover = { max = 500, length = 1 } }]
-"#;
+/// The one catalog fixture: the example configuration.
+pub const CONFIG: &str = include_str!("../../examples/creditgate.toml");
 
 pub struct Harness {
     pub clock: Arc<ManualClock>,
@@ -104,22 +76,40 @@ impl Answer {
     }
 }
 
+/// The one request helper: sends `req` to `router` and reads the answer.
+pub async fn send(router: &Router, req: Request<Body>) -> Answer {
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        text,
+        json,
+    }
+}
+
+/// `method path` with a JSON body (none for `Value::Null`).
+pub async fn call(router: &Router, method: &str, path: &str, body: Value) -> Answer {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    let body = match body {
+        Value::Null => Body::empty(),
+        v => Body::from(v.to_string()),
+    };
+    send(router, req.body(body).unwrap()).await
+}
+
 impl Harness {
     pub async fn send(&self, req: Request<Body>) -> Answer {
-        let resp = self.router.clone().oneshot(req).await.expect("infallible");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        let text = String::from_utf8(bytes.to_vec()).unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Answer {
-            status,
-            headers,
-            text,
-            json,
-        }
+        send(&self.router, req).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Answer {

@@ -1,48 +1,13 @@
-//! Finding a lock's customer from its id alone: Autumn's `finalize` does not
-//! send `customer_id`. A reserve records `lock_id → customer_id`; a finalize
-//! without a customer looks it up.
-//!
-//! This is a seam: [`MemoryLockIndex`] serves the in-process engine; a
-//! Redis-backed index (one key per lock id, e.g. `cg1:{<escaped lock id>}:lockidx`,
-//! with a TTL, so it stays cluster-safe) plugs in through the same trait.
-//! The engine keeps lock ids unique per customer; the index makes them unique
-//! across customers while it remembers them: a reserve first *claims* the id,
-//! and a claim for an id another customer holds is refused (409
-//! `lock_already_exists`), so a finalize without `customer_id` can never reach
-//! another customer's lock.
+//! The in-process [`LockIndex`]: a map from lock id to customer, pruned of
+//! entries past their time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use crate::engine::LockIndex;
 use crate::error::EngineError;
-
-#[async_trait]
-pub trait LockIndex: Send + Sync + 'static {
-    /// Records (or refreshes) `lock_id → customer_id`. `keep_until` (ms) is
-    /// when the entry may be forgotten; `None` keeps it until a later record
-    /// sets a time (a pending lock without expiry).
-    async fn record(
-        &self,
-        lock_id: &str,
-        customer_id: &str,
-        keep_until: Option<i64>,
-        now: i64,
-    ) -> Result<(), EngineError>;
-    /// Claims `lock_id` for `customer_id` until `keep_until` unless another
-    /// customer holds it (a live entry): `false` then, and nothing changes.
-    /// One atomic step, so two customers racing for one id cannot both win.
-    async fn claim(
-        &self,
-        lock_id: &str,
-        customer_id: &str,
-        keep_until: i64,
-        now: i64,
-    ) -> Result<bool, EngineError>;
-    /// The customer that last reserved `lock_id`, if remembered.
-    async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError>;
-}
 
 /// The in-process index: a map, pruned of entries past their time.
 #[derive(Default)]

@@ -1,0 +1,178 @@
+//! The periodic reset task's side in Redis: the per-slot due index read
+//! slot by slot, in leased shards so several sidecars share the work.
+
+use futures_util::StreamExt;
+
+use super::conn::{unavailable, Conn};
+use super::keys::{self, LAYOUT};
+use super::reply::int;
+use super::RedisEngine;
+use crate::engine::{Engine, SweepReport};
+use crate::error::{Cause, EngineError};
+
+/// The due index is swept in this many shards of consecutive slots, each
+/// under its own lease, so several sidecars share the work.
+pub const SWEEP_SHARDS: usize = 16;
+/// Reset scripts a sweep keeps in flight at once.
+const SWEEP_CONCURRENCY: usize = 32;
+/// How long a sweeper keeps a shard's lease (ms).
+pub const SWEEP_LEASE_MS: u64 = 30_000;
+/// Due customers read per slot and round.
+const SWEEP_BATCH: usize = 100;
+/// Slots read per pipelined round trip.
+const SWEEP_PIPELINE: usize = 256;
+
+impl RedisEngine {
+    /// `reset_due` for the sweeper: an index entry whose customer is gone is
+    /// dropped rather than failing the sweep.
+    async fn sweep_one(&self, customer: &str) -> Result<u32, EngineError> {
+        match self.reset_due(customer).await {
+            Err(EngineError::CustomerNotFound) | Err(EngineError::InvalidInput { .. }) => {
+                let k = self.keys(customer);
+                let mut conn = self.conn.clone();
+                redis::cmd("ZREM")
+                    .arg(&k.due)
+                    .arg(customer)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(0)
+            }
+            other => other,
+        }
+    }
+
+    fn lease_key(&self, shard: usize) -> String {
+        format!("{}{LAYOUT}sweep:{shard}", self.namespace)
+    }
+
+    /// Takes (or, if this sweeper already holds it, renews) a shard's lease:
+    /// one atomic script on the lease key alone, so it is cluster-safe. A
+    /// sweeper that dies mid-shard simply stops renewing: its lease lapses
+    /// after [`SWEEP_LEASE_MS`] and the next sweep, anyone's, takes the shard.
+    async fn lease(&self, shard: usize) -> Result<bool, EngineError> {
+        let key = self.lease_key(shard);
+        let took = self
+            .scripts
+            .eval(
+                &self.scripts.scripts.lease_take,
+                &[&key],
+                &[self.sweeper_id.clone(), SWEEP_LEASE_MS.to_string()],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(int(&took)? == 1)
+    }
+
+    /// Gives a shard's lease back if this sweeper still holds it, so the next
+    /// sweep need not wait for it to lapse.
+    async fn release_lease(&self, shard: usize) -> Result<(), EngineError> {
+        let key = self.lease_key(shard);
+        self.scripts
+            .eval(
+                &self.scripts.scripts.lease_release,
+                &[&key],
+                std::slice::from_ref(&self.sweeper_id),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The customers due at or before `now` in the due-index keys `keys`:
+    /// one pipelined round trip on a standalone server; on a cluster (where a
+    /// pipeline may not cross slots) one concurrent query per key.
+    async fn due_members(&self, keys: &[String], now: i64) -> Result<Vec<String>, EngineError> {
+        let query = |k: &str| {
+            let mut c = redis::cmd("ZRANGEBYSCORE");
+            c.arg(k)
+                .arg("-inf")
+                .arg(now)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH);
+            c
+        };
+        let mut conn = self.conn.clone();
+        if let Conn::Cluster(_) = &self.conn {
+            let mut tasks = tokio::task::JoinSet::new();
+            for k in keys {
+                let cmd = query(k);
+                let mut conn = conn.clone();
+                tasks.spawn(async move { cmd.query_async::<Vec<String>>(&mut conn).await });
+            }
+            let mut out = vec![];
+            while let Some(r) = tasks.join_next().await {
+                let r = r.map_err(|e| EngineError::Internal(Cause::new(e)))?;
+                out.extend(r.map_err(unavailable)?);
+            }
+            return Ok(out);
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.add_command(query(k));
+        }
+        let found: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(found.into_iter().flatten().collect())
+    }
+
+    /// Reads the due index slot by slot (16 leased shards of 1024 slots) and
+    /// applies `reset_due` to every customer due now. A customer's entry moves
+    /// to its next due instant in the same script, so it is swept once.
+    pub(super) async fn sweep(&self) -> Result<SweepReport, EngineError> {
+        let mut report = SweepReport::default();
+        let tags = keys::slot_tags();
+        let per_shard = keys::SLOTS / SWEEP_SHARDS;
+        for shard in 0..SWEEP_SHARDS {
+            if !self.lease(shard).await? {
+                report.shards_leased_elsewhere += 1;
+                continue;
+            }
+            let slots: Vec<String> = tags[shard * per_shard..(shard + 1) * per_shard]
+                .iter()
+                .map(|t| format!("{}{LAYOUT}due:{{{t}}}", self.namespace))
+                .collect();
+            for chunk in slots.chunks(SWEEP_PIPELINE) {
+                let mut swept = std::collections::HashSet::new();
+                loop {
+                    // Renewing per round keeps a long shard ours; losing the
+                    // lease (we stalled past it) hands the shard over.
+                    if !self.lease(shard).await? {
+                        report.shards_leased_elsewhere += 1;
+                        break;
+                    }
+                    let now = self.now().0;
+                    let due = self.due_members(chunk, now).await?;
+                    // Every entry swept moves past `now`; one that did not
+                    // (it cannot, but never loop on it) waits for the next sweep.
+                    let due: Vec<String> = due
+                        .into_iter()
+                        .filter(|c| swept.insert(c.clone()))
+                        .collect();
+                    if due.is_empty() {
+                        break;
+                    }
+                    // Each reset is its own short script; several in flight
+                    // share the multiplexed connection.
+                    type Reset<'a> = std::pin::Pin<
+                        Box<dyn std::future::Future<Output = Result<u32, EngineError>> + Send + 'a>,
+                    >;
+                    let resets: Vec<Reset<'_>> = due
+                        .iter()
+                        .map(|c| Box::pin(self.sweep_one(c)) as Reset<'_>)
+                        .collect();
+                    let results: Vec<Result<u32, EngineError>> = futures_util::stream::iter(resets)
+                        .buffer_unordered(SWEEP_CONCURRENCY)
+                        .collect()
+                        .await;
+                    for r in results {
+                        report.customers_swept += 1;
+                        report.resets_applied += r? as u64;
+                    }
+                }
+            }
+            self.release_lease(shard).await?;
+        }
+        Ok(report)
+    }
+}
