@@ -13,8 +13,9 @@
 # before and after every series; "× minimal" divides by the mean of the two.
 # Rows whose call changes what the next call sees (a due reset happens once
 # per customer) run one FCALL per seeded customer instead, all on one
-# connection (redis-cli --pipe). The cg1 scripts (lib.lua + operation, by
-# EVALSHA) run on the same customers for the "before" column.
+# connection (redis-cli --pipe). The cg1 scripts (tests/fixtures/cg1:
+# lib.lua + operation, by EVALSHA) run on the same server for the "before"
+# rows.
 #
 # Memory: used_memory difference (fresh server, jemalloc) for C customers
 # (env C, default 100000; ids cus_00000000000000, 18 characters) holding one
@@ -30,7 +31,8 @@ C="${C:-100000}"
 BASELINE="${BASELINE:-$(cd .. && pwd)/shared/baselines/two_bucket_hash.lua}"
 LIB=lua/creditgate.lua
 
-# The version is in line 1 (library name) and line 2 (function prefix).
+# The version is in line 1 (library name) and line 2 (function prefix);
+# src/engine/redis/library.rs holds the two equal in a unit test too.
 lib_name="$(head -1 "$LIB" | sed -n 's/^#!lua name=\(.*\)$/\1/p')"
 prefix="$(sed -n "2s/^local FN = '\([^']*\)'.*/\1/p" "$LIB")"
 if [ "creditgate_${prefix%_}" != "$lib_name" ]; then
@@ -89,7 +91,11 @@ for a in sys.argv[2:]:
 EOF
 }
 
+# action1 at 0.2 credits per unit, credit system `credits` (the issue's
+# words; examples/creditgate.toml calls it ai_credits): cg1 takes a count
+# first, cg2 the pairs alone.
 CREDITS_POOLS=(2 action1 1000000 credits 200000)
+PAIRS=(action1 1000000 credits 200000)
 RET=(86400000 86400000)
 
 if [ "$mode" = memory ]; then
@@ -101,7 +107,7 @@ if [ "$mode" = memory ]; then
     ids "$C" | python3 -c '
 import sys
 L = sys.argv[1]
-lib = open("lua/lib.lua").read()
+lib = open("tests/fixtures/cg1/lib.lua").read()
 def crc16(d):
     c = 0
     for b in d:
@@ -121,7 +127,7 @@ import hashlib
 sha = {}
 if L == "cg1":
     for op in ("create_customer", "grant"):
-        body = (lib + open("lua/%s.lua" % op).read()).rstrip("\n")
+        body = (lib + open("tests/fixtures/cg1/%s.lua" % op).read()).rstrip("\n")
         sha[op] = hashlib.sha1(body.encode()).hexdigest()
 for cid in sys.stdin.read().split():
     k = "%s:{%s}" % (L, cid)
@@ -129,20 +135,22 @@ for cid in sys.stdin.read().split():
     h = ["", "86400000", "86400000", cid]
     g1 = h + ["api_call", "", "", "10000000", "5", "1"]
     g2 = h + ["credits", "", "", "5000000", "0"]
+    h2 = ["", ""]
+    k2 = [ks[0], ks[2]]
     if L == "cg1":
         print("\t".join(["EVALSHA", sha["create_customer"], "1", k, ""]))
         print("\t".join(["EVALSHA", sha["grant"], "3"] + ks + g1))
         print("\t".join(["EVALSHA", sha["grant"], "3"] + ks + g2))
     else:
         print("\t".join(["FCALL", "cg2_v1_create_customer", "1", k, ""]))
-        print("\t".join(["FCALL", "cg2_v1_grant", "3"] + ks + g1))
-        print("\t".join(["FCALL", "cg2_v1_grant", "3"] + ks + g2))
+        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + k2 + h2 + g1[4:]))
+        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + k2 + h2 + g2[4:]))
 ' "$layout" | pipe
   }
   for layout in cg1 cg2; do
     cli FLUSHALL >/dev/null
     if [ "$layout" = cg1 ]; then
-      for op in create_customer grant; do cli SCRIPT LOAD "$(cat lua/lib.lua "lua/$op.lua")" >/dev/null; done
+      for op in create_customer grant; do cli SCRIPT LOAD "$(cat tests/fixtures/cg1/lib.lua "tests/fixtures/cg1/$op.lua")" >/dev/null; done
     fi
     before=$(used)
     seed_customers "$layout"
@@ -159,14 +167,14 @@ for cid in sys.stdin.read().split():
     P=$1; R=$2
     for layout in cg2 cg1; do
       cli FLUSHALL >/dev/null
-      for op in create_customer grant apply; do cli SCRIPT LOAD "$(cat lua/lib.lua "lua/$op.lua")" >/dev/null; done
+      for op in create_customer grant apply; do cli SCRIPT LOAD "$(cat tests/fixtures/cg1/lib.lua "tests/fixtures/cg1/$op.lua")" >/dev/null; done
       C=$P seed_customers "$layout"
       before=$(used)
       python3 - "$layout" "$P" "$R" <<'EOF' | pipe
 import sys, hashlib
 L, P, R = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-lib = open("lua/lib.lua").read()
-sha = hashlib.sha1((lib + open("lua/apply.lua").read()).rstrip("\n").encode()).hexdigest()
+lib = open("tests/fixtures/cg1/lib.lua").read()
+sha = hashlib.sha1((lib + open("tests/fixtures/cg1/apply.lua").read()).rstrip("\n").encode()).hexdigest()
 def crc16(d):
     c = 0
     for b in d:
@@ -194,7 +202,7 @@ for j in range(R):
         if L == "cg1":
             print("\t".join(["EVALSHA", sha, "3"] + ks + a))
         else:
-            print("\t".join(["FCALL", "cg2_v1_apply", "3"] + ks + a))
+            print("\t".join(["FCALL", "cg2_v1_track", "2", ks[0], ks[2], "", "", key, "api_call", "10000", "overflow", "api_call", "1000000"]))
 EOF
       after=$(used)
       printf '%s: %6d customers x %6d records (36-char keys): %.1f bytes per record\n' "$layout" "$P" "$R" \
@@ -210,7 +218,7 @@ min_sha="$(cli SCRIPT LOAD "$(cat "$BASELINE")")"
 cli HSET '{cus_min}:credits' monthly 100000000000000 oneoff 100000000000000 >/dev/null
 declare -A CG1
 for op in create_customer grant check apply balances reset_due; do
-  CG1[$op]="$(cli SCRIPT LOAD "$(cat lua/lib.lua "lua/$op.lua")")"
+  CG1[$op]="$(cli SCRIPT LOAD "$(cat tests/fixtures/cg1/lib.lua "tests/fixtures/cg1/$op.lua")")"
 done
 
 # seed <layout> <customer> <now> <n extra buckets>: one monthly and one one-off
@@ -222,10 +230,10 @@ seed() {
   local h=("$now" "${RET[@]}" "$id")
   if [ "$L" = cg2 ]; then
     cli FCALL cg2_v1_create_customer 1 "$k1" "$now" >/dev/null
-    cli FCALL cg2_v1_grant 3 "$k1" "$k2" "$k3" "${h[@]}" credits '' '' 100000000000 5 1 >/dev/null
-    cli FCALL cg2_v1_grant 3 "$k1" "$k2" "$k3" "${h[@]}" credits '' '' 50000000000 0 >/dev/null
+    cli FCALL cg2_v1_grant 2 "$k1" "$k3" "$now" '' credits '' '' 100000000000 5 1 >/dev/null
+    cli FCALL cg2_v1_grant 2 "$k1" "$k3" "$now" '' credits '' '' 50000000000 0 >/dev/null
     for i in $(seq 1 "$extra"); do
-      cli FCALL cg2_v1_grant 3 "$k1" "$k2" "$k3" "${h[@]}" "$(printf 'f%02d' "$i")" '' '' 5000000 0 >/dev/null
+      cli FCALL cg2_v1_grant 2 "$k1" "$k3" "$now" '' "$(printf 'f%02d' "$i")" '' '' 5000000 0 >/dev/null
     done
   else
     cli EVALSHA "${CG1[create_customer]}" 1 "$k1" "$now" >/dev/null
@@ -300,14 +308,14 @@ H=('' "${RET[@]}")
 # Warm-up (not reported): the first series after seeding runs slower.
 IFS=$'\t' read -r w1 w2 w3 < <(keys_of cg2 cus_warm)
 minimal >/dev/null
-redis-benchmark -p "$port" -n "$N" -c 1 -q FCALL cg2_v1_apply 3 "$w1" "$w2" "$w3" "${H[@]}" cus_warm consume '' action1 10000 '' '' '' "${CREDITS_POOLS[@]}" >/dev/null 2>&1
+redis-benchmark -p "$port" -n "$N" -c 1 -q FCALL cg2_v1_consume 2 "$w1" "$w3" '' '' '' action1 10000 "${PAIRS[@]}" >/dev/null 2>&1
 
-row "cg2 consuming check, 2 buckets" FCALL cg2_v1_apply 3 "$a1" "$a2" "$a3" "${H[@]}" cus_2b consume '' action1 10000 '' '' '' "${CREDITS_POOLS[@]}"
-row "cg2 consuming check, 2 + 30 untouched buckets" FCALL cg2_v1_apply 3 "$b1" "$b2" "$b3" "${H[@]}" cus_32b consume '' action1 10000 '' '' '' "${CREDITS_POOLS[@]}"
-row "cg2 check (dry run), 2 buckets" FCALL cg2_v1_check 3 "$c1" "$c2" "$c3" "${H[@]}" cus_dry action1 10000 "${CREDITS_POOLS[@]}"
-row "cg2 track, fresh 36-char idempotency key, 2 buckets" FCALL cg2_v1_apply 3 "$d1" "$d2" "$d3" "${H[@]}" cus_trk track "k-__rand_int__-0123456789abcdefghijklm" action1 10000 cap '' '' "${CREDITS_POOLS[@]}"
-row "cg2 balances, 2 buckets" FCALL cg2_v1_balances 3 "$a1" "$a2" "$a3" "${H[@]}" cus_2b
-row "cg2 balances, 32 buckets" FCALL cg2_v1_balances 3 "$b1" "$b2" "$b3" "${H[@]}" cus_32b
+row "cg2 consuming check, 2 buckets" FCALL cg2_v1_consume 2 "$a1" "$a3" '' '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 consuming check, 2 + 30 untouched buckets" FCALL cg2_v1_consume 2 "$b1" "$b3" '' '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 check (dry run), 2 buckets" FCALL cg2_v1_check 2 "$c1" "$c3" '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 track, fresh 36-char idempotency key, 2 buckets" FCALL cg2_v1_track 2 "$d1" "$d3" '' '' "k-__rand_int__-0123456789abcdefghijklm" action1 10000 cap "${PAIRS[@]}"
+row "cg2 balances, 2 buckets" FCALL cg2_v1_balances 2 "$a1" "$a3" '' ''
+row "cg2 balances, 32 buckets" FCALL cg2_v1_balances 2 "$b1" "$b3" '' ''
 row "cg1 consuming check, 2 buckets (before)" EVALSHA "${CG1[apply]}" 3 "$x1" "$x2" "$x3" "${H[@]}" cus_2b consume '' action1 10000 '' '' '' "${CREDITS_POOLS[@]}"
 row "cg1 consuming check, 2 + 30 untouched buckets (before)" EVALSHA "${CG1[apply]}" 3 "$y1" "$y2" "$y3" "${H[@]}" cus_32b consume '' action1 10000 '' '' '' "${CREDITS_POOLS[@]}"
 row "cg1 check (dry run), 2 buckets (before)" EVALSHA "${CG1[check]}" 3 "$z1" "$z2" "$z3" "${H[@]}" cus_dry action1 10000 "${CREDITS_POOLS[@]}"
@@ -361,8 +369,8 @@ for i in range(D):
     chk = [str(now), "86400000", "86400000", cid, "action1", "10000", "2", "action1", "1000000", "credits", "200000"]
     if L == "cg2":
         print("\t".join(["FCALL", "cg2_v1_create_customer", "1", k, str(T0)]))
-        print("\t".join(["FCALL", "cg2_v1_grant", "3"] + ks + g1))
-        print("\t".join(["FCALL", "cg2_v1_grant", "3"] + ks + g2))
+        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + k2 + h2 + g1[4:]))
+        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + k2 + h2 + g2[4:]))
         calls.write("\t".join(["FCALL", "cg2_v1_check", "3"] + ks + chk) + "\n")
     else:
         print("\t".join(["EVALSHA", sha_c, "1", k, str(T0)]))

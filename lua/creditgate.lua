@@ -1,12 +1,13 @@
 #!lua name=creditgate_cg2_v1
 local FN = 'cg2_v1_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
 -- creditgate Redis Functions library, storage layout cg2 (contract:
--- lua/README-cg2.md). Load with FUNCTION LOAD, call with FCALL.
+-- lua/README.md). Load with FUNCTION LOAD, call with FCALL.
 --
 -- The version lives in line 1 (the library name, `creditgate_<layout>_<version>`)
 -- and line 2 (the same `<layout>_<version>` as the function prefix): Redis gives
 -- a library no way to read its own name, so the prefix must be spelled out;
--- benches/fcall_cost.sh refuses a file where the two disagree.
+-- a unit test (src/engine/redis/library.rs) and benches/fcall_cost.sh refuse a
+-- file where the two disagree.
 --
 -- This file is the twin of src/rules.rs, src/money.rs and src/calendar.rs,
 -- ported from the cg1 scripts (lua/lib.lua) that the differential test holds
@@ -806,16 +807,43 @@ local function encode_record(C)
   return f
 end
 
+-- The customer's hash tag (its escaped id) from its key `<ns>cg2:{<tag>}`:
+-- the due index's member and the idempotency digest's customer part.
+local function tag_of(key)
+  return match(key, '{([^}]*)}')
+end
+
+-- ARGV[2] retention: '' = 24 h for both, '<ms>' both, '<idempotency ms>,<finalized lock ms>'.
+local DEFAULT_RETENTION = 86400000
+local function retention(s)
+  if s == nil or s == '' then
+    return DEFAULT_RETENTION, DEFAULT_RETENTION
+  end
+  local i = find(s, ',', 1, true)
+  local a, b
+  if i then
+    a, b = tonumber(sub(s, 1, i - 1)), tonumber(sub(s, i + 1))
+  else
+    a = tonumber(s)
+    b = a
+  end
+  if a == nil or b == nil then
+    fail('invalid_inputs', 'argument retention not a number')
+  end
+  return a, b
+end
+
 local function new_customer(keys, args, now)
   now = now or clock(args[1])
+  local ri, rl = retention(args[2])
   return {
     key = keys[1],
-    lock_key = keys[2],
-    due_key = keys[3],
+    lock_key = keys[1] .. ':l',
+    due_key = keys[2],
     now = now,
-    ret_idem = tonumber(args[2]) or 86400000,
-    ret_lock = tonumber(args[3]) or 86400000,
-    member = args[4],
+    ret_idem = ri,
+    ret_lock = rl,
+    member = tag_of(keys[1]),
     full = false,
     pools = {}, -- name -> { name, src, buckets }
     pool_list = {}, -- names in the order read
@@ -1565,16 +1593,22 @@ end
 ---------------------------------------------------------------------------
 -- Requests (rules::check, track, apply).
 ---------------------------------------------------------------------------
--- The catalog travels in args: npools (-1: unknown feature), then pool,
--- cost pairs in deduction order. Returns nil for an unknown feature.
+-- The catalog travels in args: from position `at` to the end, pool, cost
+-- pairs in deduction order (the feature's own pool first, cost 1000000).
+-- None: an unknown feature (nil here, feature_not_found where the Rust
+-- raises it).
 local function read_pools(args, at)
-  local n = tonumber(args[at])
-  if n == nil or n < 0 then
+  local n = floor((#args - at + 1) / 2)
+  if n < 1 then
     return nil
   end
   local pools = {}
   for i = 1, n do
-    pools[i] = { pool = args[at + 2 * i - 1], cost = tonumber(args[at + 2 * i]) }
+    local cost = tonumber(args[at + 2 * i - 1])
+    if cost == nil then
+      fail('invalid_inputs', 'argument cost not a number')
+    end
+    pools[i] = { pool = args[at + 2 * i - 2], cost = cost }
   end
   return pools
 end
@@ -1660,19 +1694,41 @@ local function track_rule(C, pools, units, behavior)
 end
 
 ---------------------------------------------------------------------------
--- Replies. An outcome:
---   { allowed 0|1, uncovered, flags ('n' no balance, 'i' insufficient,
---     'r' replayed), entries { { balance_id, pool, 'bucket'|'rollover',
---     rollover expires_at|'', amount, units }... }, now, feature|'',
---     { pool, pool string, pool, pool string, ... } }
+-- Replies. An outcome is one flat array (no nested tables: each element of
+-- a reply costs Redis a conversion, a nested table several):
+--   [1] flags: the sum of RF_ALLOWED (1: allowed; track: nothing dropped),
+--       RF_NO_BALANCE (2), RF_INSUFFICIENT (4), RF_REPLAYED (8)
+--   [2] uncovered units  [3] now, the instant used
+--   [4] entries: '' or entries joined by \30, each
+--       <pool>\31<balance id>\31<kind>\31<amount>\31<units> (decimal
+--       integers; kind '' a bucket, 'r' a rollover row that never expires,
+--       'r<expires_at>' one that does)
+--   [5] the feature whose pools follow ('' none)
+--   [6..] pool, pool string (README § 6.2; '' none owned), for each pool
+--       of that feature in deduction order, after the operation
 ---------------------------------------------------------------------------
+local RF_ALLOWED, RF_NO_BALANCE, RF_INSUFFICIENT, RF_REPLAYED = 1, 2, 4, 8
+
+local function entry_string(e)
+  local kind = ''
+  if e.kind == 'r' then
+    kind = e.rollover_expires_at and ('r' .. fmt(e.rollover_expires_at)) or 'r'
+  end
+  return e.pool .. US .. e.balance_id .. US .. kind .. US .. fmt(e.amount) .. US .. fmt(e.units)
+end
+
 local function outcome_reply(now, o, replayed, feature, pool_strings)
   local es = {}
   for i, e in ipairs(o.entries) do
-    es[i] = { e.balance_id, e.pool, e.kind == 'b' and 'bucket' or 'rollover', e.rollover_expires_at or '', e.amount, e.units }
+    es[i] = entry_string(e)
   end
-  local flags = (o.no_balance and 'n' or '') .. (o.insufficient and 'i' or '') .. (replayed and 'r' or '')
-  return { o.allowed and 1 or 0, o.uncovered, flags, es, now, feature or '', pool_strings }
+  local flags = (o.allowed and RF_ALLOWED or 0) + (o.no_balance and RF_NO_BALANCE or 0)
+    + (o.insufficient and RF_INSUFFICIENT or 0) + (replayed and RF_REPLAYED or 0)
+  local r = { flags, o.uncovered, now, concat(es, RS), feature or '' }
+  for i, v in ipairs(pool_strings) do
+    r[5 + i] = v
+  end
+  return r
 end
 
 ---------------------------------------------------------------------------
@@ -1787,81 +1843,74 @@ end
 -- the HMGET reply for it to reuse. benches/cg2_diff.py holds both paths to
 -- the cg1 scripts.
 ---------------------------------------------------------------------------
-local HOT_BUCKET = '^([^\31]*)\31([^\30\31]*)'
-local SRC_SLOTS, S_POOL, S_REMAINING, S_ID, S_FROM, S_TAIL, S_STORED, S_LEN = 7, 1, 2, 3, 4, 5, 6, 7
+-- The instant the customer next changes by itself: min(bucket_due,
+-- lock_due) of the record (fields 3 and 4), nil when nothing will.
+local function record_due(rec)
+  local i = find(rec, US, 1, true)
+  local j = i and find(rec, US, i + 1, true)
+  if not j then
+    return nil
+  end
+  local k = find(rec, US, j + 1, true)
+  if not k then
+    return d36(sub(rec, j + 1))
+  end
+  return opt_min(d36(sub(rec, j + 1, k - 1)), d36(sub(rec, k + 1)))
+end
 
 -- op: 'check' | 'consume' | 'track'; key: idempotency key or ''; the
--- pools are args[at] (count, >= 0) and the pool, cost pairs after it, read
--- in place (no table per pool).
+-- pools are the pool, cost pairs from args[at] on, read in place (no table
+-- per pool). Buckets are read lazily in deduction order, only as far as
+-- the deduction goes: a consume the first bucket covers reads one bucket.
 local function fast_path(keys, args, now, op, key, feature, units, mode, at)
-  local np = tonumber(args[at])
+  at = at - 1 -- pool i is args[at + 2i - 1], its cost args[at + 2i]
+  local np = (#args - at) / 2
   local v
   if np == 2 then
     v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], args[at + 3])
   elseif np == 1 then
     v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1])
   else
-    v = read_fields(keys[1], read_pools(args, at))
+    v = read_fields(keys[1], read_pools(args, at + 1))
   end
   local rec = v[1]
   if not rec then
     fail('customer_not_found')
   end
-  local bd, ld = match(rec, REC_DUES)
-  local due = opt_min(d36(bd), d36(ld))
+  local due = record_due(rec)
   if due and due <= now then
     return nil, v
   end
-  -- The sources, in deduction order, SRC_SLOTS slots each in one flat array
-  -- S (one table, not one per bucket): pool index, remaining, id, where the
-  -- bucket starts in its pool string, where its remaining ends, the stored
-  -- remaining, the pool string's length then.
-  local n = 0
-  local S = {}
+  -- A complex bucket (marked '!' at its start: the pool string's first
+  -- byte or right after a \30) anywhere in the paying pools, or a pool
+  -- named twice: the general path.
+  local owned = false
   for pi = 1, np do
     local ps = v[pi + 1]
     if ps then
-      local dup = false
-      local name = args[at + 2 * pi - 1]
+      if byte(ps, 1) == COMPLEX_BYTE or find(ps, '\30!', 1, true) then
+        return nil, v
+      end
       for q = 1, pi - 1 do
-        if args[at + 2 * q - 1] == name then
-          dup = true
+        if args[at + 2 * q - 1] == args[at + 2 * pi - 1] then
+          return nil, v
         end
       end
-      if not dup then
-        local pos = 1
-        while true do
-          if byte(ps, pos) == COMPLEX_BYTE then
-            return nil, v
-          end
-          local r, id = match(ps, HOT_BUCKET, pos)
-          local o = n * SRC_SLOTS
-          local rem = d36(r)
-          n = n + 1
-          S[o + S_POOL], S[o + S_REMAINING], S[o + S_ID], S[o + S_FROM] = pi, rem, id, pos
-          S[o + S_TAIL], S[o + S_STORED], S[o + S_LEN] = pos + #r, rem, #ps
-          local j = find(ps, RS, pos + #r, true)
-          if not j then
-            break
-          end
-          pos = j + 1
-        end
-      end
+      owned = true
     end
   end
-  local fp = nil
-  local C = nil
-  local ifield, ifp = nil, nil
+  local C, ifield, ifp = nil, nil, nil
   if key ~= '' then
+    local fp
     if op == 'consume' then
       fp = 'consume' .. US .. feature .. US .. fmt(units)
     else
       fp = 'track' .. US .. feature .. US .. fmt(units) .. US .. mode
     end
-    C = { key = keys[1], due_key = keys[3], member = args[4], now = now, ret_idem = tonumber(args[2]) or 86400000 }
+    C = { key = keys[1], due_key = keys[2], member = tag_of(keys[1]), now = now, ret_idem = (retention(args[2])) }
     ifp = digest(fp, IDEM_FP_HEX)
     local found
-    C.pools_arg = read_pools(args, at)
+    C.pools_arg = read_pools(args, at + 1)
     found, ifield = idem_get(C, key, C.pools_arg)
     if found then
       if found.fp ~= ifp then
@@ -1875,91 +1924,127 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       return outcome_reply(now, found.outcome, true, feature, out)
     end
   end
-  -- rules::deduct (first pass), check/consume/track semantics. Entries are
-  -- built in reply form: { balance id, pool, 'bucket', '', amount, units }.
-  local allowed, uncovered, flags = true, 0, ''
+  -- rules::deduct, first pass (the only one that moves a plain bucket).
+  -- es: entries { balance id, pool, amount, units }; W: the buckets to
+  -- rewrite, 4 slots each in one flat array: pool index, start, end of the
+  -- remaining (exclusive), new remaining; both in deduction order.
+  local allowed, uncovered, no_balance, insufficient = true, 0, not owned, false
   local keep = op ~= 'check'
-  local es = NONE
-  if n == 0 then
-    allowed, uncovered, keep = false, units < 0 and -units or units, false
-    flags = (op == 'track' and mode == 'reject' and units > 0) and 'ni' or 'n'
+  local es, ne, W, nw = NONE, 0, nil, 0
+  if not owned then
+    allowed, uncovered, keep = false, units, false
+    insufficient = op == 'track' and mode == 'reject' and units > 0
   else
     local need = units
-    local ne = 0
-    es = {}
-    for k = 0, n - 1 do
+    local first_pi = nil
+    for pi = 1, np do
+      local ps = v[pi + 1]
       if need == 0 then
         break
       end
-      local o = k * SRC_SLOTS
-      local avail = S[o + S_REMAINING]
-      if avail < 0 then
-        avail = 0
-      end
-      local pa = at + 2 * S[o + S_POOL]
-      local took, paid = cover(need, avail, tonumber(args[pa]))
-      if took > 0 then
-        S[o + S_REMAINING] = S[o + S_REMAINING] - paid
-        need = need - took
-        ne = ne + 1
-        es[ne] = { S[o + S_ID], args[pa - 1], 'bucket', '', paid, took }
+      if ps then
+        first_pi = first_pi or pi
+        local cost = tonumber(args[at + 2 * pi])
+        local pos = 1
+        while need > 0 do
+          local j = find(ps, US, pos, true)
+          local rem = d36(sub(ps, pos, j - 1))
+          local took, paid = cover(need, rem > 0 and rem or 0, cost)
+          if took > 0 then
+            need = need - took
+            local e = find(ps, US, j + 1, true)
+            local r = find(ps, RS, j + 1, true)
+            if r and (not e or r < e) then
+              e = r
+            end
+            if ne == 0 then
+              es, W = {}, {}
+            end
+            ne = ne + 1
+            es[ne] = { sub(ps, j + 1, (e or 0) - 1), args[at + 2 * pi - 1], paid, took }
+            W[nw + 1], W[nw + 2], W[nw + 3], W[nw + 4] = pi, pos, j, rem - paid
+            nw = nw + 4
+          end
+          local r = find(ps, RS, j + 1, true)
+          if not r then
+            break
+          end
+          pos = r + 1
+        end
       end
     end
     if need > 0 then
       if op ~= 'track' or mode == 'reject' then
-        allowed, uncovered, keep, es = false, need, false, NONE
-        if op == 'track' then
-          flags = 'i'
-        end
+        allowed, uncovered, keep, es, ne = false, need, false, NONE, 0
+        insufficient = op == 'track'
       elseif mode == 'cap' then
         allowed, uncovered = false, need
       else -- overflow: the rest below zero on the first bucket (rules::overflow)
-        local pa = at + 2 * S[S_POOL]
-        local paid = charge(need, tonumber(args[pa]))
-        local nxt = S[S_REMAINING] - paid
-        if nxt < -MAX or nxt > MAX then
-          fail('amount_out_of_range')
+        first_pi = first_pi or 1
+        while not v[first_pi + 1] do
+          first_pi = first_pi + 1
         end
-        S[S_REMAINING] = nxt
-        -- The first bucket is the first source: its entry, if any, is the first.
-        local first = es[1]
-        if first and first[1] == S[S_ID] then
-          first[5] = first[5] + paid
-          first[6] = first[6] + need
-        elseif paid ~= 0 or need ~= 0 then
-          es[ne + 1] = { S[S_ID], args[pa - 1], 'bucket', '', paid, need }
-        end
-      end
-    end
-  end
-  -- Write back the changed pools: a changed bucket's new remaining before
-  -- its unchanged rest.
-  local out = {}
-  local hset = nil
-  local k = 0
-  for pi = 1, np do
-    local ps = v[pi + 1]
-    local name = args[at + 2 * pi - 1]
-    out[2 * pi - 1] = name
-    while keep and ps and k < n and S[k * SRC_SLOTS + S_POOL] == pi do
-      local o = k * SRC_SLOTS
-      if S[o + S_REMAINING] ~= S[o + S_STORED] then
-        -- Positions shift by the change in length of earlier splices.
-        local shift = #ps - S[o + S_LEN]
-        ps = sub(ps, 1, S[o + S_FROM] + shift - 1) .. e36(S[o + S_REMAINING]) .. sub(ps, S[o + S_TAIL] + shift)
-        hset = hset or {}
-        if hset[#hset - 1] ~= name then
-          hset[#hset + 1] = name
-          hset[#hset + 1] = ps
+        local ps = v[first_pi + 1]
+        local paid = charge(need, tonumber(args[at + 2 * first_pi]))
+        if W and W[1] == first_pi and W[2] == 1 then
+          -- The first bucket paid in the first pass: its entry is the first.
+          local nxt = W[4] - paid
+          if nxt < -MAX or nxt > MAX then
+            fail('amount_out_of_range')
+          end
+          W[4] = nxt
+          es[1][3] = es[1][3] + paid
+          es[1][4] = es[1][4] + need
         else
-          hset[#hset] = ps
+          local j = find(ps, US, 1, true)
+          local nxt = d36(sub(ps, 1, j - 1)) - paid
+          if nxt < -MAX or nxt > MAX then
+            fail('amount_out_of_range')
+          end
+          local e = find(ps, US, j + 1, true)
+          local r = find(ps, RS, j + 1, true)
+          if r and (not e or r < e) then
+            e = r
+          end
+          if ne == 0 then
+            es, W = {}, {}
+          end
+          ne = ne + 1
+          es[ne] = { sub(ps, j + 1, (e or 0) - 1), args[at + 2 * first_pi - 1], paid, need }
+          -- The first bucket goes first in W (W stays in string order).
+          for x = nw, 1, -1 do
+            W[x + 4] = W[x]
+          end
+          W[1], W[2], W[3], W[4] = first_pi, 1, j, nxt
+          nw = nw + 4
         end
       end
-      k = k + 1
     end
-    out[2 * pi] = ps or ''
   end
-  if hset then
+  -- Write back: each rewritten bucket's new remaining before its unchanged
+  -- rest, spliced from the end of each pool string so positions hold.
+  local r = { 0, 0, now, '', feature }
+  local hset = nil
+  for pi = 1, np do
+    r[4 + 2 * pi] = args[at + 2 * pi - 1]
+    r[5 + 2 * pi] = v[pi + 1] or ''
+  end
+  if keep and nw > 0 then
+    local x = nw - 3
+    while x >= 1 do
+      local pi = W[x]
+      local ps = r[5 + 2 * pi]
+      r[5 + 2 * pi] = sub(ps, 1, W[x + 1] - 1) .. e36(W[x + 3]) .. sub(ps, W[x + 2])
+      if x == 1 or W[x - 4] ~= pi then
+        if hset then
+          hset[#hset + 1] = r[4 + 2 * pi]
+          hset[#hset + 1] = r[5 + 2 * pi]
+        else
+          hset = { r[4 + 2 * pi], r[5 + 2 * pi] }
+        end
+      end
+      x = x - 4
+    end
     if hset[3] == nil then
       rcall('HSET', keys[1], hset[1], hset[2])
     else
@@ -1967,35 +2052,73 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     end
   end
   if ifield then
-    local o = { allowed = allowed, uncovered = uncovered, no_balance = n == 0, insufficient = flags == 'i' or flags == 'ni', entries = {} }
-    for i, e in ipairs(es) do
-      o.entries[i] = { balance_id = e[1], pool = e[2], kind = 'b', amount = e[5], units = e[6] }
+    local o = { allowed = allowed, uncovered = uncovered, no_balance = no_balance, insufficient = insufficient, entries = {} }
+    for i = 1, ne do
+      local e = es[i]
+      o.entries[i] = { balance_id = e[1], pool = e[2], kind = 'b', amount = e[3], units = e[4] }
     end
     idem_put(C, ifield, ifp, o, C.pools_arg)
   end
-  return { allowed and 1 or 0, uncovered, flags, es, now, feature, out }
+  -- The reply (outcome_reply's shape); entries: pool, id, '' (a bucket),
+  -- amount, units.
+  r[1] = (allowed and RF_ALLOWED or 0) + (no_balance and RF_NO_BALANCE or 0) + (insufficient and RF_INSUFFICIENT or 0)
+  r[2] = uncovered
+  if ne == 1 then
+    local e = es[1]
+    r[4] = e[2] .. US .. e[1] .. US .. US .. fmt(e[3]) .. US .. fmt(e[4])
+  elseif ne > 1 then
+    local parts = {}
+    for i = 1, ne do
+      local e = es[i]
+      parts[i] = e[2] .. US .. e[1] .. US .. US .. fmt(e[3]) .. US .. fmt(e[4])
+    end
+    r[4] = concat(parts, RS)
+  end
+  return r
 end
 
 ---------------------------------------------------------------------------
--- The functions. Every function on an existing customer takes
---   keys: [1] customer hash cg2:{t}  [2] lock hash cg2:{t}:l  [3] due index cg2:due:{s}
---   args: [1] now ('' = Redis TIME)  [2] idempotency retention ms
---         [3] finalized-lock retention ms  [4] customer id (the due index member)
+-- The functions. Every function on a customer takes two keys, in one slot:
+--   KEYS[1] the customer hash <ns>cg2:{<tag>} (the lock hash <key>:l and the
+--           receipts <key>:f:<lock id> are derived from it)
+--   KEYS[2] the due index of the customer's slot <ns>cg2:due:{<slot tag>}
+--           (the idempotency windows <key>:i:<window> are derived from it)
+-- and starts with this header (create_customer: ARGV[1] only):
+-- ARGV[1] now: the instant in ms; '' = Redis TIME (production: one clock for every sidecar)
+-- ARGV[2] retention: '' = 24 h for both; '<ms>' for both; '<idempotency ms>,<finalized lock ms>'
 ---------------------------------------------------------------------------
-local function fn_create_customer(keys, args)
+-- The functions, by operation name (a table: a chunk holds at most 200 locals).
+local FNS = {}
+
+function FNS.create_customer(keys, args)
   local now = clock(args[1])
   local created = rcall('HSETNX', keys[1], RECORD_FIELD, e36(now) .. US .. '1')
   return { created, now }
 end
 
-local function fn_grant(keys, args)
+-- grant (rules::grant): adds a bucket. Reply { balance id, now }.
+-- ARGV[3] pool: the feature or credit system the bucket feeds
+-- ARGV[4] balance_id: '' = generated (b<seq>)
+-- ARGV[5] plan_id: '' none
+-- ARGV[6] granted: per period (x 10^4)
+-- ARGV[7] interval: code: 0 one_off, 1 minute, 2 hour, 3 day, 4 week, 5 month, 6 quarter, 7 semi_annual, 8 year
+-- ARGV[8] interval_count: '' = 1
+-- ARGV[9] next_reset_at: the first reset (ms), '' = one period from now
+-- ARGV[10] expires_at: ms, '' never
+-- ARGV[11] flags: any of u (unlimited), o (overage_allowed), d (carry_debt)
+-- ARGV[12] overage_floor: <= 0 (x 10^4), '' none
+-- ARGV[13] rollover: '' none | month | forever
+-- ARGV[14] rollover_max: (x 10^4), ''
+-- ARGV[15] rollover_max_percentage: (x 10^4), ''
+-- ARGV[16] rollover_length: months ('' = 1 for month)
+function FNS.grant(keys, args)
   local C = open(keys, args, nil)
   local now = C.now
-  local pool, bid, plan = args[5], args[6], args[7]
-  local granted = num(args[8])
-  local code, count = num(args[9]) or 0, num(args[10]) or 1
-  local first, expires = num(args[11]), num(args[12])
-  local flags = args[13] or ''
+  local pool, bid, plan = args[3], args[4], args[5]
+  local granted = num(args[6])
+  local code, count = num(args[7]) or 0, num(args[8]) or 1
+  local first, expires = num(args[9]), num(args[10])
+  local flags = args[11] or ''
   local period = make_period(code, count)
   if first and first <= now then
     fail('invalid_inputs', 'next_reset_at must be in the future')
@@ -2037,7 +2160,7 @@ local function fn_grant(keys, args)
     unlimited = find(flags, 'u', 1, true) ~= nil,
     overage_allowed = find(flags, 'o', 1, true) ~= nil,
     carry_debt = find(flags, 'd', 1, true) ~= nil,
-    overage_floor = num(args[14]),
+    overage_floor = num(args[12]),
     rollovers = {},
     rewrite = true,
   }
@@ -2046,10 +2169,10 @@ local function fn_grant(keys, args)
   elseif period then
     b.anchor, b.next_reset_index = now, 1
   end
-  if args[15] == 'month' then
-    b.rollover = { max = num(args[16]), max_percentage = num(args[17]), length = num(args[18]) or 1 }
-  elseif args[15] == 'forever' then
-    b.rollover = { max = num(args[16]), max_percentage = num(args[17]), length = nil }
+  if args[13] == 'month' then
+    b.rollover = { max = num(args[14]), max_percentage = num(args[15]), length = num(args[16]) or 1 }
+  elseif args[13] == 'forever' then
+    b.rollover = { max = num(args[14]), max_percentage = num(args[15]), length = nil }
   end
   add_pool(C, pool, nil)
   insert_ordered(C.pools[pool], b)
@@ -2058,14 +2181,19 @@ local function fn_grant(keys, args)
   return { bid, now }
 end
 
-local function fn_update_bucket(keys, args)
-  local pool = args[5]
+-- update_bucket (rules::update_bucket): sets a bucket's remaining or adds to it. Reply { 1, now }.
+-- ARGV[3] pool: the bucket's pool
+-- ARGV[4] balance_id: '' = the pool's first in deduction order
+-- ARGV[5] mode: set | add
+-- ARGV[6] amount: (x 10^4)
+function FNS.update_bucket(keys, args)
+  local pool = args[3]
   local C = open(keys, args, { { pool = pool, cost = SCALE } })
   local P = C.pools[pool]
   local target = nil
   if P then
     for _, b in ipairs(P.buckets) do
-      if args[6] == '' or b.id == args[6] then
+      if args[4] == '' or b.id == args[4] then
         target = b
         break
       end
@@ -2074,9 +2202,9 @@ local function fn_update_bucket(keys, args)
   if not target then
     fail('balance_not_found')
   end
-  local v = num(args[8])
+  local v = num(args[6])
   local nxt = v
-  if args[7] == 'add' then
+  if args[5] == 'add' then
     nxt = target.remaining + v
   end
   if nxt < -MAX or nxt > MAX then
@@ -2087,40 +2215,50 @@ local function fn_update_bucket(keys, args)
   return { 1, C.now }
 end
 
--- check: args [5] feature [6] units [7] npools [8..] pool, cost pairs.
-local function fn_check(keys, args)
-  local now = clock(args[1])
-  local v = nil
-  local units = num(args[6])
-  if (tonumber(args[7]) or -1) >= 0 then
-    local r
-    r, v = fast_path(keys, args, now, 'check', '', args[5], units, '', 7)
-    if r then
-      return r
-    end
+-- Whether args from `at` on are pool, cost pairs, at least one.
+local function has_pools(args, at)
+  local n = #args - at + 1
+  if n % 2 ~= 0 then
+    fail('invalid_inputs', 'argument pools must be pool, cost pairs')
   end
-  local pools = read_pools(args, 7)
-  local C = open(keys, args, pools or {}, now, v)
-  local o = check_rule(C, pools, units, false)
-  return outcome_reply(C.now, o, false, args[5], save(C, pools))
+  return n > 0
 end
 
--- apply: args [5] op [6] idempotency key [7] feature [8] units [9] mode
--- [10] lock id [11] reserve expires_at [12] npools [13..] pool, cost pairs.
-local function fn_apply(keys, args)
-  local op, key = args[5], args[6]
-  local feature, units, mode = args[7], num(args[8]), args[9]
-  local lock_id = args[10]
+-- check: the exact dry run of consume (rules::check); writes nothing
+-- unless something of the customer was due (then it saves the resets).
+-- ARGV[3] feature_id: the feature asked for
+-- ARGV[4] units: units asked for (x 10^4)
+-- ARGV[5] pools: pool, cost (x 10^6) pairs from here to the end
+function FNS.check(keys, args)
   local now = clock(args[1])
   local v = nil
-  if (op == 'consume' or (op == 'track' and units >= 0)) and (tonumber(args[12]) or -1) >= 0 then
+  local units = num(args[4])
+  if has_pools(args, 5) then
     local r
-    r, v = fast_path(keys, args, now, op, key, feature, units, mode, 12)
+    r, v = fast_path(keys, args, now, 'check', '', args[3], units, '', 5)
     if r then
       return r
     end
   end
-  local pools = read_pools(args, 12)
+  local pools = read_pools(args, 5)
+  local C = open(keys, args, pools or {}, now, v)
+  local o = check_rule(C, pools, units, false)
+  return outcome_reply(C.now, o, false, args[3], save(C, pools))
+end
+
+-- consume, track, reserve, finalize (rules::apply). `at`: where the pools
+-- start (nil: finalize, which uses its lock's).
+local function apply_op(keys, args, op, key, feature, units, mode, lock_id, expires_s, at)
+  local now = clock(args[1])
+  local v = nil
+  if (op == 'consume' or (op == 'track' and units >= 0)) and has_pools(args, at) then
+    local r
+    r, v = fast_path(keys, args, now, op, key, feature, units, mode, at)
+    if r then
+      return r
+    end
+  end
+  local pools = at and read_pools(args, at)
   local C
   if op == 'finalize' then
     C = open(keys, args, nil, now)
@@ -2128,7 +2266,7 @@ local function fn_apply(keys, args)
     C = open(keys, args, pools or {}, now, v)
   end
   local now = C.now
-  local expires = num(args[11])
+  local expires = num(expires_s)
   -- Op::validate: the one rule that needs the clock.
   if op == 'reserve' and expires and expires <= now then
     fail('invalid_inputs', 'expires_at must be in the future')
@@ -2247,9 +2385,57 @@ local function fn_apply(keys, args)
   return outcome_reply(C.now, o, replayed, shown, strings)
 end
 
--- balances: { created_at, now, { pool, pool string, ... } } (every pool the
--- customer owns, in storage order).
-local function fn_balances(keys, args)
+-- consume (rules::apply of Op::Consume): all of `units` or nothing.
+-- ARGV[3] idempotency_key: '' none
+-- ARGV[4] feature_id: the feature consumed
+-- ARGV[5] units: units (x 10^4), >= 0
+-- ARGV[6] pools: pool, cost (x 10^6) pairs from here to the end
+function FNS.consume(keys, args)
+  return apply_op(keys, args, 'consume', args[3], args[4], num(args[5]), '', '', nil, 6)
+end
+
+-- track (Op::Track): records usage; a negative `units` refunds.
+-- ARGV[3] idempotency_key: '' none
+-- ARGV[4] feature_id: the feature used
+-- ARGV[5] units: units (x 10^4), < 0 refunds
+-- ARGV[6] behavior: cap | reject | overflow (what happens to what no balance covers)
+-- ARGV[7] pools: pool, cost (x 10^6) pairs from here to the end
+function FNS.track(keys, args)
+  local b = args[6]
+  if b ~= 'cap' and b ~= 'reject' and b ~= 'overflow' then
+    fail('invalid_inputs', 'argument behavior must be cap, reject or overflow')
+  end
+  return apply_op(keys, args, 'track', args[3], args[4], num(args[5]), b, '', nil, 7)
+end
+
+-- reserve (Op::Reserve): holds `units` under a lock until finalized or expired.
+-- ARGV[3] idempotency_key: '' none
+-- ARGV[4] feature_id: the feature reserved
+-- ARGV[5] units: units (x 10^4), >= 0
+-- ARGV[6] lock_id: unique among the customer's pending locks
+-- ARGV[7] expires_at: ms, '' never
+-- ARGV[8] pools: pool, cost (x 10^6) pairs from here to the end
+function FNS.reserve(keys, args)
+  return apply_op(keys, args, 'reserve', args[3], args[4], num(args[5]), '', args[6], args[7], 8)
+end
+
+-- finalize (Op::Finalize): confirms (optionally with the units used) or releases a lock.
+-- ARGV[3] idempotency_key: '' none
+-- ARGV[4] lock_id: the pending lock
+-- ARGV[5] action: confirm | release
+-- ARGV[6] override_units: units used (x 10^4), '' = as reserved
+function FNS.finalize(keys, args)
+  local a = args[5]
+  if a ~= 'confirm' and a ~= 'release' then
+    fail('invalid_inputs', 'argument action must be confirm or release')
+  end
+  return apply_op(keys, args, 'finalize', args[3], '', num(args[6]), a, args[4], nil, nil)
+end
+
+-- balances: every pool the customer owns. Reply { created_at, now, pool,
+-- pool string, pool, pool string, ... } (storage order). Saves the resets
+-- when something was due.
+function FNS.balances(keys, args)
   local C = new_customer(keys, args)
   local raw = rcall('HGETALL', C.key)
   local rec = nil
@@ -2289,10 +2475,14 @@ local function fn_balances(keys, args)
     end
     out = live
   end
-  return { C.created_at, C.now, out }
+  local r = { C.created_at, C.now }
+  for i, x in ipairs(out) do
+    r[2 + i] = x
+  end
+  return r
 end
 
-local function fn_reset_due(keys, args)
+function FNS.reset_due(keys, args)
   local C, resets = open(keys, args, nil)
   save(C, nil)
   return { resets, C.now }
@@ -2303,7 +2493,7 @@ end
 ---------------------------------------------------------------------------
 -- lease: KEYS[1] lease key; ARGV[1] holder id, ARGV[2] lease ms. Takes the
 -- lease when free or renews it when ours. Reply 1 taken/renewed, 0 held elsewhere.
-local function fn_lease(keys, args)
+function FNS.lease(keys, args)
   local v = rcall('GET', keys[1])
   if v == false or v == args[1] then
     rcall('SET', keys[1], args[1], 'PX', args[2])
@@ -2313,7 +2503,7 @@ local function fn_lease(keys, args)
 end
 
 -- release: KEYS[1] lease key; ARGV[1] holder id. Reply 1 released, 0 not ours.
-local function fn_release(keys, args)
+function FNS.release(keys, args)
   if rcall('GET', keys[1]) == args[1] then
     return rcall('DEL', keys[1])
   end
@@ -2324,7 +2514,7 @@ end
 -- id, ARGV[2] keep until (ms), ARGV[3] now ('' = TIME). Refuses when another
 -- customer's entry is live, else writes ours (never shortening our own).
 -- Reply { 1 claimed | 0 refused, now }.
-local function fn_claim(keys, args)
+function FNS.claim(keys, args)
   local now = clock(args[3])
   local keep = tonumber(args[2])
   local v = rcall('GET', keys[1])
@@ -2351,9 +2541,10 @@ end
 
 ---------------------------------------------------------------------------
 -- migrate: one cg1 customer into cg2 (the cg1 storage format of lua/lib.lua).
--- KEYS [1] cg1:{t} [2] cg1:{t}:l [3] cg1:due:{s} [4] cg2:{t} [5] cg2:{t}:l
---      [6] cg2:due:{s}
--- ARGV [1] now ('' = TIME) [2] idempotency retention ms [3] (unused) [4] customer id
+-- KEYS [1] cg1:{t} [2] cg1:due:{s} [3] cg2:{t} [4] cg2:due:{s}
+--      (the lock hashes are <key>:l)
+-- ARGV [1] now ('' = TIME) [2] retention (as every function) [3] the
+--      customer id (the cg1 due index's member)
 -- Reply { 1 migrated | 0 no cg1 customer, now }. Error `layout_conflict`
 -- when the customer exists in both layouts. Records and receipts are
 -- separate keys: migrate_key converts them one at a time.
@@ -2396,13 +2587,13 @@ local function cg1_decode_bucket(id, s, rows)
   return b
 end
 
-local function fn_migrate(keys, args)
+function FNS.migrate(keys, args)
   local now = clock(args[1])
   local raw = rcall('HGETALL', keys[1])
   if #raw == 0 then
     return { 0, now }
   end
-  if rcall('EXISTS', keys[4]) == 1 then
+  if rcall('EXISTS', keys[3]) == 1 then
     fail('layout_conflict', 'customer exists in cg1 and cg2')
   end
   local fields = {}
@@ -2414,7 +2605,7 @@ local function fn_migrate(keys, args)
     fail('customer_not_found')
   end
   local r = split(rec, US)
-  local C = new_customer({ keys[4], keys[5], keys[6] }, args, now)
+  local C = new_customer({ keys[3], keys[4] }, args, now)
   C.created_at, C.next_seq, C.lock_due = d36(r[1]), d36(r[2]), d36(r[3])
   C.rec, C.due0, C.full = nil, nil, true
   local buckets = {}
@@ -2448,30 +2639,29 @@ local function fn_migrate(keys, args)
     P.buckets[#P.buckets + 1] = b
   end
   save(C, nil)
-  if rcall('EXISTS', keys[2]) == 1 then
-    rcall('RENAME', keys[2], keys[5])
+  if rcall('EXISTS', keys[1] .. ':l') == 1 then
+    rcall('RENAME', keys[1] .. ':l', keys[3] .. ':l')
   end
   rcall('DEL', keys[1])
-  rcall('ZREM', keys[3], args[4])
+  rcall('ZREM', keys[2], args[3])
   return { 1, now }
 end
 
 -- migrate_key: one cg1 record key into cg2.
 -- KEYS [1] the cg1 key: cg1:{t}:i:<idempotency key> or cg1:{t}:f:<lock id>
 --      [2] the cg2 customer hash cg2:{t}  [3] the cg2 due index cg2:due:{s}
--- ARGV [1] now ('' = TIME) [2] idempotency retention ms [3] the idempotency key
---      or lock id (the key's tail) [4] kind: 'i' record | 'f' receipt
---      [5] the customer id [6] (unused) [7..] for 'i': the record's pools,
---      npools then pool, cost pairs (those of its feature), so its entries
---      can name them by position
+-- ARGV [1] now ('' = TIME) [2] retention (as every function) [3] the
+--      idempotency key or lock id (the key's tail) [4] kind: 'i' record |
+--      'f' receipt [5..] for 'i': the record's pools, pool, cost pairs
+--      (those of its feature), so its entries can name them by position
 -- Reply { 1 moved | 0 gone, now }.
-local function fn_migrate_key(keys, args)
+function FNS.migrate_key(keys, args)
   local now = clock(args[1])
   local v = rcall('GET', keys[1])
   if not v then
     return { 0, now }
   end
-  local C = new_customer({ keys[2] }, args, now)
+  local C = new_customer({ keys[2], keys[3] }, args, now)
   if args[4] == 'f' then
     local ttl = rcall('PTTL', keys[1])
     rcall('SET', receipt_key(C, args[3]), v, 'PX', max(ttl, 1))
@@ -2481,13 +2671,13 @@ local function fn_migrate_key(keys, args)
   local rec = mp_unpack(v) -- { fingerprint, expires_at, packed outcome }
   local expires_at = rec[2]
   if expires_at > now then
-    local pools = read_pools(args, 7) or {}
+    local pools = read_pools(args, 5) or {}
     local w = max(C.ret_idem, 1)
     -- The window of a record written at expires_at - retention.
     local start = floor((expires_at - C.ret_idem) / w) * w
     local k = keys[3] .. ':i:' .. e36(start)
     local o = unpack_outcome(rec[3])
-    rcall('HSET', k, digest(args[5] .. US .. args[3], IDEM_KEY_HEX), digest(rec[1], IDEM_FP_HEX) .. idem_encode(o, expires_at - start, pools))
+    rcall('HSET', k, digest(C.member .. US .. args[3], IDEM_KEY_HEX), digest(rec[1], IDEM_FP_HEX) .. idem_encode(o, expires_at - start, pools))
     rcall('PEXPIRE', k, max(1, start + 2 * w - now), 'NX')
   end
   rcall('DEL', keys[1])
@@ -2507,15 +2697,18 @@ local function register(name, f, flags)
   })
 end
 
-register('create_customer', fn_create_customer)
-register('grant', fn_grant)
-register('update_bucket', fn_update_bucket)
-register('check', fn_check)
-register('apply', fn_apply)
-register('balances', fn_balances)
-register('reset_due', fn_reset_due)
-register('lease', fn_lease)
-register('release', fn_release)
-register('claim', fn_claim)
-register('migrate', fn_migrate)
-register('migrate_key', fn_migrate_key)
+register('create_customer', FNS.create_customer)
+register('grant', FNS.grant)
+register('update_bucket', FNS.update_bucket)
+register('check', FNS.check)
+register('consume', FNS.consume)
+register('track', FNS.track)
+register('reserve', FNS.reserve)
+register('finalize', FNS.finalize)
+register('balances', FNS.balances)
+register('reset_due', FNS.reset_due)
+register('lease', FNS.lease)
+register('release', FNS.release)
+register('claim', FNS.claim)
+register('migrate', FNS.migrate)
+register('migrate_key', FNS.migrate_key)

@@ -36,6 +36,19 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Convert the configured Redis's data of the previous storage layout
+    /// (cg1) to this build's; stop every sidecar first. Idempotent.
+    Migrate {
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the Redis Functions library this build loads, and its version.
+    Scripts {
+        /// Print only the library name (creditgate_<layout>_<version>).
+        #[arg(long)]
+        name: bool,
+    },
     /// Print the seed example on the in-process engine.
     Demo,
     /// Load-test a sidecar, the engine or the baselines; check the books.
@@ -54,6 +67,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => runtime.block_on(serve(config)),
         Command::ResetDue { config } => runtime.block_on(reset_due(config)),
+        Command::Migrate { config } => runtime.block_on(migrate(config)),
+        Command::Scripts { name } => scripts(name),
         Command::Demo => runtime.block_on(demo()),
         Command::Bench(args) => runtime.block_on(creditgate::bench::run(args)),
     }
@@ -166,6 +181,52 @@ async fn reset_due(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `creditgate migrate`: cg1 → cg2, then says what moved.
+async fn migrate(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match creditgate::server::migrate(&config).await {
+        Ok(r) => {
+            println!(
+                "migrated to layout {}: {} customers, {} idempotency records, {} lock receipts, \
+                 {} lock ids; {} old index keys removed",
+                creditgate::engine::redis::library::LAYOUT,
+                r.customers,
+                r.idempotency_records,
+                r.receipts,
+                r.lock_ids,
+                r.removed
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `creditgate scripts`: the library (`FUNCTION LOAD` takes it as is).
+fn scripts(name_only: bool) -> ExitCode {
+    use creditgate::engine::redis::{LIBRARY, LIBRARY_NAME};
+    if name_only {
+        println!("{LIBRARY_NAME}");
+    } else {
+        eprintln!(
+            "{LIBRARY_NAME} (layout {}, functions {}*): load with FUNCTION LOAD, call with FCALL",
+            creditgate::engine::redis::library::LAYOUT,
+            creditgate::engine::redis::library::FUNCTION_PREFIX
+        );
+        print!("{LIBRARY}");
+    }
+    ExitCode::SUCCESS
 }
 
 /// The seed, from the example configuration: credits with basic_message = 1

@@ -402,6 +402,9 @@ pub struct Outcome {
     pub replayed: bool,
     /// The balances of the pools involved, after the operation.
     pub pools: Vec<PoolBalance>,
+    /// The instant (ms) the store decided at: the engine's clock, or on
+    /// Redis without an injected clock, Redis `TIME` as the function read it.
+    pub at: i64,
 }
 
 /// A bucket as balances show it.
@@ -472,7 +475,7 @@ pub enum LockState {
 }
 
 impl Outcome {
-    pub fn new(stored: StoredOutcome, replayed: bool, pools: Vec<PoolBalance>) -> Outcome {
+    pub fn new(stored: StoredOutcome, replayed: bool, pools: Vec<PoolBalance>, at: i64) -> Outcome {
         Outcome {
             allowed: stored.allowed,
             entries: stored.entries,
@@ -481,6 +484,7 @@ impl Outcome {
             insufficient: stored.insufficient,
             replayed,
             pools,
+            at,
         }
     }
 
@@ -543,6 +547,21 @@ pub fn validate_grant(
     catalog: &Catalog,
     now: i64,
 ) -> Result<Option<Period>, EngineError> {
+    check_grant(g, catalog, Some(now))
+}
+
+/// [`validate_grant`] without the checks against the clock (a grant's
+/// first reset and expiry in the future), for a store that checks those
+/// at its own instant.
+pub fn validate_grant_shape(g: &Grant, catalog: &Catalog) -> Result<(), EngineError> {
+    check_grant(g, catalog, None).map(|_| ())
+}
+
+fn check_grant(
+    g: &Grant,
+    catalog: &Catalog,
+    now: Option<i64>,
+) -> Result<Option<Period>, EngineError> {
     validate_id("feature_id", &g.pool)?;
     catalog
         .feature(&g.pool)
@@ -576,19 +595,21 @@ pub fn validate_grant(
         if period.is_none() {
             return Err(invalid("next_reset_at", "a one_off balance never resets"));
         }
-        if t <= now {
+        if now.is_some_and(|now| t <= now) {
             return Err(invalid("next_reset_at", "must be in the future"));
         }
     }
     if let Some(e) = g.expires_at {
         validate_instant("expires_at", e)?;
-        if e <= now {
-            return Err(invalid("expires_at", "must be in the future"));
-        }
-        if let Some(p) = period {
-            let first = g.next_reset_at.unwrap_or_else(|| p.boundary(now, 1));
-            if e < first {
-                return Err(invalid("expires_at", "must not be before the first reset"));
+        if let Some(now) = now {
+            if e <= now {
+                return Err(invalid("expires_at", "must be in the future"));
+            }
+            if let Some(p) = period {
+                let first = g.next_reset_at.unwrap_or_else(|| p.boundary(now, 1));
+                if e < first {
+                    return Err(invalid("expires_at", "must not be before the first reset"));
+                }
             }
         }
     }

@@ -35,23 +35,48 @@ pub struct Backend {
 ///   A store that cannot be reached, or that may evict balances, is an error
 ///   naming the key, before any port is bound.
 pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Backend, ConfigError> {
-    let retention = Retention {
+    let Some((key, opts)) = redis_options(config)? else {
+        return Ok(Backend {
+            engine: Arc::new(MemoryEngine::new(
+                config.catalog.clone(),
+                clock,
+                retention(config),
+            )),
+            readiness: Arc::new(AlwaysReady),
+            lock_index: Arc::new(MemoryLockIndex::default()),
+            in_process: true,
+        });
+    };
+    let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
+        .await
+        .map_err(|e| ConfigError::new(key, format!("cannot use this Redis: {e}")))?;
+    let engine = Arc::new(engine);
+    Ok(Backend {
+        lock_index: Arc::new(engine.lock_index()),
+        readiness: Arc::new(engine.readiness()),
+        engine,
+        in_process: false,
+    })
+}
+
+fn retention(config: &Config) -> Retention {
+    Retention {
         idempotency_ms: (config.idempotency_ttl_secs as i64).saturating_mul(1000),
         finalized_lock_ms: (config.idempotency_ttl_secs as i64).saturating_mul(1000),
-    };
+    }
+}
+
+/// The Redis a configuration names (and the key naming it), if any.
+fn redis_options(config: &Config) -> Result<Option<(&'static str, RedisOptions)>, ConfigError> {
     let target = match (&config.redis_url, &config.redis_cluster) {
         (Some(url), _) => Some(("redis_url", RedisTarget::Standalone(url.clone()))),
         (None, Some(nodes)) => Some(("redis_cluster", RedisTarget::Cluster(nodes.clone()))),
         (None, None) => None,
     };
     let Some((key, target)) = target else {
-        return Ok(Backend {
-            engine: Arc::new(MemoryEngine::new(config.catalog.clone(), clock, retention)),
-            readiness: Arc::new(AlwaysReady),
-            lock_index: Arc::new(MemoryLockIndex::default()),
-            in_process: true,
-        });
+        return Ok(None);
     };
+    let retention = retention(config);
     let opts = RedisOptions {
         target,
         namespace: String::new(),
@@ -70,16 +95,21 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
             },
         },
     };
-    let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
+    Ok(Some((key, opts)))
+}
+
+/// `creditgate migrate`: converts the configured Redis's data of the
+/// previous storage layout to this build's (stop every sidecar first).
+pub async fn migrate(config: &Config) -> Result<crate::engine::redis::MigrateReport, ConfigError> {
+    let Some((key, opts)) = redis_options(config)? else {
+        return Err(ConfigError::new(
+            "redis_url",
+            "migrate needs a Redis (redis_url or redis_cluster)",
+        ));
+    };
+    crate::engine::redis::migrate(opts, &config.catalog)
         .await
-        .map_err(|e| ConfigError::new(key, format!("cannot use this Redis: {e}")))?;
-    let engine = Arc::new(engine);
-    Ok(Backend {
-        lock_index: Arc::new(engine.lock_index()),
-        readiness: Arc::new(engine.readiness()),
-        engine,
-        in_process: false,
-    })
+        .map_err(|e| ConfigError::new(key, format!("migration failed: {e}")))
 }
 
 /// The state a configuration describes, on the system clock.

@@ -168,7 +168,7 @@ impl Service {
         out: &Outcome,
         units: Amount,
     ) -> Option<i64> {
-        let now = self.clock.now_ms();
-        rules::retry_after_ms(costs, &out.pools, units, now).map(|ms| (ms + 999) / 1000)
+        // The store's instant, not ours: the reset boundaries are in its time.
+        rules::retry_after_ms(costs, &out.pools, units, out.at).map(|ms| (ms + 999) / 1000)
     }
 }

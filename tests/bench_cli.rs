@@ -278,7 +278,7 @@ fn redis_mode_balances_its_books_and_cleans_up() {
     // 10 customers × 2 buckets × 40 credits, all spent by 2000 requests.
     assert_eq!(r["books"][0]["spent"], "800");
     assert!(r["rows"][0]["redis_script_us_per_call"].as_f64().is_some());
-    let left = server.cli(&["--scan", "--pattern", "cg1:{t-redis-*"]);
+    let left = server.cli(&["--scan", "--pattern", "cg2:{t-redis-*"]);
     assert_eq!(left.trim(), "", "--cleanup left keys behind");
 }
 

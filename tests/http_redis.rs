@@ -65,7 +65,7 @@ async fn serves_on_redis_and_answers_503_quickly_when_it_goes_away() {
         StatusCode::OK
     );
     assert!(
-        server.cli(&["EXISTS", "cg1:{outage}"]).trim() == "1",
+        server.cli(&["EXISTS", "cg2:{outage}"]).trim() == "1",
         "balances live in Redis"
     );
 
@@ -117,7 +117,7 @@ async fn serves_on_a_redis_cluster_from_configuration() {
     }
     // The customers landed on more than one node, each on its slot's node.
     let nodes: std::collections::BTreeSet<u16> = (0..20)
-        .map(|i| cluster.node_for(&format!("cg1:{{cluster-{i}}}")))
+        .map(|i| cluster.node_for(&format!("cg2:{{cluster-{i}}}")))
         .collect();
     assert!(nodes.len() > 1);
     assert_eq!(

@@ -1,21 +1,16 @@
 //! The Lua twin held to the Rust by its text: the constants at the top of
-//! `lua/lib.lua` equal the Rust constants they copy, and every script's
-//! `-- ARGV[n] name:` header equals the named positions the engine encodes
-//! its arguments at (`src/engine/redis/args.rs`).
+//! `lua/creditgate.lua` equal the Rust constants they copy, and every
+//! function's `-- ARGV[n] name:` block (the comment lines right above
+//! `function FNS.<op>`) equals the named positions the engine encodes its
+//! arguments at (`src/engine/redis/args.rs`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use creditgate::calendar::{DAY_MS, HOUR_MS, MAX_INSTANT_MS, MINUTE_MS, NOMINAL_MONTH_MS};
-use creditgate::engine::redis::args;
+use creditgate::engine::redis::{args, LIBRARY};
 use creditgate::model::MAX_BUCKETS_PER_CUSTOMER;
 use creditgate::money::{COST_SCALE, MAX_AMOUNT_RAW};
 use creditgate::rules::ROLLOVER_WINDOW;
-
-fn lua(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("lua").join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 /// `local NAME = <integer or product of integers and earlier names>` lines
 /// of the library's top level, evaluated.
@@ -47,7 +42,7 @@ fn numeric_constants(src: &str) -> BTreeMap<String, i64> {
 
 #[test]
 fn library_constants_equal_the_rust_ones() {
-    let found = numeric_constants(&lua("lib.lua"));
+    let found = numeric_constants(LIBRARY);
     let want: [(&str, i64); 10] = [
         ("MAX", MAX_AMOUNT_RAW),
         ("HUGE", 1 << 53),
@@ -61,14 +56,14 @@ fn library_constants_equal_the_rust_ones() {
         ("ROLLOVER_WINDOW", ROLLOVER_WINDOW),
     ];
     for (name, value) in want {
-        assert_eq!(found.get(name), Some(&value), "lua/lib.lua {name}");
+        assert_eq!(found.get(name), Some(&value), "lua/creditgate.lua {name}");
     }
 }
 
-/// `-- ARGV[n] name: …` lines of a script's header: name → n.
-fn argv_header(src: &str) -> BTreeMap<String, usize> {
+/// `-- ARGV[n] name: …` lines of a comment block: name → n.
+fn argv_lines<'a>(lines: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
-    for line in src.lines().take_while(|l| l.starts_with("--")) {
+    for line in lines {
         let Some(rest) = line.strip_prefix("-- ARGV[") else {
             continue;
         };
@@ -85,31 +80,50 @@ fn argv_header(src: &str) -> BTreeMap<String, usize> {
     out
 }
 
+/// The ARGV block right above `function FNS.<op>(keys, args)`.
+fn function_block(src: &str, op: &str) -> BTreeMap<String, usize> {
+    let lines: Vec<&str> = src.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("function FNS.{op}(keys, args)")))
+        .unwrap_or_else(|| panic!("no function FNS.{op}"));
+    let start = (0..at)
+        .rev()
+        .take_while(|&i| lines[i].starts_with("--"))
+        .last()
+        .unwrap_or(at);
+    argv_lines(lines[start..at].iter().copied())
+}
+
 fn positions(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
 #[test]
-fn script_headers_equal_the_argument_positions() {
-    let header = [
-        ("now", args::header::NOW),
-        (
-            "idempotency_retention_ms",
-            args::header::IDEMPOTENCY_RETENTION_MS,
-        ),
-        ("lock_retention_ms", args::header::LOCK_RETENTION_MS),
-        ("customer_id", args::header::CUSTOMER_ID),
-    ];
-    let with_header = |rest: &[(&str, usize)]| {
-        let mut all = positions(&header);
-        all.extend(positions(rest));
-        all
-    };
-    use args::{apply, check, grant, update_bucket};
+fn the_header_equals_its_positions() {
+    let header: BTreeMap<String, usize> = argv_lines(
+        LIBRARY
+            .lines()
+            .skip_while(|l| !l.starts_with("-- The functions."))
+            .take_while(|l| l.starts_with("--")),
+    );
+    assert_eq!(
+        header,
+        positions(&[
+            ("now", args::header::NOW),
+            ("retention", args::header::RETENTION)
+        ])
+    );
+    assert_eq!(args::header::NEXT, 3);
+}
+
+#[test]
+fn function_blocks_equal_the_argument_positions() {
+    use args::{check, consume, finalize, grant, reserve, track, update_bucket};
     let cases = [
         (
-            "grant.lua",
-            with_header(&[
+            "grant",
+            positions(&[
                 ("pool", grant::POOL),
                 ("balance_id", grant::BALANCE_ID),
                 ("plan_id", grant::PLAN_ID),
@@ -127,8 +141,8 @@ fn script_headers_equal_the_argument_positions() {
             ]),
         ),
         (
-            "update_bucket.lua",
-            with_header(&[
+            "update_bucket",
+            positions(&[
                 ("pool", update_bucket::POOL),
                 ("balance_id", update_bucket::BALANCE_ID),
                 ("mode", update_bucket::MODE),
@@ -136,30 +150,88 @@ fn script_headers_equal_the_argument_positions() {
             ]),
         ),
         (
-            "check.lua",
-            with_header(&[
+            "check",
+            positions(&[
                 ("feature_id", check::FEATURE_ID),
                 ("units", check::UNITS),
-                ("pool_count", check::POOL_COUNT),
+                ("pools", check::POOLS),
             ]),
         ),
         (
-            "apply.lua",
-            with_header(&[
-                ("op", apply::OP),
-                ("idempotency_key", apply::IDEMPOTENCY_KEY),
-                ("feature_id", apply::FEATURE_ID),
-                ("units", apply::UNITS),
-                ("mode", apply::MODE),
-                ("lock_id", apply::LOCK_ID),
-                ("expires_at", apply::EXPIRES_AT),
-                ("pool_count", apply::POOL_COUNT),
+            "consume",
+            positions(&[
+                ("idempotency_key", consume::IDEMPOTENCY_KEY),
+                ("feature_id", consume::FEATURE_ID),
+                ("units", consume::UNITS),
+                ("pools", consume::POOLS),
             ]),
         ),
-        ("balances.lua", with_header(&[])),
-        ("reset_due.lua", with_header(&[])),
+        (
+            "track",
+            positions(&[
+                ("idempotency_key", track::IDEMPOTENCY_KEY),
+                ("feature_id", track::FEATURE_ID),
+                ("units", track::UNITS),
+                ("behavior", track::BEHAVIOR),
+                ("pools", track::POOLS),
+            ]),
+        ),
+        (
+            "reserve",
+            positions(&[
+                ("idempotency_key", reserve::IDEMPOTENCY_KEY),
+                ("feature_id", reserve::FEATURE_ID),
+                ("units", reserve::UNITS),
+                ("lock_id", reserve::LOCK_ID),
+                ("expires_at", reserve::EXPIRES_AT),
+                ("pools", reserve::POOLS),
+            ]),
+        ),
+        (
+            "finalize",
+            positions(&[
+                ("idempotency_key", finalize::IDEMPOTENCY_KEY),
+                ("lock_id", finalize::LOCK_ID),
+                ("action", finalize::ACTION),
+                ("override_units", finalize::OVERRIDE_UNITS),
+            ]),
+        ),
+        ("balances", positions(&[])),
+        ("reset_due", positions(&[])),
     ];
-    for (script, want) in cases {
-        assert_eq!(argv_header(&lua(script)), want, "lua/{script}");
+    for (op, want) in cases {
+        assert_eq!(function_block(LIBRARY, op), want, "FNS.{op}");
+    }
+}
+
+/// The stored and reply field names are the Rust names.
+#[test]
+fn lua_names_are_the_rust_names() {
+    for name in [
+        "overage_allowed",
+        "carry_debt",
+        "expires_at",
+        "rollovers",
+        "plan_id",
+        "next_reset_at",
+        "overage_floor",
+        "interval_count",
+        "unlimited",
+        "anchor",
+    ] {
+        assert!(LIBRARY.contains(name), "lua/creditgate.lua lacks {name}");
+    }
+    for old in [
+        "b.overage ",
+        "b.carry ",
+        "b.expires ",
+        ".rows",
+        "b.plan ",
+        ".idx ",
+    ] {
+        assert!(
+            !LIBRARY.contains(old),
+            "lua/creditgate.lua still says {old:?}"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! What only the Redis engine has: script loading and reload after
-//! `SCRIPT FLUSH`, the key layout, the due index, hash-tag isolation.
+//! What only the Redis engine has: loading the library and reloading it
+//! after `FUNCTION FLUSH` or a restart, the key layout, the due index,
+//! hash-tag isolation.
 
 mod common;
 
@@ -17,48 +18,106 @@ fn fresh_clock() -> Arc<ManualClock> {
 }
 
 #[tokio::test]
-async fn scripts_reload_after_script_flush() {
+async fn the_library_reloads_after_function_flush() {
+    use creditgate::engine::redis::LIBRARY_NAME;
     let e = engine(catalog(), fresh_clock(), Retention::default()).await;
     e.create_customer("c").await.unwrap();
     e.grant("c", &Grant::new("api_call", amt("10"), Interval::Month))
         .await
         .unwrap();
     let server = RedisServer::shared();
-    let sha = e.scripts().apply.sha.clone();
-    assert_eq!(server.cli(&["SCRIPT", "EXISTS", &sha]).trim(), "1");
-    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
-    // (Not asserting SCRIPT EXISTS = 0 here: other tests share this server
-    // and may reload the scripts at any moment.)
+    let listed = || server.cli(&["FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME]);
+    assert!(listed().contains(LIBRARY_NAME));
+    assert_eq!(server.cli(&["FUNCTION", "FLUSH"]).trim(), "OK");
+    // (Not asserting the library is gone here: other tests share this
+    // server and may reload it at any moment.)
     let out = e.consume("c", "api_call", amt("3"), None).await.unwrap();
     assert!(out.allowed);
     assert_eq!(out.pool("api_call").unwrap().remaining, amt("7"));
-    // Reloaded by the call itself: the next one goes by SHA again.
-    assert_eq!(server.cli(&["SCRIPT", "EXISTS", &sha]).trim(), "1");
+    // Reloaded by the call itself.
+    assert!(listed().contains(LIBRARY_NAME));
     let out = e.consume("c", "api_call", amt("3"), None).await.unwrap();
     assert_eq!(out.pool("api_call").unwrap().remaining, amt("4"));
-    // Readiness reloads scripts the server lost (it probes with SCRIPT
-    // EXISTS). Other tests share this server and may reload them first, so
-    // only the outcome is asserted: ready, with every script present.
+    // Readiness probes FUNCTION LIST and reloads what the server lost.
     use creditgate::engine::Readiness;
     assert!(e.readiness().ready().await);
-    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(server.cli(&["FUNCTION", "FLUSH"]).trim(), "OK");
     assert!(
         e.readiness().ready().await,
-        "ready again once the scripts are reloaded"
+        "ready again once the library is reloaded"
     );
-    for script in e.scripts().all() {
-        assert_eq!(
-            server.cli(&["SCRIPT", "EXISTS", &script.sha]).trim(),
-            "1",
-            "{}",
-            script.name
+    assert!(listed().contains(LIBRARY_NAME));
+}
+
+/// A redis-server on a TCP port of our choosing, so it can be restarted on
+/// the same address (without persistence: data and functions are gone).
+fn tcp_server(port: u16, dir: &std::path::Path) -> std::process::Child {
+    let script = format!(
+        "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no \
+         --dir '{}' >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid; wait $pid",
+        dir.display()
+    );
+    let child = common::redis::spawn_watched(&script);
+    wait_for_pong(port);
+    child
+}
+
+fn wait_for_pong(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "PING"])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
         );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+#[tokio::test]
+async fn a_restart_without_persistence_reloads_the_library_on_the_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut first = tcp_server(port, dir.path());
+    let opts =
+        creditgate::engine::redis::RedisOptions::standalone(&format!("redis://127.0.0.1:{port}"));
+    let clock: Arc<dyn creditgate::Clock> = fresh_clock();
+    let e = creditgate::engine::redis::RedisEngine::connect(opts, catalog(), Some(clock))
+        .await
+        .unwrap();
+    assert!(e.create_customer("c").await.unwrap());
+    drop(first.stdin.take());
+    first.wait().unwrap();
+    let mut second = tcp_server(port, dir.path());
+    // The data went with the old process; the library is loaded again by
+    // the first call that misses it.
+    let mut answer = e.create_customer("c").await;
+    for _ in 0..20 {
+        if answer.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        answer = e.create_customer("c").await;
+    }
+    assert!(answer.unwrap(), "a fresh server: the customer is new again");
+    assert!(e.balances("c").await.unwrap().pools.is_empty());
+    drop(second.stdin.take());
+    second.wait().unwrap();
 }
 
 fn ns_of(e: &creditgate::engine::redis::RedisEngine) -> String {
     let k = e.keys("x");
-    k.customer.split("cg1:").next().unwrap().to_string()
+    k.customer.split("cg2:").next().unwrap().to_string()
 }
 
 #[tokio::test]
@@ -69,8 +128,8 @@ async fn key_layout_and_due_index() {
     let ns = ns_of(&e);
     e.create_customer("cus_1").await.unwrap();
     let k = e.keys("cus_1");
-    assert_eq!(k.customer, format!("{ns}cg1:{{cus_1}}"));
-    assert_eq!(k.locks, format!("{ns}cg1:{{cus_1}}:l"));
+    assert_eq!(k.customer, format!("{ns}cg2:{{cus_1}}"));
+    assert_eq!(k.locks, format!("{ns}cg2:{{cus_1}}:l"));
     let tag = k.due.split('{').nth(1).unwrap().trim_end_matches('}');
     assert_eq!(slot(tag), slot("cus_1"), "the due index shares the slot");
     // A one-off bucket is never due: no entry.
@@ -134,11 +193,11 @@ async fn key_layout_and_due_index() {
         server.cli(&["ZSCORE", &k.due, "cus_1"]).trim(),
         later.to_string()
     );
-    // Fields: the record and one compact field per bucket.
+    // Fields: the record and one compact field per pool.
     let fields = server.cli(&["HKEYS", &k.customer]);
     let mut fields: Vec<&str> = fields.lines().collect();
     fields.sort();
-    assert_eq!(fields, vec!["\u{1f}", "b1", "b2"]);
+    assert_eq!(fields, vec!["\u{1f}", "api_call"]);
     assert_eq!(
         server.cli(&["OBJECT", "ENCODING", &k.customer]).trim(),
         "listpack"
@@ -203,7 +262,7 @@ async fn lock_index_finds_a_locks_customer() {
         .parse()
         .unwrap();
     assert!(pttl > 0 && pttl <= 100, "relative expiry, got {pttl}");
-    assert!(idx.key("L{1}").ends_with("cg1:lock:{L%7B1%7D}"));
+    assert!(idx.key("L{1}").ends_with("cg2:lock:{L%7B1%7D}"));
 }
 
 #[tokio::test]
@@ -298,7 +357,7 @@ async fn sweep_resets_each_due_customer_once() {
 }
 
 #[tokio::test]
-async fn without_a_clock_the_scripts_read_redis_time() {
+async fn without_a_clock_the_functions_read_redis_time() {
     let server = RedisServer::shared();
     let opts = creditgate::engine::redis::RedisOptions {
         namespace: common::redis::namespace(),

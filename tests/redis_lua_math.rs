@@ -6,7 +6,7 @@ mod common;
 
 use common::redis::RedisServer;
 use creditgate::calendar::{add_months, civil_from_ms, Interval, Period, MAX_INSTANT_MS};
-use creditgate::engine::redis::LIB_LUA;
+use creditgate::engine::redis::LIBRARY;
 use creditgate::money::{affordable_units, charge, Cost, MAX_AMOUNT_RAW, MAX_COST_RAW};
 use proptest::prelude::*;
 
@@ -29,12 +29,23 @@ fn base36(x: i64) -> String {
     String::from_utf8(d).unwrap()
 }
 
-/// Runs `body` (after the library) with `args`; returns the reply as strings.
+/// The library's internals as an EVAL chunk: the file without line 1 (the
+/// `#!lua` shebang) and its registrations, the standard library bound.
+fn library_for_eval() -> String {
+    let body = LIBRARY.split_once('\n').unwrap().1;
+    let cut = body
+        .find("\n-- Registration.")
+        .expect("a registration section");
+    format!("{}\nbind()\nbind_pairs()\n", &body[..cut])
+}
+
+/// Runs `body` (after the library, in a function of its own: a chunk holds
+/// at most 200 locals) with `args`; returns the reply as strings.
 fn eval(body: &str, args: &[String]) -> Vec<String> {
     let server = RedisServer::shared();
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_connection().unwrap();
-    let script = format!("{LIB_LUA}\n{body}");
+    let script = format!("{}\nreturn (function()\n{body}\nend)()", library_for_eval());
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(script).arg(0).arg(args);
     cmd.query(&mut conn).expect("eval")

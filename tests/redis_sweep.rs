@@ -161,7 +161,7 @@ async fn a_dead_sweepers_lease_lapses_and_the_shard_is_taken_over() {
     clock.set(ms_of(2027, 2, 1, 0, 0));
     // Another sidecar took shard 0's lease and died: its lease is short here.
     let server = RedisServer::shared();
-    let lease = format!("{ns}cg1:sweep:0");
+    let lease = format!("{ns}cg2:sweep:0");
     assert_eq!(
         server
             .cli(&["SET", &lease, "dead-sidecar", "PX", "300"])

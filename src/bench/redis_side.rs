@@ -233,7 +233,7 @@ pub async fn cleanup_creditgate(
             let id = ids.name(i);
             let k = customer_keys("", &id);
             p.cmd("DEL").arg(&k.customer).arg(&k.locks).ignore();
-            p.cmd("ZREM").arg(&k.due).arg(&id).ignore();
+            p.cmd("ZREM").arg(&k.due).arg(&k.tag).ignore();
         }
         let mut c = conn.clone();
         p.query_async::<()>(&mut c)

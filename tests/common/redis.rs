@@ -149,3 +149,20 @@ pub async fn engine(
         .await
         .expect("connect the redis engine")
 }
+
+/// A Redis engine on the shared server, in its own namespace, on Redis's
+/// own clock (`TIME`), as in production.
+pub async fn engine_on_redis_time(
+    catalog: Arc<creditgate::model::Catalog>,
+    retention: Retention,
+) -> RedisEngine {
+    let server = RedisServer::shared();
+    let opts = RedisOptions {
+        namespace: namespace(),
+        retention,
+        ..RedisOptions::standalone(&server.url())
+    };
+    RedisEngine::connect(opts, catalog, None)
+        .await
+        .expect("connect the redis engine")
+}

@@ -13,7 +13,7 @@ cd "$root"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check autumn-sdk pytest
+.venv/bin/pip install --quiet --disable-pip-version-check autumn-sdk pytest redis==8.1.0
 
 run_js=""
 if [ "${CREDITGATE_SDK_JS:-1}" != "0" ] && command -v node >/dev/null && command -v npm >/dev/null; then
@@ -87,6 +87,7 @@ for engine in ${CREDITGATE_SDK_ENGINES:-redis memory}; do
   echo "--- SDK suites on the $engine engine"
   start_server "$extra"
   export CREDITGATE_URL="http://127.0.0.1:$port" CREDITGATE_ADMIN_KEY="sk_test_admin" CREDITGATE_APP_KEY="sk_test_app"
+  export CREDITGATE_TEST_REDIS_URL="$([ "$engine" = redis ] && echo "redis://127.0.0.1:$rport")"
   before=$status
   .venv/bin/python -m pytest -q "$root/tests/sdk" -p no:cacheprovider || status=$?
   if [ -n "$run_js" ]; then

@@ -125,9 +125,14 @@ impl Engine for MemoryEngine {
         feature: &str,
         units: Amount,
     ) -> Result<Outcome, EngineError> {
-        self.with_customer(customer_id, |s, _| {
+        self.with_customer(customer_id, |s, now| {
             let stored = rules::check(s, &self.catalog, feature, units)?;
-            Ok(Outcome::new(stored, false, self.pools_of(s, Some(feature))))
+            Ok(Outcome::new(
+                stored,
+                false,
+                self.pools_of(s, Some(feature)),
+                now,
+            ))
         })
     }
 
@@ -140,7 +145,7 @@ impl Engine for MemoryEngine {
         self.with_customer(customer_id, |s, now| {
             let applied = rules::apply(s, &self.catalog, op, key, now, self.retention)?;
             let pools = self.pools_of(s, op.feature(s));
-            Ok(Outcome::new(applied.outcome, applied.replayed, pools))
+            Ok(Outcome::new(applied.outcome, applied.replayed, pools, now))
         })
     }
 

@@ -1,89 +1,110 @@
-//! Requests into script arguments. Every script's ARGV is built by name: the
-//! constants below are the positions its header in `lua/<script>.lua` lists
-//! (`-- ARGV[n] name: …`), and `tests/lua_twin.rs` parses those headers and
-//! holds them to these constants.
+//! Requests into function arguments. Every function's ARGV is built by
+//! name: the constants below are the positions its comment block in
+//! `lua/creditgate.lua` lists (`-- ARGV[n] name: …` above `function
+//! FNS.<op>`), and `tests/lua_twin.rs` parses those blocks and holds them to
+//! these constants.
 
 use crate::calendar::Interval;
 use crate::model::{
     BalanceChange, BucketUpdate, Catalog, FinalizeAction, Grant, Op, Retention, RolloverDuration,
 };
 
-/// The header every script on a customer starts with.
+/// The header every function on a customer starts with.
 pub mod header {
+    /// `''`: the function reads Redis `TIME` (production).
     pub const NOW: usize = 1;
-    pub const IDEMPOTENCY_RETENTION_MS: usize = 2;
-    pub const LOCK_RETENTION_MS: usize = 3;
-    pub const CUSTOMER_ID: usize = 4;
+    /// `''` (24 h for both), `<ms>` (both), or `<idempotency ms>,<finalized lock ms>`.
+    pub const RETENTION: usize = 2;
     /// The first position after the header.
-    pub const NEXT: usize = 5;
+    pub const NEXT: usize = 3;
 }
 
-/// `lua/grant.lua`.
 pub mod grant {
-    pub const POOL: usize = 5;
-    pub const BALANCE_ID: usize = 6;
-    pub const PLAN_ID: usize = 7;
-    pub const GRANTED: usize = 8;
-    pub const INTERVAL: usize = 9;
-    pub const INTERVAL_COUNT: usize = 10;
-    pub const NEXT_RESET_AT: usize = 11;
-    pub const EXPIRES_AT: usize = 12;
-    pub const FLAGS: usize = 13;
-    pub const OVERAGE_FLOOR: usize = 14;
-    pub const ROLLOVER: usize = 15;
-    pub const ROLLOVER_MAX: usize = 16;
-    pub const ROLLOVER_MAX_PERCENTAGE: usize = 17;
-    pub const ROLLOVER_LENGTH: usize = 18;
+    pub const POOL: usize = 3;
+    pub const BALANCE_ID: usize = 4;
+    pub const PLAN_ID: usize = 5;
+    pub const GRANTED: usize = 6;
+    pub const INTERVAL: usize = 7;
+    pub const INTERVAL_COUNT: usize = 8;
+    pub const NEXT_RESET_AT: usize = 9;
+    pub const EXPIRES_AT: usize = 10;
+    pub const FLAGS: usize = 11;
+    pub const OVERAGE_FLOOR: usize = 12;
+    pub const ROLLOVER: usize = 13;
+    pub const ROLLOVER_MAX: usize = 14;
+    pub const ROLLOVER_MAX_PERCENTAGE: usize = 15;
+    pub const ROLLOVER_LENGTH: usize = 16;
 }
 
-/// `lua/update_bucket.lua`.
 pub mod update_bucket {
-    pub const POOL: usize = 5;
-    pub const BALANCE_ID: usize = 6;
-    pub const MODE: usize = 7;
-    pub const AMOUNT: usize = 8;
+    pub const POOL: usize = 3;
+    pub const BALANCE_ID: usize = 4;
+    pub const MODE: usize = 5;
+    pub const AMOUNT: usize = 6;
 }
 
-/// `lua/check.lua`.
 pub mod check {
-    pub const FEATURE_ID: usize = 5;
-    pub const UNITS: usize = 6;
-    /// Followed by that many (pool, cost) pairs.
-    pub const POOL_COUNT: usize = 7;
+    pub const FEATURE_ID: usize = 3;
+    pub const UNITS: usize = 4;
+    /// (pool, cost) pairs from here to the end.
+    pub const POOLS: usize = 5;
 }
 
-/// `lua/apply.lua`.
-pub mod apply {
-    pub const OP: usize = 5;
-    pub const IDEMPOTENCY_KEY: usize = 6;
-    pub const FEATURE_ID: usize = 7;
-    pub const UNITS: usize = 8;
-    pub const MODE: usize = 9;
-    pub const LOCK_ID: usize = 10;
-    pub const EXPIRES_AT: usize = 11;
-    /// Followed by that many (pool, cost) pairs.
-    pub const POOL_COUNT: usize = 12;
+pub mod consume {
+    pub const IDEMPOTENCY_KEY: usize = 3;
+    pub const FEATURE_ID: usize = 4;
+    pub const UNITS: usize = 5;
+    pub const POOLS: usize = 6;
+}
+
+pub mod track {
+    pub const IDEMPOTENCY_KEY: usize = 3;
+    pub const FEATURE_ID: usize = 4;
+    pub const UNITS: usize = 5;
+    pub const BEHAVIOR: usize = 6;
+    pub const POOLS: usize = 7;
+}
+
+pub mod reserve {
+    pub const IDEMPOTENCY_KEY: usize = 3;
+    pub const FEATURE_ID: usize = 4;
+    pub const UNITS: usize = 5;
+    pub const LOCK_ID: usize = 6;
+    pub const EXPIRES_AT: usize = 7;
+    pub const POOLS: usize = 8;
+}
+
+pub mod finalize {
+    pub const IDEMPOTENCY_KEY: usize = 3;
+    pub const LOCK_ID: usize = 4;
+    pub const ACTION: usize = 5;
+    pub const OVERRIDE_UNITS: usize = 6;
+}
+
+/// The retention argument: `''` for the default (24 h both), else as
+/// [`header::RETENTION`] says.
+pub fn retention(r: Retention) -> String {
+    const DEFAULT: i64 = 86_400_000;
+    if r.idempotency_ms == DEFAULT && r.finalized_lock_ms == DEFAULT {
+        String::new()
+    } else if r.idempotency_ms == r.finalized_lock_ms {
+        r.idempotency_ms.to_string()
+    } else {
+        format!("{},{}", r.idempotency_ms, r.finalized_lock_ms)
+    }
 }
 
 /// ARGV under construction: values set at named positions (1-based, as Lua
-/// counts), then a tail appended after the last one.
+/// counts), then pools appended after the last one.
 pub struct Argv(Vec<String>);
 
 impl Argv {
-    /// A script on a customer: the header filled, `len` positions in all
-    /// before any tail.
-    pub fn customer(len: usize, now: String, retention: Retention, customer_id: &str) -> Argv {
-        let mut a = Argv(vec![String::new(); len]);
+    /// A function on a customer: the header filled, `len` positions in all
+    /// before any pools.
+    pub fn customer(len: usize, now: String, retention: &str) -> Argv {
+        let mut a = Argv(vec![String::new(); len.max(header::RETENTION)]);
         a.set(header::NOW, now);
-        a.set(
-            header::IDEMPOTENCY_RETENTION_MS,
-            retention.idempotency_ms.to_string(),
-        );
-        a.set(
-            header::LOCK_RETENTION_MS,
-            retention.finalized_lock_ms.to_string(),
-        );
-        a.set(header::CUSTOMER_ID, customer_id.to_string());
+        a.set(header::RETENTION, retention);
         a
     }
 
@@ -91,20 +112,15 @@ impl Argv {
         self.0[position - 1] = value.into();
     }
 
-    /// Appends the pools that may pay for `feature` after `count_at`:
-    /// their number, then (pool, cost raw) pairs in deduction order; -1 for
-    /// an unknown feature (the script raises `feature_not_found` where the
-    /// rules do).
-    pub fn pools(&mut self, count_at: usize, catalog: &Catalog, feature: &str) {
-        match catalog.pools_for(feature) {
-            Ok(pools) => {
-                self.set(count_at, pools.len().to_string());
-                for p in pools {
-                    self.0.push(p.pool);
-                    self.0.push(p.cost.raw().to_string());
-                }
+    /// Appends the pools that may pay for `feature`: (pool, cost raw) pairs
+    /// in deduction order; none for an unknown feature (the function raises
+    /// `feature_not_found` where the rules do).
+    pub fn pools(&mut self, catalog: &Catalog, feature: &str) {
+        if let Ok(pools) = catalog.pools_for(feature) {
+            for p in pools {
+                self.0.push(p.pool);
+                self.0.push(p.cost.raw().to_string());
             }
-            Err(_) => self.set(count_at, "-1"),
         }
     }
 
@@ -117,7 +133,7 @@ fn opt_num(n: Option<i64>) -> String {
     n.map_or(String::new(), |n| n.to_string())
 }
 
-/// `lua/grant.lua`'s arguments.
+/// `grant`'s arguments.
 pub fn grant(mut a: Argv, g: &Grant) -> Argv {
     use grant::*;
     let flags = format!(
@@ -157,7 +173,7 @@ pub fn grant(mut a: Argv, g: &Grant) -> Argv {
     a
 }
 
-/// `lua/update_bucket.lua`'s arguments.
+/// `update_bucket`'s arguments.
 pub fn update_bucket(mut a: Argv, u: &BucketUpdate) -> Argv {
     use update_bucket::*;
     let (mode, v) = match u.change {
@@ -171,25 +187,45 @@ pub fn update_bucket(mut a: Argv, u: &BucketUpdate) -> Argv {
     a
 }
 
-/// `lua/apply.lua`'s arguments for one request.
-pub fn apply(mut a: Argv, op: &Op, key: Option<&str>, catalog: &Catalog) -> Argv {
-    use apply::*;
-    a.set(IDEMPOTENCY_KEY, key.unwrap_or(""));
+/// Which function runs a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpFunction {
+    Consume,
+    Track,
+    Reserve,
+    Finalize,
+}
+
+/// The function and arguments of one request, after `header`.
+pub fn apply(
+    now: String,
+    retention: &str,
+    op: &Op,
+    key: Option<&str>,
+    catalog: &Catalog,
+) -> (OpFunction, Argv) {
+    let key = key.unwrap_or("").to_string();
     match op {
         Op::Consume { feature, units } => {
-            a.set(OP, "consume");
-            a.set(FEATURE_ID, feature.clone());
-            a.set(UNITS, units.raw().to_string());
+            let mut a = Argv::customer(consume::UNITS, now, retention);
+            a.set(consume::IDEMPOTENCY_KEY, key);
+            a.set(consume::FEATURE_ID, feature.clone());
+            a.set(consume::UNITS, units.raw().to_string());
+            a.pools(catalog, feature);
+            (OpFunction::Consume, a)
         }
         Op::Track {
             feature,
             units,
             behavior,
         } => {
-            a.set(OP, "track");
-            a.set(FEATURE_ID, feature.clone());
-            a.set(UNITS, units.raw().to_string());
-            a.set(MODE, behavior.as_str());
+            let mut a = Argv::customer(track::BEHAVIOR, now, retention);
+            a.set(track::IDEMPOTENCY_KEY, key);
+            a.set(track::FEATURE_ID, feature.clone());
+            a.set(track::UNITS, units.raw().to_string());
+            a.set(track::BEHAVIOR, behavior.as_str());
+            a.pools(catalog, feature);
+            (OpFunction::Track, a)
         }
         Op::Reserve {
             lock_id,
@@ -197,34 +233,35 @@ pub fn apply(mut a: Argv, op: &Op, key: Option<&str>, catalog: &Catalog) -> Argv
             units,
             expires_at,
         } => {
-            a.set(OP, "reserve");
-            a.set(FEATURE_ID, feature.clone());
-            a.set(UNITS, units.raw().to_string());
-            a.set(LOCK_ID, lock_id.clone());
-            a.set(EXPIRES_AT, opt_num(*expires_at));
+            let mut a = Argv::customer(reserve::EXPIRES_AT, now, retention);
+            a.set(reserve::IDEMPOTENCY_KEY, key);
+            a.set(reserve::FEATURE_ID, feature.clone());
+            a.set(reserve::UNITS, units.raw().to_string());
+            a.set(reserve::LOCK_ID, lock_id.clone());
+            a.set(reserve::EXPIRES_AT, opt_num(*expires_at));
+            a.pools(catalog, feature);
+            (OpFunction::Reserve, a)
         }
         Op::Finalize {
             lock_id,
             action,
             override_units,
         } => {
-            a.set(OP, "finalize");
-            a.set(UNITS, opt_num(override_units.map(|u| u.raw())));
+            let mut a = Argv::customer(finalize::OVERRIDE_UNITS, now, retention);
+            a.set(finalize::IDEMPOTENCY_KEY, key);
+            a.set(finalize::LOCK_ID, lock_id.clone());
             a.set(
-                MODE,
+                finalize::ACTION,
                 match action {
                     FinalizeAction::Confirm => "confirm",
                     FinalizeAction::Release => "release",
                 },
             );
-            a.set(LOCK_ID, lock_id.clone());
-            // The lock keeps the pools it was reserved from.
-            a.set(POOL_COUNT, "0");
-            return a;
+            a.set(
+                finalize::OVERRIDE_UNITS,
+                opt_num(override_units.map(|u| u.raw())),
+            );
+            (OpFunction::Finalize, a)
         }
     }
-    if let Some(f) = op.feature_id() {
-        a.pools(POOL_COUNT, catalog, f);
-    }
-    a
 }

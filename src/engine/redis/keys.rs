@@ -1,20 +1,30 @@
-//! Key layout (version 1). Every key of one customer carries the same hash
-//! tag, derived from the customer id by an injective escaping, so a script
-//! touches one Redis Cluster slot and no id can reach another customer's keys.
+//! Key layout `cg2` (lua/README.md § 4). Every key of one customer carries
+//! the same hash tag, derived from the customer id by an injective escaping,
+//! so a function touches one Redis Cluster slot and no id can reach another
+//! customer's keys.
 //!
-//! - `<ns>cg1:{<tag>}`: hash: the customer record (field `\x1f`) and one
-//!   field per bucket (`<balance id>`, plus `<balance id>\x1fr` for its
-//!   rollover rows when it has any);
-//! - `<ns>cg1:{<tag>}:l`: hash: pending locks, field `<lock id>`;
-//! - `<ns>cg1:{<tag>}:f:<lock id>`: a finalized lock's receipt (PX retention);
-//! - `<ns>cg1:{<tag>}:i:<key>`: an idempotency record (PX retention);
-//! - `<ns>cg1:due:{<slot tag>}`: sorted set, one per cluster slot: member the
-//!   customer id, score the earliest instant something of it is due.
+//! - `<ns>cg2:{<tag>}`: hash: the customer record (field `\x1f`) and one
+//!   field per pool holding that pool's buckets;
+//! - `<ns>cg2:{<tag>}:l`: hash: pending locks, field `<lock id>`;
+//! - `<ns>cg2:{<tag>}:f:<lock id>`: a finalized lock's receipt (PX retention);
+//! - `<ns>cg2:due:{<slot tag>}`: sorted set, one per cluster slot: member the
+//!   customer's tag, score the earliest instant something of it is due;
+//! - `<ns>cg2:due:{<slot tag>}:i:<window>`: the slot's idempotency records
+//!   written in one retention window (hash, PX);
+//! - `<ns>cg:layout`: the layout marker (`cg2`).
 
 use std::sync::OnceLock;
 
-/// The layout version, part of every key.
-pub const LAYOUT: &str = "cg1:";
+/// The layout, part of every key (the library's, read from its name).
+pub const LAYOUT: &str = "cg2:";
+
+/// The previous layout, which `creditgate migrate` reads.
+pub const PREVIOUS_LAYOUT: &str = "cg1:";
+
+/// The key holding the layout of the data, under a namespace.
+pub fn layout_key(ns: &str) -> String {
+    format!("{ns}cg:layout")
+}
 
 /// Number of Redis Cluster slots.
 pub const SLOTS: usize = 16384;
@@ -31,6 +41,40 @@ pub fn escape(id: &str) -> String {
         }
     }
     out
+}
+
+/// Inverts [`escape`]; `None` for a string `escape` cannot produce.
+pub fn unescape(tag: &str) -> Option<String> {
+    let b = tag.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            if hex.bytes().any(|c| c.is_ascii_lowercase()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    let id = String::from_utf8(out).ok()?;
+    (escape(&id) == tag).then_some(id)
+}
+
+/// The slot Redis Cluster assigns a whole key (its hash tag if it has one).
+pub fn key_slot(key: &str) -> usize {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return slot(&key[open + 1..open + 1 + len]);
+            }
+        }
+    }
+    slot(key)
 }
 
 /// CRC16-CCITT (XMODEM), as Redis Cluster hashes keys.
@@ -91,20 +135,31 @@ fn base36(mut n: u64) -> String {
 /// The keys of one customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustomerKeys {
+    /// The customer hash: `KEYS[1]` of every function on a customer.
     pub customer: String,
+    /// The pending locks (`<customer>:l`; the library derives it).
     pub locks: String,
+    /// The due index of the customer's slot: `KEYS[2]`.
     pub due: String,
+    /// The hash tag: the escaped id, the due index's member.
+    pub tag: String,
 }
 
 /// Builds the keys of `customer_id` under namespace `ns` (empty in production).
 pub fn customer_keys(ns: &str, customer_id: &str) -> CustomerKeys {
+    layout_keys(ns, LAYOUT, customer_id)
+}
+
+/// The keys of `customer_id` in `layout` (`cg2:`, or `cg1:` to migrate).
+pub fn layout_keys(ns: &str, layout: &str, customer_id: &str) -> CustomerKeys {
     let tag = escape(customer_id);
-    let customer = format!("{ns}{LAYOUT}{{{tag}}}");
-    let due = format!("{ns}{LAYOUT}due:{{{}}}", slot_tags()[slot(&tag)]);
+    let customer = format!("{ns}{layout}{{{tag}}}");
+    let due = format!("{ns}{layout}due:{{{}}}", slot_tags()[slot(&tag)]);
     CustomerKeys {
         locks: format!("{customer}:l"),
         customer,
         due,
+        tag,
     }
 }
 
@@ -119,7 +174,14 @@ mod tests {
         assert_eq!(escape("é"), "%C3%A9");
         assert_ne!(escape("%7B"), escape("{"));
         let k = customer_keys("", "x}:{y");
-        assert_eq!(k.customer, "cg1:{x%7D%3A%7By}");
+        assert_eq!(k.customer, "cg2:{x%7D%3A%7By}");
+        for id in ["cus_1", "a{b}:c d%", "é", "%7B", "x}:{y"] {
+            assert_eq!(unescape(&escape(id)).as_deref(), Some(id));
+        }
+        assert_eq!(unescape("%7b"), None);
+        assert_eq!(unescape("%C3"), None);
+        assert_eq!(unescape("a%2"), None);
+        assert_eq!(key_slot("cg2:{cus_1}:l"), slot("cus_1"));
     }
 
     #[test]

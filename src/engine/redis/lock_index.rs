@@ -1,7 +1,8 @@
 //! The lock-id → customer index in Redis, for a `finalize` that does not send
 //! its customer (Autumn's SDK does not). One small key per lock id, outside
 //! every customer's slot (its hash tag is the escaped lock id), never touched
-//! by a customer's script (`lua/lock_claim.lua` runs on it alone): `<ns>cg1:lock:{<escaped lock id>}` = `<customer id>\x1f<keep until ms>`
+//! by a customer's function (the library's `claim` runs on it alone):
+//! `<ns>cg2:lock:{<escaped lock id>}` = `<customer id>\x1f<keep until ms>`
 //! with a relative expiry (`PX`). The stored instant is also compared with
 //! `now`, so an injected clock sees the same answers as the in-process index.
 
@@ -9,22 +10,22 @@ use async_trait::async_trait;
 
 use super::conn::unavailable;
 use super::keys::{escape, LAYOUT};
+use super::library::Library;
 use super::reply::int;
-use super::scripts::Loaded;
 use crate::engine::LockIndex;
 use crate::error::EngineError;
 
 /// [`LockIndex`] over the engine's shared connection.
 #[derive(Clone)]
 pub struct RedisLockIndex {
-    scripts: Loaded,
+    library: Library,
     namespace: String,
 }
 
 impl RedisLockIndex {
-    pub fn new(scripts: Loaded, namespace: &str) -> RedisLockIndex {
+    pub fn new(library: Library, namespace: &str) -> RedisLockIndex {
         RedisLockIndex {
-            scripts,
+            library,
             namespace: namespace.to_string(),
         }
     }
@@ -43,7 +44,7 @@ impl LockIndex for RedisLockIndex {
         keep_until: Option<i64>,
         now: i64,
     ) -> Result<(), EngineError> {
-        let mut conn = self.scripts.conn.clone();
+        let mut conn = self.library.conn.clone();
         let value = format!(
             "{customer_id}\x1f{}",
             keep_until.map_or(String::new(), |k| k.to_string())
@@ -63,14 +64,14 @@ impl LockIndex for RedisLockIndex {
         keep_until: i64,
         now: i64,
     ) -> Result<bool, EngineError> {
-        // One script on the one index key (`lua/lock_claim.lua`): read the
-        // holder, refuse if another customer's entry is live, else write ours
-        // (never shortening our own).
+        // One function on the one index key (`claim`): read the holder,
+        // refuse if another customer's entry is live, else write ours (never
+        // shortening our own). Reply {1|0, now}.
         let key = self.key(lock_id);
         let claimed = self
-            .scripts
-            .eval(
-                &self.scripts.scripts.lock_claim,
+            .library
+            .fcall(
+                &self.library.functions.claim,
                 &[&key],
                 &[
                     customer_id.to_string(),
@@ -80,11 +81,12 @@ impl LockIndex for RedisLockIndex {
             )
             .await
             .map_err(unavailable)?;
-        Ok(int(&claimed)? == 1)
+        let first = super::reply::array(claimed)?.into_iter().next();
+        Ok(int(&first.unwrap_or(redis::Value::Nil))? == 1)
     }
 
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError> {
-        let mut conn = self.scripts.conn.clone();
+        let mut conn = self.library.conn.clone();
         let v: Option<String> = redis::cmd("GET")
             .arg(self.key(lock_id))
             .query_async(&mut conn)

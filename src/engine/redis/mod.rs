@@ -1,23 +1,27 @@
-//! The Redis engine: every operation is one atomic Lua script (EVALSHA) on
-//! one customer's keys. The scripts (`lua/`) are the twin of
-//! [`crate::rules`]; this engine only validates input that needs neither
-//! clock nor state, resolves the catalog into arguments, and decodes replies
-//! into the same answers the in-process engine gives.
+//! The Redis engine: every operation is one atomic function call (`FCALL`)
+//! of the Redis Functions library `lua/creditgate.lua` on one customer's
+//! keys. The library is the twin of [`crate::rules`]; this engine only
+//! validates input that needs neither clock nor state, resolves the catalog
+//! into arguments, and decodes replies into the same answers the in-process
+//! engine gives.
 //!
 //! One module per idea: [`conn`] (targets and the shared connection),
-//! [`scripts`] (loading, EVALSHA, readiness), [`args`] (requests into
+//! [`library`] (loading, `FCALL`, readiness), [`args`] (requests into
 //! arguments at named positions), [`reply`] (replies and errors into
 //! answers), [`sweep`] (the due index under leases), [`keys`] (the layout),
-//! [`lock_index`] (the lock-id index); this file is the [`Engine`] impl.
+//! [`layout`] (the layout marker and `creditgate migrate`), [`lock_index`]
+//! (the lock-id index); this file is the [`Engine`] impl.
 
 pub mod args;
 pub mod conn;
 pub mod keys;
+pub mod layout;
+pub mod library;
 pub mod lock_index;
 pub mod reply;
-pub mod scripts;
 pub mod sweep;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -30,32 +34,38 @@ use crate::model::*;
 use crate::money::Amount;
 use crate::rules;
 
-use args::Argv;
+use args::{Argv, OpFunction};
 use conn::unavailable;
-use reply::{decode_buckets, decode_outcome, int, map_error, string, Ctx};
-use scripts::Script;
+use reply::{decode_balances, decode_outcome, error_instant, int, map_error, string, Ctx};
 
 pub use conn::{Conn, RedisOptions, RedisTarget, Tls};
 pub use keys::{customer_keys, CustomerKeys, LAYOUT};
+pub use layout::{migrate, MigrateReport};
+pub use library::{Functions, Library, LIBRARY, LIBRARY_NAME};
 pub use lock_index::RedisLockIndex;
-pub use scripts::{Loaded, Scripts, LIB_LUA};
 pub use sweep::{SWEEP_LEASE_MS, SWEEP_SHARDS};
+
+const NO_INSTANT: i64 = i64::MIN;
 
 /// Balances kept in Redis.
 pub struct RedisEngine {
     conn: Conn,
-    scripts: Loaded,
+    library: Library,
     catalog: Arc<Catalog>,
-    /// `None`: the scripts read Redis `TIME`, one clock for every sidecar.
+    /// `None`: the functions read Redis `TIME`, one clock for every sidecar.
     clock: Option<Arc<dyn Clock>>,
-    retention: Retention,
+    /// The retention argument every customer function gets.
+    retention: String,
     namespace: String,
     /// Identifies this process's sweeper in shard leases.
     sweeper_id: String,
+    /// The instant the store used for the last call answered.
+    last_instant: AtomicI64,
 }
 
 impl RedisEngine {
-    /// Connects, checks `maxmemory-policy`, and loads the scripts.
+    /// Connects, checks `maxmemory-policy`, refuses Redis < 7.0, loads the
+    /// library where it is missing, and refuses data of another layout.
     pub async fn connect(
         opts: RedisOptions,
         catalog: Arc<Catalog>,
@@ -66,36 +76,40 @@ impl RedisEngine {
         }
         let conn = conn::open(&opts.target, opts.timeout, &opts.tls).await?;
         conn::check_eviction(&conn, opts.accept_eviction).await?;
-        let scripts = Loaded::new(conn.clone());
-        scripts.load().await?;
+        let library = Library::new(conn.clone());
+        library.load().await?;
+        layout::check(&library, &opts.namespace).await?;
         Ok(RedisEngine {
             conn,
-            scripts,
+            library,
             catalog,
             clock,
-            retention: opts.retention,
+            retention: args::retention(opts.retention),
             namespace: opts.namespace,
             sweeper_id: format!("{:016x}", rand::random::<u64>()),
+            last_instant: AtomicI64::new(NO_INSTANT),
         })
     }
 
-    pub fn scripts(&self) -> &Scripts {
-        &self.scripts.scripts
+    /// The library's function names.
+    pub fn functions(&self) -> &Functions {
+        &self.library.functions
     }
 
-    /// Loads every script again (what readiness does after a server lost them).
-    pub async fn load_scripts(&self) -> Result<(), EngineError> {
-        self.scripts.load().await
+    /// Loads the library where missing (what readiness does after a server
+    /// lost it).
+    pub async fn load_library(&self) -> Result<(), EngineError> {
+        self.library.load().await
     }
 
-    /// The readiness probe: the store answers and holds the scripts.
-    pub fn readiness(&self) -> Loaded {
-        self.scripts.clone()
+    /// The readiness probe: the store answers and holds the library.
+    pub fn readiness(&self) -> Library {
+        self.library.clone()
     }
 
     /// The lock-id → customer index, on the same connection and namespace.
     pub fn lock_index(&self) -> RedisLockIndex {
-        RedisLockIndex::new(self.scripts.clone(), &self.namespace)
+        RedisLockIndex::new(self.library.clone(), &self.namespace)
     }
 
     /// A clone of the shared connection.
@@ -107,8 +121,25 @@ impl RedisEngine {
         customer_keys(&self.namespace, customer_id)
     }
 
-    /// The instant to pass (`''`: the script reads Redis `TIME`) and, for
-    /// checks made before the script, the best local guess of it.
+    /// The instant the store decided the last answered call at (every reply
+    /// and every function error carries it; a request refused before any
+    /// call keeps the previous one). For a reference that replays a
+    /// sequential workload at the store's instants, as the differential
+    /// test does without an injected clock; answers to check and apply
+    /// carry their own in [`Outcome::at`].
+    pub fn last_instant(&self) -> Option<i64> {
+        match self.last_instant.load(Ordering::Relaxed) {
+            NO_INSTANT => None,
+            t => Some(t),
+        }
+    }
+
+    fn note(&self, at: i64) {
+        self.last_instant.store(at, Ordering::Relaxed);
+    }
+
+    /// The instant to pass (`''`: the function reads Redis `TIME`) and, for
+    /// checks made before the call, the best local guess of it.
     fn now(&self) -> (i64, String) {
         match &self.clock {
             Some(c) => {
@@ -119,26 +150,53 @@ impl RedisEngine {
         }
     }
 
-    fn argv(&self, len: usize, now: String, customer_id: &str) -> Argv {
-        Argv::customer(len, now, self.retention, customer_id)
+    /// The store's clock, for a refusal decided before any function call
+    /// whose order depends on the instant (see [`RedisEngine::refuse_at`]).
+    async fn store_time(&self) -> Result<i64, EngineError> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let t = secs * 1000 + micros / 1000;
+        self.note(t);
+        Ok(t)
     }
 
-    /// Runs a script on a customer's keys.
+    fn argv(&self, len: usize, now: String) -> Argv {
+        Argv::customer(len, now, &self.retention)
+    }
+
+    /// Runs a function on a customer's keys (`KEYS[1]` the customer hash,
+    /// `KEYS[2]` its slot's due index); notes an error's instant.
     async fn run(
         &self,
-        script: &Script,
+        function: &str,
         customer_id: &str,
         args: Argv,
         ctx: &Ctx<'_>,
     ) -> Result<Value, EngineError> {
         let k = self.keys(customer_id);
-        self.scripts
-            .eval(script, &[&k.customer, &k.locks, &k.due], &args.into_vec())
+        self.library
+            .fcall(function, &[&k.customer, &k.due], &args.into_vec())
             .await
-            .map_err(|e| map_error(e, ctx))
+            .map_err(|e| {
+                if let Some(at) = error_instant(&e) {
+                    self.note(at);
+                }
+                map_error(e, ctx)
+            })
     }
 
-    /// The error for input refused before the script: `CustomerNotFound`
+    /// A `{value, now}` reply: the value, the instant noted.
+    fn pair(&self, v: Value) -> Result<Value, EngineError> {
+        let mut items = reply::array(v)?.into_iter();
+        let value = items.next().unwrap_or(Value::Nil);
+        self.note(int(&items.next().unwrap_or(Value::Nil))?);
+        Ok(value)
+    }
+
+    /// The error for input refused before the function: `CustomerNotFound`
     /// first, as the in-process engine checks the customer before the input.
     async fn refuse(&self, customer_id: &str, err: EngineError) -> EngineError {
         let mut conn = self.conn.clone();
@@ -152,6 +210,26 @@ impl RedisEngine {
             Err(e) => unavailable(e),
         }
     }
+
+    /// Input refused before the call without an injected clock: the checks
+    /// that need the clock come before some that do not, so the error the
+    /// rules give depends on the instant. `validate` reruns every check at
+    /// the store's own instant, which the reference then replays.
+    async fn refuse_at(
+        &self,
+        customer_id: &str,
+        err: EngineError,
+        validate: impl FnOnce(i64) -> Result<(), EngineError>,
+    ) -> EngineError {
+        let err = match self.clock {
+            Some(_) => err,
+            None => match self.store_time().await {
+                Ok(t) => validate(t).err().unwrap_or(err),
+                Err(e) => return e,
+            },
+        };
+        self.refuse(customer_id, err).await
+    }
 }
 
 #[async_trait]
@@ -161,29 +239,38 @@ impl Engine for RedisEngine {
         let (_, now) = self.now();
         let k = self.keys(customer_id);
         let v = self
-            .scripts
-            .eval(&self.scripts().create_customer, &[&k.customer], &[now])
+            .library
+            .fcall(&self.functions().create_customer, &[&k.customer], &[now])
             .await
             .map_err(|e| map_error(e, &Ctx::default()))?;
-        Ok(int(&v)? == 1)
+        Ok(int(&self.pair(v)?)? == 1)
     }
 
     async fn grant(&self, customer_id: &str, g: &Grant) -> Result<String, EngineError> {
         validate_id("customer_id", customer_id)?;
         let (now_ms, now) = self.now();
-        if let Err(e) = validate_grant(g, &self.catalog, now_ms) {
-            return Err(self.refuse(customer_id, e).await);
+        let pre = match self.clock {
+            Some(_) => validate_grant(g, &self.catalog, now_ms).map(|_| ()),
+            None => validate_grant_shape(g, &self.catalog),
+        };
+        if let Err(e) = pre {
+            let catalog = &self.catalog;
+            return Err(self
+                .refuse_at(customer_id, e, |t| {
+                    validate_grant(g, catalog, t).map(|_| ())
+                })
+                .await);
         }
-        let a = args::grant(self.argv(args::grant::ROLLOVER_LENGTH, now, customer_id), g);
+        let a = args::grant(self.argv(args::grant::ROLLOVER_LENGTH, now), g);
         let ctx = Ctx {
             feature: &g.pool,
             balance_id: g.balance_id.as_deref().unwrap_or(""),
             ..Ctx::default()
         };
         let v = self
-            .run(&self.scripts().grant, customer_id, a, &ctx)
+            .run(&self.functions().grant, customer_id, a, &ctx)
             .await?;
-        string(&v)
+        string(&self.pair(v)?)
     }
 
     async fn update_bucket(&self, customer_id: &str, u: &BucketUpdate) -> Result<(), EngineError> {
@@ -198,13 +285,15 @@ impl Engine for RedisEngine {
         if let Err(e) = pre {
             return Err(self.refuse(customer_id, e).await);
         }
-        let a = args::update_bucket(self.argv(args::update_bucket::AMOUNT, now, customer_id), u);
+        let a = args::update_bucket(self.argv(args::update_bucket::AMOUNT, now), u);
         let ctx = Ctx {
             feature: &u.pool,
             ..Ctx::default()
         };
-        self.run(&self.scripts().update_bucket, customer_id, a, &ctx)
+        let v = self
+            .run(&self.functions().update_bucket, customer_id, a, &ctx)
             .await?;
+        self.pair(v)?;
         Ok(())
     }
 
@@ -226,18 +315,20 @@ impl Engine for RedisEngine {
         if let Err(e) = pre {
             return Err(self.refuse(customer_id, e).await);
         }
-        let mut a = self.argv(args::check::POOL_COUNT, now, customer_id);
+        let mut a = self.argv(args::check::UNITS, now);
         a.set(args::check::FEATURE_ID, feature);
         a.set(args::check::UNITS, units.raw().to_string());
-        a.pools(args::check::POOL_COUNT, &self.catalog, feature);
+        a.pools(&self.catalog, feature);
         let ctx = Ctx {
             feature,
             ..Ctx::default()
         };
         let v = self
-            .run(&self.scripts().check, customer_id, a, &ctx)
+            .run(&self.functions().check, customer_id, a, &ctx)
             .await?;
-        decode_outcome(&self.catalog, v)
+        let out = decode_outcome(v)?;
+        self.note(out.at);
+        Ok(out)
     }
 
     async fn apply(
@@ -248,34 +339,30 @@ impl Engine for RedisEngine {
     ) -> Result<Outcome, EngineError> {
         validate_id("customer_id", customer_id)?;
         let (now_ms, now) = self.now();
-        let pre = op.validate_shape().and_then(|_| match key {
-            Some(k) => {
-                // `Op::validate` checks a reservation's expiry before the key.
-                if let (
-                    Op::Reserve {
-                        expires_at: Some(e),
-                        ..
-                    },
-                    true,
-                ) = (op, !now.is_empty())
-                {
-                    if *e <= now_ms {
-                        return Err(invalid("expires_at", "must be in the future"));
+        let validate = |now: Option<i64>| {
+            op.validate_shape().and_then(|_| match key {
+                Some(k) => {
+                    // `Op::validate` checks a reservation's expiry before the key.
+                    if let Some(now) = now {
+                        op.validate(now)?;
                     }
+                    validate_id("idempotency_key", k)
                 }
-                validate_id("idempotency_key", k)
-            }
-            None => Ok(()),
-        });
-        if let Err(e) = pre {
-            return Err(self.refuse(customer_id, e).await);
+                None => Ok(()),
+            })
+        };
+        let injected = self.clock.as_ref().map(|_| now_ms);
+        if let Err(e) = validate(injected) {
+            return Err(self.refuse_at(customer_id, e, |t| validate(Some(t))).await);
         }
-        let a = args::apply(
-            self.argv(args::apply::POOL_COUNT, now, customer_id),
-            op,
-            key,
-            &self.catalog,
-        );
+        let (function, a) = args::apply(now, &self.retention, op, key, &self.catalog);
+        let f = self.functions();
+        let function = match function {
+            OpFunction::Consume => &f.consume,
+            OpFunction::Track => &f.track,
+            OpFunction::Reserve => &f.reserve,
+            OpFunction::Finalize => &f.finalize,
+        };
         let lock_id = match op {
             Op::Reserve { lock_id, .. } | Op::Finalize { lock_id, .. } => lock_id.as_str(),
             _ => "",
@@ -285,22 +372,21 @@ impl Engine for RedisEngine {
             lock_id,
             ..Ctx::default()
         };
-        let v = self
-            .run(&self.scripts().apply, customer_id, a, &ctx)
-            .await?;
-        decode_outcome(&self.catalog, v)
+        let v = self.run(function, customer_id, a, &ctx).await?;
+        let out = decode_outcome(v)?;
+        self.note(out.at);
+        Ok(out)
     }
 
     async fn balances(&self, customer_id: &str) -> Result<CustomerBalances, EngineError> {
         validate_id("customer_id", customer_id)?;
         let (_, now) = self.now();
-        let a = self.argv(args::header::CUSTOMER_ID, now, customer_id);
+        let a = self.argv(args::header::RETENTION, now);
         let v = self
-            .run(&self.scripts().balances, customer_id, a, &Ctx::default())
+            .run(&self.functions().balances, customer_id, a, &Ctx::default())
             .await?;
-        let mut items = reply::array(v)?.into_iter();
-        let created_at = int(&items.next().unwrap_or(Value::Nil))?;
-        let buckets = decode_buckets(items.next().unwrap_or(Value::Nil))?;
+        let (created_at, at, buckets) = decode_balances(v)?;
+        self.note(at);
         let pools = self
             .catalog
             .features()
@@ -318,11 +404,11 @@ impl Engine for RedisEngine {
     async fn reset_due(&self, customer_id: &str) -> Result<u32, EngineError> {
         validate_id("customer_id", customer_id)?;
         let (_, now) = self.now();
-        let a = self.argv(args::header::CUSTOMER_ID, now, customer_id);
+        let a = self.argv(args::header::RETENTION, now);
         let v = self
-            .run(&self.scripts().reset_due, customer_id, a, &Ctx::default())
+            .run(&self.functions().reset_due, customer_id, a, &Ctx::default())
             .await?;
-        Ok(int(&v)? as u32)
+        Ok(int(&self.pair(v)?)? as u32)
     }
 
     /// Reads the due index slot by slot (16 leased shards of 1024 slots) and

@@ -1,70 +1,224 @@
-//! Replies into answers: the outcome and bucket views the scripts return,
-//! decoded into the same types the in-process engine gives, and script
-//! errors (`-CG <code> [detail]`) into typed errors.
+//! Replies into answers: the library's flat outcome replies and compact
+//! pool strings (lua/README.md § 6.2, § 7), decoded into the same types the
+//! in-process engine gives, and function errors (`-CG <code>[ detail]
+//! @<now>`) into typed errors and the instant they were decided at.
 
 use redis::{ErrorKind, RedisError, Value};
 
 use super::conn::unavailable;
-use crate::calendar::Interval;
+use crate::calendar::{Interval, Period, MAX_INSTANT_MS};
 use crate::error::{invalid, Cause, Code, EngineError};
 use crate::model::*;
 use crate::money::Amount;
 use crate::rules;
 
-/// Decodes an outcome reply (see `outcome_reply` in lua/lib.lua); the pools
-/// shown are those of the feature the reply names.
-pub(crate) fn decode_outcome(catalog: &Catalog, v: Value) -> Result<Outcome, EngineError> {
+/// Positions in an outcome reply (0-based).
+pub mod outcome {
+    pub const FLAGS: usize = 0;
+    pub const UNCOVERED: usize = 1;
+    pub const NOW: usize = 2;
+    pub const ENTRIES: usize = 3;
+    pub const FEATURE: usize = 4;
+    /// (pool, pool string) pairs from here to the end.
+    pub const POOLS: usize = 5;
+    pub const ALLOWED: i64 = 1;
+    pub const NO_BALANCE: i64 = 2;
+    pub const INSUFFICIENT: i64 = 4;
+    pub const REPLAYED: i64 = 8;
+}
+
+const US: char = '\x1f';
+const RS: char = '\x1e';
+const GS: char = '\x1d';
+
+/// Decodes an outcome reply; the pools shown are those the reply carries
+/// (the feature's, in deduction order). Returns the outcome (its `at` is the
+/// instant the function used).
+pub(crate) fn decode_outcome(v: Value) -> Result<Outcome, EngineError> {
+    use outcome::*;
     let items = array(v)?;
-    if items.len() != 6 {
+    if items.len() < POOLS || !(items.len() - POOLS).is_multiple_of(2) {
         return Err(bad_reply("outcome"));
     }
-    let mut it = items.into_iter();
-    let allowed = int(&it.next().unwrap_or(Value::Nil))? == 1;
-    let uncovered = amount(int(&it.next().unwrap_or(Value::Nil))?)?;
-    let flags = string(&it.next().unwrap_or(Value::Nil))?;
-    let mut entries = vec![];
-    for e in array(it.next().unwrap_or(Value::Nil))? {
-        let f = array(e)?;
-        if f.len() != 6 {
-            return Err(bad_reply("entry"));
-        }
-        let source = match string(&f[2])?.as_str() {
-            "bucket" => SourceKind::Bucket,
-            _ => SourceKind::Rollover {
-                expires_at: opt_int(&f[3])?,
-            },
-        };
-        entries.push(Entry {
-            balance_id: string(&f[0])?,
-            pool: string(&f[1])?,
-            source,
-            amount: amount(int(&f[4])?)?,
-            units: amount(int(&f[5])?)?,
-        });
+    let flags = int(&items[FLAGS])?;
+    let uncovered = amount(int(&items[UNCOVERED])?)?;
+    let at = int(&items[NOW])?;
+    let entries = decode_entries(&string(&items[ENTRIES])?)?;
+    let mut pools = vec![];
+    for pair in items[POOLS..].chunks(2) {
+        let pool = string(&pair[0])?;
+        let buckets = decode_pool(&pool, &bytes(&pair[1])?)?;
+        pools.push(rules::pool_balance(&buckets, &pool));
     }
-    let feature = string(&it.next().unwrap_or(Value::Nil))?;
-    let buckets = decode_buckets(it.next().unwrap_or(Value::Nil))?;
-    let pools = if feature.is_empty() {
-        vec![]
-    } else {
-        catalog
-            .pools_for(&feature)
-            .map(|ps| {
-                ps.iter()
-                    .map(|p| rules::pool_balance(&buckets, &p.pool))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     Ok(Outcome {
-        allowed,
+        allowed: flags & ALLOWED != 0,
         entries,
         uncovered,
-        no_balance: flags.contains('n'),
-        insufficient: flags.contains('i'),
-        replayed: flags.contains('r'),
+        no_balance: flags & NO_BALANCE != 0,
+        insufficient: flags & INSUFFICIENT != 0,
+        replayed: flags & REPLAYED != 0,
         pools,
+        at,
     })
+}
+
+/// Entries `pool \x1f balance id \x1f kind \x1f amount \x1f units`, joined by
+/// `\x1e`; kind `''` a bucket, `r` a never-expiring rollover row, `r<ms>`
+/// one that expires then.
+fn decode_entries(s: &str) -> Result<Vec<Entry>, EngineError> {
+    if s.is_empty() {
+        return Ok(vec![]);
+    }
+    s.split(RS)
+        .map(|e| {
+            let f: Vec<&str> = e.split(US).collect();
+            if f.len() != 5 {
+                return Err(bad_reply("entry"));
+            }
+            let source = match f[2] {
+                "" => SourceKind::Bucket,
+                "r" => SourceKind::Rollover { expires_at: None },
+                k => SourceKind::Rollover {
+                    expires_at: Some(
+                        k.strip_prefix('r')
+                            .and_then(|n| n.parse().ok())
+                            .ok_or_else(|| bad_reply("entry kind"))?,
+                    ),
+                },
+            };
+            Ok(Entry {
+                pool: f[0].to_string(),
+                balance_id: f[1].to_string(),
+                source,
+                amount: amount(f[3].parse().map_err(|_| bad_reply("entry amount"))?)?,
+                units: amount(f[4].parse().map_err(|_| bad_reply("entry units"))?)?,
+            })
+        })
+        .collect()
+}
+
+/// A stored integer: base 36, `-` for negatives; `None` when empty.
+fn b36(s: &[u8]) -> Result<Option<i64>, EngineError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    let text = std::str::from_utf8(digits).map_err(|_| bad_reply("base 36"))?;
+    let n = i64::from_str_radix(text, 36).map_err(|_| bad_reply("base 36"))?;
+    Ok(Some(if neg { -n } else { n }))
+}
+
+fn req(s: &[u8]) -> Result<i64, EngineError> {
+    b36(s)?.ok_or_else(|| bad_reply("missing number"))
+}
+
+fn text(s: &[u8]) -> Result<String, EngineError> {
+    String::from_utf8(s.to_vec()).map_err(|_| bad_reply("utf-8"))
+}
+
+/// Decodes a pool string (lua/README.md § 6.2): the pool's buckets in
+/// [`rules::bucket_order_key`] order, each with every field of
+/// [`Bucket`]; `seq` is the position (the stored order is the order).
+pub(crate) fn decode_pool(pool: &str, s: &[u8]) -> Result<Vec<Bucket>, EngineError> {
+    if s.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut out = vec![];
+    for (i, b) in s.split(|&c| c == RS as u8).enumerate() {
+        let f: Vec<&[u8]> = b.split(|&c| c == US as u8).collect();
+        let field = |n: usize| -> &[u8] { f.get(n - 1).copied().unwrap_or(b"") };
+        let remaining = field(1).strip_prefix(b"!").unwrap_or(field(1));
+        let code = b36(field(4))?.unwrap_or(0);
+        let interval = u8::try_from(code)
+            .ok()
+            .and_then(Interval::from_code)
+            .ok_or_else(|| bad_reply("interval"))?;
+        let interval_count =
+            u32::try_from(b36(field(5))?.unwrap_or(1)).map_err(|_| bad_reply("count"))?;
+        let anchor = b36(field(6))?.unwrap_or(0);
+        let next_reset_at = match (Period::new(interval, interval_count), b36(field(7))?) {
+            (Some(p), Some(index)) => Some(p.boundary(anchor, index).min(MAX_INSTANT_MS + 1)),
+            _ => None,
+        };
+        let flags = field(9);
+        let rollover = match field(11) {
+            b"" => None,
+            r => {
+                let parts: Vec<&[u8]> = r.split(|&c| c == b'/').collect();
+                if parts.len() != 3 {
+                    return Err(bad_reply("rollover setting"));
+                }
+                let opt_amount = |p: &[u8]| -> Result<Option<Amount>, EngineError> {
+                    b36(p)?.map(amount).transpose()
+                };
+                let length = b36(parts[2])?;
+                Some(RolloverConfig {
+                    max: opt_amount(parts[0])?,
+                    max_percentage: opt_amount(parts[1])?,
+                    duration: if length.is_some() {
+                        RolloverDuration::Month
+                    } else {
+                        RolloverDuration::Forever
+                    },
+                    length: length.map(|l| l as u32),
+                })
+            }
+        };
+        let mut rollovers = vec![];
+        if !field(13).is_empty() {
+            for row in field(13).split(|&c| c == GS as u8) {
+                let r: Vec<&[u8]> = row.split(|&c| c == b',').collect();
+                if r.len() != 3 {
+                    return Err(bad_reply("rollover row"));
+                }
+                rollovers.push(RolloverRow {
+                    expires_at: b36(r[0])?,
+                    granted: amount(req(r[1])?)?,
+                    balance: amount(req(r[2])?)?,
+                });
+            }
+        }
+        let plan = text(field(12))?;
+        out.push(Bucket {
+            id: text(field(2))?,
+            seq: i as u64,
+            pool: pool.to_string(),
+            plan_id: (!plan.is_empty()).then_some(plan),
+            granted: amount(req(field(3))?)?,
+            remaining: amount(req(remaining)?)?,
+            interval,
+            interval_count,
+            anchor,
+            next_reset_at,
+            expires_at: b36(field(8))?,
+            rollover,
+            unlimited: flags.contains(&b'u'),
+            overage_allowed: flags.contains(&b'o'),
+            overage_floor: b36(field(10))?.map(amount).transpose()?,
+            carry_debt: flags.contains(&b'd'),
+            rollovers,
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes a balances reply `{created_at, now, pool, pool string, …}` into
+/// the creation instant, the instant used and every owned pool's buckets.
+pub(crate) fn decode_balances(v: Value) -> Result<(i64, i64, Vec<Bucket>), EngineError> {
+    let items = array(v)?;
+    if items.len() < 2 || !items.len().is_multiple_of(2) {
+        return Err(bad_reply("balances"));
+    }
+    let created_at = int(&items[0])?;
+    let at = int(&items[1])?;
+    let mut buckets = vec![];
+    for pair in items[2..].chunks(2) {
+        buckets.extend(decode_pool(&string(&pair[0])?, &bytes(&pair[1])?)?);
+    }
+    Ok((created_at, at, buckets))
 }
 
 /// What a request named, to fill typed errors' details.
@@ -75,15 +229,32 @@ pub(crate) struct Ctx<'a> {
     pub lock_id: &'a str,
 }
 
-/// The fields a script's `invalid_inputs` may name (its first word).
+/// The fields a function's `invalid_inputs` may name (its first word).
 const INVALID_FIELDS: [&str; 4] = ["expires_at", "next_reset_at", "op", "argument"];
 
-/// Maps a script's reply error: `-CG <code> [detail]` (a code of
+/// A `-CG …` error's detail without its trailing ` @<now>`, and that instant.
+fn split_instant(detail: &str) -> (&str, Option<i64>) {
+    match detail.rsplit_once(" @") {
+        Some((rest, at)) if !at.is_empty() && at.bytes().all(|b| b.is_ascii_digit()) => {
+            (rest, at.parse().ok())
+        }
+        _ => (detail, None),
+    }
+}
+
+/// The instant a function error says it was decided at.
+pub(crate) fn error_instant(e: &RedisError) -> Option<i64> {
+    (e.code() == Some("CG"))
+        .then(|| split_instant(e.detail().unwrap_or("")).1)
+        .flatten()
+}
+
+/// Maps a function's reply error: `-CG <code> [detail] @<now>` (a code of
 /// [`Code::TABLE`]) to its typed error, anything else to unavailable or
 /// internal.
 pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
     if e.code() == Some("CG") {
-        let detail = e.detail().unwrap_or("");
+        let (detail, _) = split_instant(e.detail().unwrap_or(""));
         let (code, rest) = detail.split_once(' ').unwrap_or((detail, ""));
         return match Code::parse(code) {
             Some(Code::CustomerNotFound) => EngineError::CustomerNotFound,
@@ -108,7 +279,7 @@ pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
                     .unwrap_or("argument");
                 invalid(field, reason.to_string())
             }
-            _ => EngineError::Internal(Cause::msg(format!("script error: {detail}"))),
+            _ => EngineError::Internal(Cause::msg(format!("function error: {detail}"))),
         };
     }
     match e.kind() {
@@ -120,13 +291,22 @@ pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
 }
 
 fn bad_reply(what: &str) -> EngineError {
-    EngineError::Internal(Cause::msg(format!("unexpected script reply ({what})")))
+    EngineError::Internal(Cause::msg(format!("unexpected function reply ({what})")))
 }
 
 pub(crate) fn array(v: Value) -> Result<Vec<Value>, EngineError> {
     match v {
         Value::Array(a) => Ok(a),
         _ => Err(bad_reply("array")),
+    }
+}
+
+fn bytes(v: &Value) -> Result<Vec<u8>, EngineError> {
+    match v {
+        Value::BulkString(b) => Ok(b.clone()),
+        Value::SimpleString(s) => Ok(s.clone().into_bytes()),
+        Value::Nil => Ok(vec![]),
+        _ => Err(bad_reply("string")),
     }
 }
 
@@ -150,84 +330,47 @@ pub(crate) fn int(v: &Value) -> Result<i64, EngineError> {
     }
 }
 
-fn opt_int(v: &Value) -> Result<Option<i64>, EngineError> {
-    match v {
-        Value::BulkString(b) if b.is_empty() => Ok(None),
-        Value::Nil => Ok(None),
-        _ => int(v).map(Some),
-    }
-}
-
 fn amount(raw: i64) -> Result<Amount, EngineError> {
     Amount::from_raw(raw).ok_or_else(|| bad_reply("amount out of range"))
 }
 
-/// Positions in a bucket view (`bucket_view` in lua/lib.lua).
-mod view {
-    pub const ID: usize = 0;
-    pub const SEQ: usize = 1;
-    pub const POOL: usize = 2;
-    pub const PLAN_ID: usize = 3;
-    pub const GRANTED: usize = 4;
-    pub const REMAINING: usize = 5;
-    pub const INTERVAL: usize = 6;
-    pub const INTERVAL_COUNT: usize = 7;
-    pub const NEXT_RESET_AT: usize = 8;
-    pub const EXPIRES_AT: usize = 9;
-    pub const UNLIMITED: usize = 10;
-    pub const OVERAGE_ALLOWED: usize = 11;
-    /// Flat (expires_at, granted, balance) triples.
-    pub const ROLLOVERS: usize = 12;
-    pub const ANCHOR: usize = 13;
-    pub const CARRY_DEBT: usize = 14;
-    pub const LEN: usize = 15;
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Decodes bucket views (see `bucket_view` in lua/lib.lua) into buckets that
-/// [`rules::pool_balance`] can show and [`rules::retry_after_ms`] can
-/// project. Fields a view does not carry (the rollover setting, the overage
-/// floor) affect neither.
-pub(crate) fn decode_buckets(v: Value) -> Result<Vec<Bucket>, EngineError> {
-    let mut out = vec![];
-    for b in array(v)? {
-        let f = array(b)?;
-        if f.len() != view::LEN {
-            return Err(bad_reply("bucket"));
-        }
-        let rows_raw = array(f[view::ROLLOVERS].clone())?;
-        let mut rollovers = vec![];
-        for r in rows_raw.chunks(3) {
-            if r.len() != 3 {
-                return Err(bad_reply("rollover"));
-            }
-            rollovers.push(RolloverRow {
-                expires_at: opt_int(&r[0])?,
-                granted: amount(int(&r[1])?)?,
-                balance: amount(int(&r[2])?)?,
-            });
-        }
-        let plan = string(&f[view::PLAN_ID])?;
-        out.push(Bucket {
-            id: string(&f[view::ID])?,
-            seq: int(&f[view::SEQ])? as u64,
-            pool: string(&f[view::POOL])?,
-            plan_id: (!plan.is_empty()).then_some(plan),
-            granted: amount(int(&f[view::GRANTED])?)?,
-            remaining: amount(int(&f[view::REMAINING])?)?,
-            interval: string(&f[view::INTERVAL])?
-                .parse::<Interval>()
-                .map_err(|_| bad_reply("interval"))?,
-            interval_count: int(&f[view::INTERVAL_COUNT])? as u32,
-            anchor: int(&f[view::ANCHOR])?,
-            next_reset_at: opt_int(&f[view::NEXT_RESET_AT])?,
-            expires_at: opt_int(&f[view::EXPIRES_AT])?,
-            rollover: None,
-            unlimited: int(&f[view::UNLIMITED])? == 1,
-            overage_allowed: int(&f[view::OVERAGE_ALLOWED])? == 1,
-            overage_floor: None,
-            carry_debt: int(&f[view::CARRY_DEBT])? == 1,
-            rollovers,
-        });
+    #[test]
+    fn a_pool_string_decodes_into_buckets() {
+        // lua/README.md § 6.2's example.
+        let s = b"h5a8\x1fb1\x1flfls\x1f5\x1f\x1fmyc87pc0\x1f1\x1f\x1f\x1f\x1f\x1fpro\x1e!-2s\x1ftop\x1f2s\x1f\x1f\x1f\x1f\x1f\x1fod\x1f-1\x1f\x1f\x1f";
+        let b = decode_pool("api_call", s).unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].remaining.raw(), 800_000);
+        assert_eq!(b[0].granted.raw(), 1_000_000);
+        assert_eq!(b[0].interval, Interval::Month);
+        assert_eq!(b[0].anchor, 1_798_761_600_000);
+        assert_eq!(
+            b[0].next_reset_at,
+            Some(crate::calendar::ms_of(2027, 2, 1, 0, 0))
+        );
+        assert_eq!(b[0].plan_id.as_deref(), Some("pro"));
+        assert_eq!(b[1].remaining.raw(), -100);
+        assert!(b[1].overage_allowed && b[1].carry_debt && !b[1].unlimited);
+        assert_eq!(b[1].overage_floor.map(|f| f.raw()), Some(-1));
+        assert_eq!(b[1].seq, 1);
     }
-    Ok(out)
+
+    #[test]
+    fn errors_carry_their_instant() {
+        assert_eq!(
+            split_instant("invalid_inputs expires_at must be in the future @1798761600000"),
+            (
+                "invalid_inputs expires_at must be in the future",
+                Some(1_798_761_600_000)
+            )
+        );
+        assert_eq!(
+            split_instant("customer_not_found"),
+            ("customer_not_found", None)
+        );
+    }
 }

@@ -13,7 +13,7 @@ use crate::error::{Cause, EngineError};
 /// The due index is swept in this many shards of consecutive slots, each
 /// under its own lease, so several sidecars share the work.
 pub const SWEEP_SHARDS: usize = 16;
-/// Reset scripts a sweep keeps in flight at once.
+/// Reset calls a sweep keeps in flight at once.
 const SWEEP_CONCURRENCY: usize = 32;
 /// How long a sweeper keeps a shard's lease (ms).
 pub const SWEEP_LEASE_MS: u64 = 30_000;
@@ -23,16 +23,20 @@ const SWEEP_BATCH: usize = 100;
 const SWEEP_PIPELINE: usize = 256;
 
 impl RedisEngine {
-    /// `reset_due` for the sweeper: an index entry whose customer is gone is
-    /// dropped rather than failing the sweep.
-    async fn sweep_one(&self, customer: &str) -> Result<u32, EngineError> {
-        match self.reset_due(customer).await {
+    /// `reset_due` for the sweeper, on an index member (the customer's tag):
+    /// an entry whose customer is gone is dropped rather than failing the
+    /// sweep.
+    async fn sweep_one(&self, due_key: &str, tag: &str) -> Result<u32, EngineError> {
+        let found = match keys::unescape(tag) {
+            Some(customer) => self.reset_due(&customer).await,
+            None => Err(EngineError::CustomerNotFound),
+        };
+        match found {
             Err(EngineError::CustomerNotFound) | Err(EngineError::InvalidInput { .. }) => {
-                let k = self.keys(customer);
                 let mut conn = self.conn.clone();
                 redis::cmd("ZREM")
-                    .arg(&k.due)
-                    .arg(customer)
+                    .arg(due_key)
+                    .arg(tag)
                     .query_async::<()>(&mut conn)
                     .await
                     .map_err(unavailable)?;
@@ -47,15 +51,15 @@ impl RedisEngine {
     }
 
     /// Takes (or, if this sweeper already holds it, renews) a shard's lease:
-    /// one atomic script on the lease key alone, so it is cluster-safe. A
+    /// one atomic function (`lease`) on the lease key alone, so it is cluster-safe. A
     /// sweeper that dies mid-shard simply stops renewing: its lease lapses
     /// after [`SWEEP_LEASE_MS`] and the next sweep, anyone's, takes the shard.
     async fn lease(&self, shard: usize) -> Result<bool, EngineError> {
         let key = self.lease_key(shard);
         let took = self
-            .scripts
-            .eval(
-                &self.scripts.scripts.lease_take,
+            .library
+            .fcall(
+                &self.library.functions.lease,
                 &[&key],
                 &[self.sweeper_id.clone(), SWEEP_LEASE_MS.to_string()],
             )
@@ -68,9 +72,9 @@ impl RedisEngine {
     /// sweep need not wait for it to lapse.
     async fn release_lease(&self, shard: usize) -> Result<(), EngineError> {
         let key = self.lease_key(shard);
-        self.scripts
-            .eval(
-                &self.scripts.scripts.lease_release,
+        self.library
+            .fcall(
+                &self.library.functions.release,
                 &[&key],
                 std::slice::from_ref(&self.sweeper_id),
             )
@@ -82,7 +86,11 @@ impl RedisEngine {
     /// The customers due at or before `now` in the due-index keys `keys`:
     /// one pipelined round trip on a standalone server; on a cluster (where a
     /// pipeline may not cross slots) one concurrent query per key.
-    async fn due_members(&self, keys: &[String], now: i64) -> Result<Vec<String>, EngineError> {
+    async fn due_members(
+        &self,
+        keys: &[String],
+        now: i64,
+    ) -> Result<Vec<(String, String)>, EngineError> {
         let query = |k: &str| {
             let mut c = redis::cmd("ZRANGEBYSCORE");
             c.arg(k)
@@ -99,12 +107,18 @@ impl RedisEngine {
             for k in keys {
                 let cmd = query(k);
                 let mut conn = conn.clone();
-                tasks.spawn(async move { cmd.query_async::<Vec<String>>(&mut conn).await });
+                let k = k.clone();
+                tasks.spawn(async move {
+                    cmd.query_async::<Vec<String>>(&mut conn)
+                        .await
+                        .map(|m| (k, m))
+                });
             }
             let mut out = vec![];
             while let Some(r) = tasks.join_next().await {
                 let r = r.map_err(|e| EngineError::Internal(Cause::new(e)))?;
-                out.extend(r.map_err(unavailable)?);
+                let (k, members) = r.map_err(unavailable)?;
+                out.extend(members.into_iter().map(|m| (k.clone(), m)));
             }
             return Ok(out);
         }
@@ -113,12 +127,16 @@ impl RedisEngine {
             pipe.add_command(query(k));
         }
         let found: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        Ok(found.into_iter().flatten().collect())
+        Ok(keys
+            .iter()
+            .zip(found)
+            .flat_map(|(k, ms)| ms.into_iter().map(move |m| (k.clone(), m)))
+            .collect())
     }
 
     /// Reads the due index slot by slot (16 leased shards of 1024 slots) and
     /// applies `reset_due` to every customer due now. A customer's entry moves
-    /// to its next due instant in the same script, so it is swept once.
+    /// to its next due instant in the same call, so it is swept once.
     pub(super) async fn sweep(&self) -> Result<SweepReport, EngineError> {
         let mut report = SweepReport::default();
         let tags = keys::slot_tags();
@@ -145,21 +163,21 @@ impl RedisEngine {
                     let due = self.due_members(chunk, now).await?;
                     // Every entry swept moves past `now`; one that did not
                     // (it cannot, but never loop on it) waits for the next sweep.
-                    let due: Vec<String> = due
+                    let due: Vec<(String, String)> = due
                         .into_iter()
                         .filter(|c| swept.insert(c.clone()))
                         .collect();
                     if due.is_empty() {
                         break;
                     }
-                    // Each reset is its own short script; several in flight
+                    // Each reset is its own short call; several in flight
                     // share the multiplexed connection.
                     type Reset<'a> = std::pin::Pin<
                         Box<dyn std::future::Future<Output = Result<u32, EngineError>> + Send + 'a>,
                     >;
                     let resets: Vec<Reset<'_>> = due
                         .iter()
-                        .map(|c| Box::pin(self.sweep_one(c)) as Reset<'_>)
+                        .map(|(k, c)| Box::pin(self.sweep_one(k, c)) as Reset<'_>)
                         .collect();
                     let results: Vec<Result<u32, EngineError>> = futures_util::stream::iter(resets)
                         .buffer_unordered(SWEEP_CONCURRENCY)
