@@ -25,7 +25,7 @@ pub const MAX_INSTANT_MS: i64 = 253_402_300_799_999;
 #[repr(u8)]
 pub enum Interval {
     // The discriminants are the codes stored in Redis (`lua/grant.lua`,
-    // `make_period` in `lua/lib.lua`): never renumber them.
+    // `make_period` in `lua/creditgate.lua`): never renumber them.
     OneOff = 0,
     Minute = 1,
     Hour = 2,

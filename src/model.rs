@@ -843,7 +843,7 @@ impl Op {
     }
 
     /// Every check of the request that needs no clock (ids, signs,
-    /// instants in range). The Redis engine runs this before its script,
+    /// instants in range). The Redis engine runs this before its function,
     /// which checks the rest against its own `now`.
     pub fn validate_shape(&self) -> Result<(), EngineError> {
         match self {

@@ -2,7 +2,7 @@
 //! deduction passes, refunds, lazy resets with rollover, lock release and
 //! idempotency. Everything here is pure: a customer's state, the catalog and an
 //! instant in, a new state and an answer out. The in-process engine runs these
-//! functions directly; `lua/lib.lua` is their line-by-line twin, and the
+//! functions directly; `lua/creditgate.lua` is their line-by-line twin, and the
 //! differential test holds the two to identical answers.
 
 use crate::calendar::{add_months, Period, MAX_INSTANT_MS};

@@ -29,9 +29,10 @@ pub struct Backend {
 /// - No `redis_url` / `redis_cluster`: the in-process [`MemoryEngine`]
 ///   (always ready, [`MemoryLockIndex`]); the caller warns loudly that
 ///   balances live only in this process.
-/// - `redis_url` or `redis_cluster`: the [`RedisEngine`], whose scripts read
-///   Redis `TIME` so every sidecar shares one clock; its readiness pings the
-///   store and (re)loads the scripts; its lock index is a Redis key per lock.
+/// - `redis_url` or `redis_cluster`: the [`RedisEngine`], whose functions read
+///   Redis `TIME` so every sidecar shares one clock; its readiness probes the
+///   library on every primary (reloading it where lost); its lock index is a
+///   Redis key per lock; data of another storage layout is refused.
 ///   A store that cannot be reached, or that may evict balances, is an error
 ///   naming the key, before any port is bound.
 pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Backend, ConfigError> {

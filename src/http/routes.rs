@@ -481,7 +481,7 @@ pub struct Ready {
     pub ready: bool,
 }
 
-/// Store reachable and scripts loaded: 200, else 503.
+/// Store reachable and its code (the Redis library) loaded: 200, else 503.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 pub async fn readyz(State(s): State<AppState>) -> Response {
     let ready = s.readiness.ready().await;

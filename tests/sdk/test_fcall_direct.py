@@ -137,7 +137,7 @@ def test_fcall_and_http_see_the_same_balances(r):
     assert direct()["thirds"] == Decimal("9.6666") == over_http()["thirds"]
 
     # consume by FCALL: 2.5 thirds cost ceil(2.5 x 0.333333 x 10^4) = 8334.
-    out = fcall("consume", "", "", "third", "25000", "third", "1000000", "thirds", "333333")
+    out = fcall("consume", "", "", "", "third", "25000", "third", "1000000", "thirds", "333333")
     flags, uncovered, at, entries = out[0], out[1], out[2], out[3]
     assert (flags & 1, uncovered) == (1, 0)
     assert entries == f"thirds{US}b1{US}{US}8334{US}25000"
@@ -163,9 +163,9 @@ def test_fcall_and_http_see_the_same_balances(r):
     fits = fcall("check", "", "", "action1", "4955000", "action1", "1000000", "ai_credits", "200000")
     assert fits[0] & 1 == 1 and fits[1] == 0
     short = fcall("check", "", "", "action1", "4955001", "action1", "1000000", "ai_credits", "200000")
-    assert short[0] & 1 == 0 and short[1] == 4955001
+    assert short[0] & 1 == 0 and short[1] == 1  # one unit uncovered
     assert over_http() == direct() == {"thirds": Decimal("8.8332"), "ai_credits": Decimal("99.1")}
 
     # Errors carry their code and the instant: -CG <code> @<now>.
     with pytest.raises(redis.ResponseError, match=r"^CG feature_not_found @\d+$"):
-        fcall("consume", "", "", "nope", "10000")
+        fcall("consume", "", "", "", "nope", "10000")
