@@ -217,7 +217,7 @@ fi
 min_sha="$(cli SCRIPT LOAD "$(cat "$BASELINE")")"
 cli HSET '{cus_min}:credits' monthly 100000000000000 oneoff 100000000000000 >/dev/null
 declare -A CG1
-for op in create_customer grant check apply balances reset_due; do
+for op in create_customer grant check apply reset_due; do
   CG1[$op]="$(cli SCRIPT LOAD "$(cat tests/fixtures/cg1/lib.lua "tests/fixtures/cg1/$op.lua")")"
 done
 
@@ -369,9 +369,10 @@ for i in range(D):
     chk = [str(now), "86400000", "86400000", cid, "action1", "10000", "2", "action1", "1000000", "credits", "200000"]
     if L == "cg2":
         print("\t".join(["FCALL", "cg2_v1_create_customer", "1", k, str(T0)]))
-        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + k2 + h2 + g1[4:]))
-        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + k2 + h2 + g2[4:]))
-        calls.write("\t".join(["FCALL", "cg2_v1_check", "3"] + ks + chk) + "\n")
+        h2 = [ks[0], ks[2], str(T0), ""]
+        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + h2 + g1[4:]))
+        print("\t".join(["FCALL", "cg2_v1_grant", "2"] + h2 + g2[4:]))
+        calls.write("\t".join(["FCALL", "cg2_v1_check", "2", ks[0], ks[2], str(now), "", "action1", "10000", "action1", "1000000", "credits", "200000"]) + "\n")
     else:
         print("\t".join(["EVALSHA", sha_c, "1", k, str(T0)]))
         print("\t".join(["EVALSHA", sha_g, "3"] + ks + g1))

@@ -1,7 +1,7 @@
-//! The Redis engine on a real three-master Redis Cluster: every script stays
+//! The Redis engine on a real three-master Redis Cluster: every function call stays
 //! in one slot (customers spread over the nodes, each with its due index on
-//! its own node), scripts load on first use on each node, and answers match
-//! the in-process engine's.
+//! its own node), the library is on every primary (and reloaded on a node
+//! that lost it), and answers match the in-process engine's.
 
 mod common;
 
@@ -84,5 +84,31 @@ async fn cluster_answers_like_memory() {
     assert_eq!(red.sweep_due().await.unwrap().customers_swept, 0);
     for c in &customers {
         assert_eq!(mem.balances(c).await, red.balances(c).await);
+    }
+    // A node that lost the library (FUNCTION FLUSH, a restart without
+    // persistence): the next call on it loads it there and succeeds, and
+    // readiness puts it back on every primary.
+    let cli = |port: u16, args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let name = creditgate::engine::redis::LIBRARY_NAME;
+    let c = &customers[0];
+    let node = cluster.node_for(&red.keys(c).customer);
+    assert_eq!(cli(node, &["FUNCTION", "FLUSH"]).trim(), "OK");
+    assert!(!cli(node, &["FUNCTION", "LIST"]).contains(name));
+    assert_eq!(mem.balances(c).await, red.balances(c).await);
+    assert!(cli(node, &["FUNCTION", "LIST"]).contains(name));
+    for &port in &cluster.ports {
+        assert_eq!(cli(port, &["FUNCTION", "FLUSH"]).trim(), "OK");
+    }
+    use creditgate::engine::Readiness;
+    assert!(red.readiness().ready().await);
+    for &port in &cluster.ports {
+        assert!(cli(port, &["FUNCTION", "LIST"]).contains(name), "{port}");
     }
 }
