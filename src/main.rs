@@ -82,6 +82,9 @@ async fn load(
         ExitCode::from(2)
     })?;
     init_logging(config.log_format);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let (state, in_process) = creditgate::server::state_from_config(&config)
         .await
         .map_err(|e| {

@@ -51,12 +51,14 @@ pub enum FeatureType {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreditSchemaItem {
     pub metered_feature_id: String,
     pub credit_cost: Cost,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FeatureDef {
     pub id: String,
     #[serde(default, rename = "type")]
@@ -187,6 +189,7 @@ pub enum RolloverDuration {
 
 /// A bucket's rollover setting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RolloverConfig {
     /// Cap on the bucket's live rollovers, in the pool's units.
     #[serde(default)]
