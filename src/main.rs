@@ -59,11 +59,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr: as text, coloured only when stderr is a terminal (a
+/// file or a pipe gets plain text), or as JSON lines.
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -147,12 +151,22 @@ async fn serve(path: PathBuf) -> ExitCode {
     }
 }
 
-/// `creditgate reset-due`: one sweep, for cron.
+/// `creditgate reset-due`: one sweep, for cron. Without Redis there is
+/// nothing to sweep (balances live only inside a serving process, whose own
+/// task sweeps them): says so and fails.
 async fn reset_due(path: PathBuf) -> ExitCode {
-    let (_, state, _) = match load(&path).await {
+    let (_, state, in_process) = match load(&path).await {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    if in_process {
+        eprintln!(
+            "creditgate: reset-due: nothing to sweep: no redis_url or redis_cluster is configured, \
+             so balances live only inside a serving process (`creditgate serve` sweeps its own \
+             every reset_interval_secs)"
+        );
+        return ExitCode::FAILURE;
+    }
     match creditgate::sweeper::sweep_once(state.engine().as_ref(), &state.metrics).await {
         Ok((r, took)) => {
             println!(
