@@ -93,16 +93,31 @@ pub async fn state_from_config(config: &Config) -> Result<(AppState, bool), Conf
     Ok((state, backend.in_process))
 }
 
+/// How often the metrics' histograms fold their pending samples into buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// Serves the API on `listener` until `shutdown` resolves, then stops
-/// accepting and finishes in-flight requests before returning.
+/// accepting and finishes in-flight requests before returning. Runs the
+/// metrics' upkeep meanwhile.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, http::app(state))
+    let metrics = state.metrics.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(METRICS_UPKEEP);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            metrics.upkeep();
+        }
+    });
+    let served = axum::serve(listener, http::app(state))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    upkeep.abort();
+    served
 }
 
 /// Resolves on SIGINT or SIGTERM.
