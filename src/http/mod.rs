@@ -8,6 +8,7 @@ pub mod gate;
 pub mod json;
 pub mod openapi;
 pub mod routes;
+pub mod serve;
 pub mod views;
 
 use std::sync::Arc;
