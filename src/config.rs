@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_BYTES};
+use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_CHARS};
 use crate::money::Amount;
 
 /// The prefix of every environment override.
@@ -367,10 +367,10 @@ impl Config {
             }
             for i in 0..plan.items.len() {
                 let key = format!("plans[{p}].items[{i}]");
-                if plan.balance_id(i).len() > MAX_ID_BYTES {
+                if plan.balance_id(i).chars().count() > MAX_ID_CHARS {
                     return Err(ConfigError::new(
                         key,
-                        "plan id and feature id together must fit in a 256-byte balance id",
+                        "plan id and feature id together must fit in a 256-character balance id",
                     ));
                 }
                 let grant = plan.grant(i);
