@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_BYTES};
+use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_CHARS};
 use crate::money::Amount;
 
 /// The prefix of every environment override.
@@ -98,6 +98,12 @@ struct RawConfig {
     accept_eviction: bool,
     #[serde(default = "default_redis_timeout")]
     redis_timeout_ms: u64,
+    #[serde(default = "default_header_timeout")]
+    http_header_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout")]
+    http_idle_timeout_ms: u64,
+    #[serde(default)]
+    max_connections: Option<u64>,
     #[serde(default)]
     features: Vec<FeatureDef>,
     #[serde(default)]
@@ -122,6 +128,14 @@ fn default_redis_timeout() -> u64 {
     2000
 }
 
+fn default_header_timeout() -> u64 {
+    10_000
+}
+
+fn default_idle_timeout() -> u64 {
+    75_000
+}
+
 /// The kinds of the top-level settings, for parsing environment overrides.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -144,6 +158,9 @@ const TOP_LEVEL: &[(&str, Kind)] = &[
     ("reset_interval_secs", Kind::Int),
     ("accept_eviction", Kind::Bool),
     ("redis_timeout_ms", Kind::Int),
+    ("http_header_timeout_ms", Kind::Int),
+    ("http_idle_timeout_ms", Kind::Int),
+    ("max_connections", Kind::Int),
 ];
 
 /// The validated configuration.
@@ -169,6 +186,12 @@ pub struct Config {
     /// Bound on connecting to Redis and on each reply; past it a request
     /// answers 503 `store_unavailable` instead of hanging.
     pub redis_timeout_ms: u64,
+    /// A client must send a request's headers within this (ms).
+    pub http_header_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this (ms).
+    pub http_idle_timeout_ms: u64,
+    /// Open connections at most; `None`: the open-file limit less a reserve.
+    pub max_connections: Option<u64>,
     pub catalog: Arc<Catalog>,
     pub plans: Vec<Plan>,
     /// The forward-auth gate (`/v1/gate`).
@@ -307,6 +330,17 @@ impl Config {
                 "must be between 1 and 60000",
             ));
         }
+        for (key, v) in [
+            ("http_header_timeout_ms", raw.http_header_timeout_ms),
+            ("http_idle_timeout_ms", raw.http_idle_timeout_ms),
+        ] {
+            if v == 0 || v > 3_600_000 {
+                return Err(ConfigError::new(key, "must be between 1 and 3600000"));
+            }
+        }
+        if raw.max_connections == Some(0) {
+            return Err(ConfigError::new("max_connections", "must be at least 1"));
+        }
         if raw.reset_interval_secs == 0 || raw.reset_interval_secs > 24 * 3600 {
             return Err(ConfigError::new(
                 "reset_interval_secs",
@@ -333,10 +367,10 @@ impl Config {
             }
             for i in 0..plan.items.len() {
                 let key = format!("plans[{p}].items[{i}]");
-                if plan.balance_id(i).len() > MAX_ID_BYTES {
+                if plan.balance_id(i).chars().count() > MAX_ID_CHARS {
                     return Err(ConfigError::new(
                         key,
-                        "plan id and feature id together must fit in a 256-byte balance id",
+                        "plan id and feature id together must fit in a 256-character balance id",
                     ));
                 }
                 let grant = plan.grant(i);
@@ -358,6 +392,9 @@ impl Config {
             reset_interval_secs: raw.reset_interval_secs,
             accept_eviction: raw.accept_eviction,
             redis_timeout_ms: raw.redis_timeout_ms,
+            http_header_timeout_ms: raw.http_header_timeout_ms,
+            http_idle_timeout_ms: raw.http_idle_timeout_ms,
+            max_connections: raw.max_connections,
             catalog: Arc::new(catalog),
             plans: raw.plans,
             gate,
