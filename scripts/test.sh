@@ -87,7 +87,7 @@ if grep -q "test result: FAILED" "$log"; then exit 1; fi
 
 # The client tests reuse that binary instead of building their own.
 export CREDITGATE_BIN="$bin"
-for client_test in tests/sdk/run.sh tests/nginx/run.sh; do
+for client_test in tests/sdk/run.sh tests/nginx/run.sh tests/fuzz/run.sh; do
   if [ ! -f "$client_test" ]; then
     echo "$client_test is missing" >&2
     exit 1
