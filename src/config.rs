@@ -20,7 +20,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::Deserialize;
 
-use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_BYTES};
+use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_CHARS};
 use crate::money::Amount;
 
 /// The prefix of every environment override.
@@ -145,6 +145,12 @@ struct RawConfig {
     accept_eviction: bool,
     #[serde(deserialize_with = "env_int")]
     redis_timeout_ms: u64,
+    #[serde(deserialize_with = "env_int")]
+    http_header_timeout_ms: u64,
+    #[serde(deserialize_with = "env_int")]
+    http_idle_timeout_ms: u64,
+    #[serde(deserialize_with = "env_int_opt")]
+    max_connections: Option<u64>,
     features: Vec<FeatureDef>,
     plans: Vec<Plan>,
     gate: RawGate,
@@ -165,6 +171,9 @@ impl Default for RawConfig {
             reset_interval_secs: 60,
             accept_eviction: false,
             redis_timeout_ms: 2000,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 75_000,
+            max_connections: None,
             features: vec![],
             plans: vec![],
             gate: RawGate::default(),
@@ -197,6 +206,11 @@ fn env_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 /// A boolean: TOML `true`/`false`, or (from the environment) `true`, `false`,
 /// `1` or `0`.
+/// An optional whole number (see [`env_int`]).
+fn env_int_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    env_int(d).map(Some)
+}
+
 fn env_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     struct V;
     impl serde::de::Visitor<'_> for V {
@@ -440,6 +454,12 @@ pub struct Config {
     /// Bound on connecting to Redis and on each reply; past it a request
     /// answers 503 `store_unavailable` instead of hanging.
     pub redis_timeout_ms: u64,
+    /// A client must send a request's headers within this (ms).
+    pub http_header_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this (ms).
+    pub http_idle_timeout_ms: u64,
+    /// Open connections at most; `None`: the open-file limit less a reserve.
+    pub max_connections: Option<u64>,
     pub catalog: Arc<Catalog>,
     pub plans: Vec<Plan>,
     /// The forward-auth gate (`/v1/gate`).
@@ -543,6 +563,17 @@ impl Config {
                 "must be between 1 and 60000",
             ));
         }
+        for (key, v) in [
+            ("http_header_timeout_ms", raw.http_header_timeout_ms),
+            ("http_idle_timeout_ms", raw.http_idle_timeout_ms),
+        ] {
+            if v == 0 || v > 3_600_000 {
+                return Err(ConfigError::new(key, "must be between 1 and 3600000"));
+            }
+        }
+        if raw.max_connections == Some(0) {
+            return Err(ConfigError::new("max_connections", "must be at least 1"));
+        }
         if raw.reset_interval_secs == 0 || raw.reset_interval_secs > 24 * 3600 {
             return Err(ConfigError::new(
                 "reset_interval_secs",
@@ -569,10 +600,10 @@ impl Config {
             }
             for i in 0..plan.items.len() {
                 let key = format!("plans[{p}].items[{i}]");
-                if plan.balance_id(i).len() > MAX_ID_BYTES {
+                if plan.balance_id(i).chars().count() > MAX_ID_CHARS {
                     return Err(ConfigError::new(
                         key,
-                        "plan id and feature id together must fit in a 256-byte balance id",
+                        "plan id and feature id together must fit in a 256-character balance id",
                     ));
                 }
                 let grant = plan.grant(i);
@@ -594,6 +625,9 @@ impl Config {
             reset_interval_secs: raw.reset_interval_secs,
             accept_eviction: raw.accept_eviction,
             redis_timeout_ms: raw.redis_timeout_ms,
+            http_header_timeout_ms: raw.http_header_timeout_ms,
+            http_idle_timeout_ms: raw.http_idle_timeout_ms,
+            max_connections: raw.max_connections,
             catalog: Arc::new(catalog),
             plans: raw.plans,
             gate,

@@ -140,7 +140,15 @@ async fn serve(path: PathBuf) -> ExitCode {
         std::time::Duration::from_secs(config.reset_interval_secs),
         stopped(stop_rx.clone()),
     ));
-    let served = creditgate::server::run(listener, state, stopped(stop_rx)).await;
+    let limits = creditgate::server::conn_limits(&config);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        header_timeout_ms = limits.header_read_timeout.as_millis() as u64,
+        idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
+        "connection limits"
+    );
+    let served =
+        creditgate::server::run_with_limits(listener, state, limits, stopped(stop_rx)).await;
     let _ = sweeper.await;
     match served {
         Ok(()) => ExitCode::SUCCESS,

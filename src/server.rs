@@ -11,6 +11,7 @@ use crate::engine::redis::{RedisOptions, RedisTarget, Tls};
 use crate::engine::{
     AlwaysReady, Engine, LockIndex, MemoryEngine, MemoryLockIndex, Readiness, RedisEngine,
 };
+use crate::http::serve::{self, ConnLimits};
 use crate::http::{self, AppState};
 use crate::model::Retention;
 
@@ -104,6 +105,17 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let limits = ConnLimits::for_open_files(serve::raise_open_file_limit());
+    run_with_limits(listener, state, limits, shutdown).await
+}
+
+/// [`run`] under explicit connection limits.
+pub async fn run_with_limits(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let metrics = state.metrics.clone();
     let upkeep = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(METRICS_UPKEEP);
@@ -113,11 +125,26 @@ pub async fn run(
             metrics.upkeep();
         }
     });
-    let served = axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let served = serve::serve(listener, http::app(state), limits, shutdown).await;
     upkeep.abort();
     served
+}
+
+/// The connection limits a configuration asks for, under the open-file
+/// limit (raised to the hard limit first): the cap is `max_connections`
+/// if given, but never above the open-file limit less a reserve.
+pub fn conn_limits(config: &Config) -> ConnLimits {
+    let open_files = serve::raise_open_file_limit();
+    let defaults = ConnLimits::for_open_files(open_files);
+    ConnLimits {
+        header_read_timeout: Duration::from_millis(config.http_header_timeout_ms),
+        idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
+        max_connections: config
+            .max_connections
+            .map_or(defaults.max_connections, |m| {
+                (m as usize).min(defaults.max_connections)
+            }),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

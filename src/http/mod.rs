@@ -8,6 +8,7 @@ pub mod gate;
 pub mod json;
 pub mod openapi;
 pub mod routes;
+pub mod serve;
 pub mod views;
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, on, post};
 use axum::Router;
 
 use crate::clock::Clock;
@@ -192,8 +193,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/track", post(routes::track))
         .route("/v1/events", post(routes::track))
         .route("/v1/balances.finalize", post(routes::finalize))
-        .route("/v1/gate", any(gate::gate))
-        .route("/v1/gate/{*path}", any(gate::gate))
+        .route("/v1/gate", on(gate::METHODS, gate::gate))
+        .route("/v1/gate/{*path}", on(gate::METHODS, gate::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(admin)
