@@ -1,29 +1,43 @@
 //! The sidecar's configuration: a TOML file plus `CREDITGATE_*` environment
 //! overrides for every top-level setting.
 //!
-//! Parsing is a pure function of the file's text and a map of environment
-//! variables ([`Config::parse`]), so tests pass a map instead of touching the
-//! process environment. Every error names the key it is about, and is found
-//! before a port is bound.
+//! Layering is [`figment`]'s: defaults (the serde defaults of the file's
+//! shape) ← the file ← `CREDITGATE_*` variables. Parsing is a pure function
+//! of the file's text and a map of environment variables ([`Config::parse`]),
+//! so tests pass a map instead of touching the process environment. Every
+//! error names the key it is about (its path, e.g. `features[2].credit_shema`,
+//! or the variable, e.g. `CREDITGATE_REDIS_TIMEOUT_MS`; a TOML syntax error
+//! its line and column), and is found before a port is bound. A
+//! `CREDITGATE_*` variable that names no key is not an error (scripts set
+//! their own) but a [`ConfigWarning`] the caller logs.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::Deserialize;
 
-use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_BYTES};
+use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_CHARS};
 use crate::money::Amount;
 
 /// The prefix of every environment override.
 pub const ENV_PREFIX: &str = "CREDITGATE_";
 
+/// Top-level keys that come from the file only.
+const FILE_ONLY: [&str; 3] = ["features", "plans", "gate"];
+
 /// A configuration error: the key it is about and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The key's path (`features[2].credit_schema`), the environment
+    /// variable (`CREDITGATE_LISTEN`), or `(file)` for the file as a whole.
     pub key: String,
     pub message: String,
+    /// Line and column (1-based) of a TOML syntax error.
+    pub at: Option<(usize, usize)>,
 }
 
 impl ConfigError {
@@ -31,17 +45,52 @@ impl ConfigError {
         ConfigError {
             key: key.into(),
             message: message.into(),
+            at: None,
         }
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "configuration key `{}`: {}", self.key, self.message)
+        match self.at {
+            Some((line, column)) => write!(
+                f,
+                "configuration file line {line}, column {column}: {}",
+                self.message
+            ),
+            None if self.key == FILE_KEY => write!(f, "configuration file: {}", self.message),
+            None => write!(f, "configuration key `{}`: {}", self.key, self.message),
+        }
     }
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The key of an error about the file as a whole.
+const FILE_KEY: &str = "(file)";
+
+/// Something in the environment that is not an error but is probably a
+/// mistake: a `CREDITGATE_*` variable that names no configuration key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub variable: String,
+    /// The variable of the nearest key, when one is close.
+    pub did_you_mean: Option<String>,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "environment variable {} names no configuration key and is ignored",
+            self.variable
+        )?;
+        if let Some(close) = &self.did_you_mean {
+            write!(f, "; did you mean {close}?")?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -70,81 +119,317 @@ impl DeployEnv {
     }
 }
 
-/// The file as written (before validation).
+/// The file as written (before validation). Its fields are the top-level
+/// keys, and so the `CREDITGATE_*` variables: an environment value is a
+/// string, which the `env_*` readers of the non-string settings accept
+/// besides their TOML type.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 struct RawConfig {
-    #[serde(default = "default_listen")]
     listen: String,
-    #[serde(default)]
     redis_url: Option<String>,
-    #[serde(default)]
+    #[serde(deserialize_with = "env_list::optional")]
     redis_cluster: Option<Vec<String>>,
-    #[serde(default)]
     redis_ca_file: Option<String>,
-    #[serde(default)]
+    #[serde(deserialize_with = "env_list::required")]
     api_keys: Vec<String>,
-    #[serde(default)]
+    #[serde(deserialize_with = "env_list::required")]
     admin_keys: Vec<String>,
-    #[serde(default)]
     log_format: LogFormat,
-    #[serde(default = "default_idempotency_ttl")]
+    #[serde(deserialize_with = "env_int")]
     idempotency_ttl_secs: u64,
-    #[serde(default)]
     env: DeployEnv,
-    #[serde(default = "default_reset_interval")]
+    #[serde(deserialize_with = "env_int")]
     reset_interval_secs: u64,
-    #[serde(default)]
+    #[serde(deserialize_with = "env_bool")]
     accept_eviction: bool,
-    #[serde(default = "default_redis_timeout")]
+    #[serde(deserialize_with = "env_int")]
     redis_timeout_ms: u64,
-    #[serde(default)]
+    #[serde(deserialize_with = "env_int")]
+    http_header_timeout_ms: u64,
+    #[serde(deserialize_with = "env_int")]
+    http_idle_timeout_ms: u64,
+    #[serde(deserialize_with = "env_int_opt")]
+    max_connections: Option<u64>,
     features: Vec<FeatureDef>,
-    #[serde(default)]
     plans: Vec<Plan>,
-    #[serde(default)]
     gate: RawGate,
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:8080".into()
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            listen: "127.0.0.1:8080".into(),
+            redis_url: None,
+            redis_cluster: None,
+            redis_ca_file: None,
+            api_keys: vec![],
+            admin_keys: vec![],
+            log_format: LogFormat::Text,
+            idempotency_ttl_secs: 24 * 3600,
+            env: DeployEnv::Live,
+            reset_interval_secs: 60,
+            accept_eviction: false,
+            redis_timeout_ms: 2000,
+            http_header_timeout_ms: 10_000,
+            http_idle_timeout_ms: 75_000,
+            max_connections: None,
+            features: vec![],
+            plans: vec![],
+            gate: RawGate::default(),
+        }
+    }
 }
 
-fn default_idempotency_ttl() -> u64 {
-    24 * 3600
+/// A whole number: a TOML integer, or (from the environment) its digits.
+fn env_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a whole number")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom("must be a whole number, not negative"))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+            v.trim()
+                .parse()
+                .map_err(|_| E::custom(format!("must be a whole number, not {v:?}")))
+        }
+    }
+    d.deserialize_any(V)
 }
 
-fn default_reset_interval() -> u64 {
-    60
+/// A boolean: TOML `true`/`false`, or (from the environment) `true`, `false`,
+/// `1` or `0`.
+/// An optional whole number (see [`env_int`]).
+fn env_int_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    env_int(d).map(Some)
 }
 
-fn default_redis_timeout() -> u64 {
-    2000
+fn env_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = bool;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("true or false")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+            match v.trim() {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(E::custom(format!(
+                    "must be true or false (or 1 or 0), not {v:?}"
+                ))),
+            }
+        }
+    }
+    d.deserialize_any(V)
 }
 
-/// The kinds of the top-level settings, for parsing environment overrides.
-#[derive(Clone, Copy)]
-enum Kind {
-    Str,
-    List,
-    Int,
-    Bool,
+/// A list of strings: a TOML array, or (from the environment) one string of
+/// comma-separated items (blank items dropped).
+mod env_list {
+    use std::fmt;
+
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::Deserializer;
+
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of strings (comma-separated in the environment)")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(item) = seq.next_element::<String>()? {
+                out.push(item);
+            }
+            Ok(out)
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect())
+        }
+    }
+
+    pub fn required<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_any(V)
+    }
+
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        d.deserialize_any(V).map(Some)
+    }
 }
 
-const TOP_LEVEL: &[(&str, Kind)] = &[
-    ("listen", Kind::Str),
-    ("redis_url", Kind::Str),
-    ("redis_cluster", Kind::List),
-    ("redis_ca_file", Kind::Str),
-    ("api_keys", Kind::List),
-    ("admin_keys", Kind::List),
-    ("log_format", Kind::Str),
-    ("idempotency_ttl_secs", Kind::Int),
-    ("env", Kind::Str),
-    ("reset_interval_secs", Kind::Int),
-    ("accept_eviction", Kind::Bool),
-    ("redis_timeout_ms", Kind::Int),
-];
+/// The field names of a struct's `Deserialize` (what serde's derive passes
+/// to `deserialize_struct`): the top-level keys, read from [`RawConfig`]
+/// itself rather than repeated in a list.
+fn struct_fields<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor};
+    use serde::forward_to_deserialize_any;
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Error::custom("probed"))
+        }
+        forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+/// The file, parsed by `toml` (for the line and column of a syntax error),
+/// as a figment provider.
+struct FileProvider(toml::Table);
+
+/// The metadata name of the file's values.
+const FILE_SOURCE: &str = "configuration file";
+/// The metadata name of the environment's values.
+const ENV_SOURCE: &str = "environment";
+
+impl Provider for FileProvider {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(FILE_SOURCE)
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let dict = Value::serialize(&self.0)?
+            .into_dict()
+            .ok_or_else(|| figment::Error::from("the file is not a table".to_string()))?;
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// The `CREDITGATE_*` variables that name top-level keys, as strings (figment's
+/// own `Env` provider reads only the process environment; this one reads the
+/// map [`Config::parse`] is given). An error about one names the variable.
+struct EnvProvider(Dict);
+
+impl Provider for EnvProvider {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ENV_SOURCE).interpolater(|_: &Profile, keys: &[&str]| {
+            format!(
+                "{ENV_PREFIX}{}",
+                keys.first()
+                    .copied()
+                    .unwrap_or_default()
+                    .to_ascii_uppercase()
+            )
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.0.clone()))
+    }
+}
+
+/// Splits the environment into overrides of top-level keys and warnings
+/// about `CREDITGATE_*` variables that name none; a variable for a
+/// file-only key is an error.
+fn env_overrides(
+    env: &BTreeMap<String, String>,
+) -> Result<(Dict, Vec<ConfigWarning>), ConfigError> {
+    let keys = struct_fields::<RawConfig>();
+    let settable = || keys.iter().filter(|k| !FILE_ONLY.contains(k));
+    let mut dict = Dict::new();
+    let mut warnings = Vec::new();
+    for (name, value) in env {
+        let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if FILE_ONLY.contains(&key.as_str()) {
+            return Err(ConfigError::new(
+                name.clone(),
+                "features, plans and [gate] come from the file only",
+            ));
+        }
+        if settable().any(|k| *k == key) {
+            dict.insert(key, Value::from(value.clone()));
+            continue;
+        }
+        let nearest = settable()
+            .map(|k| (strsim::levenshtein(k, &key), k))
+            .min()
+            .filter(|(distance, k)| *distance <= 2.max(k.len() / 4));
+        warnings.push(ConfigWarning {
+            variable: name.clone(),
+            did_you_mean: nearest.map(|(_, k)| format!("{ENV_PREFIX}{}", k.to_ascii_uppercase())),
+        });
+    }
+    Ok((dict, warnings))
+}
+
+/// The key a figment error is about: the variable for an environment value,
+/// else the path (`features[2].credit_schema`), else `(file)`.
+fn figment_error(e: figment::Error) -> ConfigError {
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name == ENV_SOURCE && !e.path.is_empty());
+    let key = if from_env {
+        let md = e.metadata.as_ref().expect("checked above");
+        md.interpolate(&Profile::Default, &e.path)
+    } else if e.path.is_empty() {
+        FILE_KEY.to_string()
+    } else {
+        let mut key = String::new();
+        for part in &e.path {
+            if part.parse::<usize>().is_ok() {
+                key.push_str(&format!("[{part}]"));
+            } else {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(part);
+            }
+        }
+        key
+    };
+    let message = match &e.kind {
+        figment::error::Kind::UnknownField(field, expected) => format!(
+            "unknown field `{field}`; expected {}",
+            figment::error::OneOf(expected)
+        ),
+        kind => kind.to_string(),
+    };
+    ConfigError::new(key, message)
+}
+
+/// The 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -169,73 +454,44 @@ pub struct Config {
     /// Bound on connecting to Redis and on each reply; past it a request
     /// answers 503 `store_unavailable` instead of hanging.
     pub redis_timeout_ms: u64,
+    /// A client must send a request's headers within this (ms).
+    pub http_header_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this (ms).
+    pub http_idle_timeout_ms: u64,
+    /// Open connections at most; `None`: the open-file limit less a reserve.
+    pub max_connections: Option<u64>,
     pub catalog: Arc<Catalog>,
     pub plans: Vec<Plan>,
     /// The forward-auth gate (`/v1/gate`).
     pub gate: GateConfig,
+    /// `CREDITGATE_*` variables that name no key (logged at startup).
+    pub warnings: Vec<ConfigWarning>,
 }
 
 impl Config {
     /// Parses the file's text with the environment's overrides (only
     /// `CREDITGATE_*` variables are read; lists are comma-separated). `now`
-    /// is the instant plan items are validated against.
+    /// is the instant plan items are validated against. Variables that name
+    /// no key end up in [`Config::warnings`].
     pub fn parse(
         text: &str,
         env: &BTreeMap<String, String>,
         now: i64,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::new("(file)", format!("not valid TOML: {}", e.message()))
+        let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            key: FILE_KEY.to_string(),
+            message: format!("not valid TOML: {}", e.message().trim_end()),
+            at: e.span().map(|s| line_column(text, s.start)),
         })?;
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            let Some((_, kind)) = TOP_LEVEL.iter().find(|(k, _)| *k == key) else {
-                if key == "features" || key == "plans" {
-                    return Err(ConfigError::new(
-                        name.clone(),
-                        "features and plans come from the file only",
-                    ));
-                }
-                continue;
-            };
-            let v = match kind {
-                Kind::Str => toml::Value::String(value.clone()),
-                Kind::List => toml::Value::Array(
-                    value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(|s| toml::Value::String(s.to_string()))
-                        .collect(),
-                ),
-                Kind::Bool => toml::Value::Boolean(match value.trim() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => return Err(ConfigError::new(name.clone(), "must be true or false")),
-                }),
-                Kind::Int => toml::Value::Integer(
-                    value
-                        .trim()
-                        .parse()
-                        .map_err(|_| ConfigError::new(name.clone(), "must be a whole number"))?,
-                ),
-            };
-            table.insert(key, v);
-        }
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let path = e.path().to_string();
-                let key = if path == "." {
-                    "(file)".to_string()
-                } else {
-                    path
-                };
-                ConfigError::new(key, e.into_inner().message().to_string())
-            })?;
-        Config::validate(raw, now)
+        let (overrides, warnings) = env_overrides(env)?;
+        let raw: RawConfig = Figment::new()
+            .merge(FileProvider(file))
+            .merge(EnvProvider(overrides))
+            .extract()
+            .map_err(figment_error)?;
+        let mut config = Config::validate(raw, now)?;
+        config.warnings = warnings;
+        Ok(config)
     }
 
     /// Reads `path` and the process environment.
@@ -307,6 +563,17 @@ impl Config {
                 "must be between 1 and 60000",
             ));
         }
+        for (key, v) in [
+            ("http_header_timeout_ms", raw.http_header_timeout_ms),
+            ("http_idle_timeout_ms", raw.http_idle_timeout_ms),
+        ] {
+            if v == 0 || v > 3_600_000 {
+                return Err(ConfigError::new(key, "must be between 1 and 3600000"));
+            }
+        }
+        if raw.max_connections == Some(0) {
+            return Err(ConfigError::new("max_connections", "must be at least 1"));
+        }
         if raw.reset_interval_secs == 0 || raw.reset_interval_secs > 24 * 3600 {
             return Err(ConfigError::new(
                 "reset_interval_secs",
@@ -333,10 +600,10 @@ impl Config {
             }
             for i in 0..plan.items.len() {
                 let key = format!("plans[{p}].items[{i}]");
-                if plan.balance_id(i).len() > MAX_ID_BYTES {
+                if plan.balance_id(i).chars().count() > MAX_ID_CHARS {
                     return Err(ConfigError::new(
                         key,
-                        "plan id and feature id together must fit in a 256-byte balance id",
+                        "plan id and feature id together must fit in a 256-character balance id",
                     ));
                 }
                 let grant = plan.grant(i);
@@ -358,9 +625,13 @@ impl Config {
             reset_interval_secs: raw.reset_interval_secs,
             accept_eviction: raw.accept_eviction,
             redis_timeout_ms: raw.redis_timeout_ms,
+            http_header_timeout_ms: raw.http_header_timeout_ms,
+            http_idle_timeout_ms: raw.http_idle_timeout_ms,
+            max_connections: raw.max_connections,
             catalog: Arc::new(catalog),
             plans: raw.plans,
             gate,
+            warnings: vec![],
         })
     }
 
@@ -673,6 +944,147 @@ mod tests {
             let e = Config::parse(&format!("{SEED}\n{bad}"), &env(&[]), 0).unwrap_err();
             assert_eq!(e.key, key, "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn every_section_rejects_unknown_keys_with_their_path() {
+        for (text, key) in [
+            (
+                SEED.replace("credit_schema = [", "credit_shema = ["),
+                "features[2].credit_shema",
+            ),
+            (
+                SEED.replace("type = \"credit_system\"", "typ = \"credit_system\""),
+                "features[2].typ",
+            ),
+            (
+                SEED.replace("credit_cost = 10 }", "credit_cost = 10, cost = 1 }"),
+                "features[2].credit_schema[1].cost",
+            ),
+            (
+                SEED.replace("interval = \"month\" }", "interval = \"month\", rollover = { max = 5, lenght = 2 } }"),
+                "plans[0].items[0].rollover.lenght",
+            ),
+            (
+                SEED.replace("included = 200", "include = 200"),
+                "plans[0].items[0].include",
+            ),
+            (format!("{SEED}\n[gate]\ndeny = 403"), "gate.deny"),
+            (
+                format!("{SEED}\n[gate]\nroutes = [{{ prefix = \"/x\", feature = \"credits\", costs = 2 }}]"),
+                "gate.routes[0].costs",
+            ),
+            (format!("redis_urll = \"redis://x\"\n{SEED}"), "redis_urll"),
+        ] {
+            let e = Config::parse(&text, &env(&[]), 0).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            let field = key.rsplit('.').next().unwrap();
+            assert!(
+                e.to_string().contains(&format!("unknown field `{field}`")),
+                "{e}"
+            );
+        }
+        // The misleading message of old ("is metered and cannot have a
+        // credit schema") is gone: the typo is named instead.
+        let typ = SEED.replace("type = \"credit_system\"", "typ = \"credit_system\"");
+        let e = Config::parse(&typ, &env(&[]), 0).unwrap_err();
+        assert!(!e.message.contains("metered"), "{e}");
+        assert!(e.message.contains("`type`"), "names what was expected: {e}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_give_line_and_column() {
+        let text = "listen = \"127.0.0.1:8080\"\n\n[[features]]\nid = \"a\"\n    kind == 2\n";
+        let e = Config::parse(text, &env(&[]), 0).unwrap_err();
+        assert_eq!(e.at, Some((5, 11)), "the second `=`: {e}");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("configuration file line 5, column 11: "),
+            "{shown}"
+        );
+        let e = Config::parse("listen = \"no end", &env(&[]), 0).unwrap_err();
+        assert_eq!(e.at.map(|(line, _)| line), Some(1), "{e}");
+    }
+
+    #[test]
+    fn env_lists_booleans_and_numbers() {
+        let e = env(&[
+            ("CREDITGATE_API_KEYS", "sk_a,sk_b"),
+            ("CREDITGATE_ADMIN_KEYS", " sk_admin ,, "),
+            ("CREDITGATE_REDIS_CLUSTER", "redis://a:1,redis://b:2"),
+            ("CREDITGATE_ACCEPT_EVICTION", "1"),
+            ("CREDITGATE_REDIS_TIMEOUT_MS", " 250 "),
+            ("CREDITGATE_LOG_FORMAT", "json"),
+            ("CREDITGATE_ENV", "sandbox"),
+        ]);
+        let c = Config::parse(&format!("api_keys = [\"file\"]\n{SEED}"), &e, 0).unwrap();
+        assert_eq!(c.api_keys, vec!["sk_a", "sk_b"], "the environment wins");
+        assert_eq!(c.admin_keys, vec!["sk_admin"]);
+        assert_eq!(
+            c.redis_cluster,
+            Some(vec!["redis://a:1".to_string(), "redis://b:2".to_string()])
+        );
+        assert!(c.accept_eviction);
+        assert_eq!(c.redis_timeout_ms, 250);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.env, DeployEnv::Sandbox);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        for v in ["true", "false", "0"] {
+            let c = Config::parse(SEED, &env(&[("CREDITGATE_ACCEPT_EVICTION", v)]), 0).unwrap();
+            assert_eq!(c.accept_eviction, v == "true");
+        }
+        for (name, value) in [
+            ("CREDITGATE_ACCEPT_EVICTION", "yes"),
+            ("CREDITGATE_RESET_INTERVAL_SECS", "-1"),
+            ("CREDITGATE_LOG_FORMAT", "xml"),
+        ] {
+            let e = Config::parse(SEED, &env(&[(name, value)]), 0).unwrap_err();
+            assert_eq!(e.key, name, "{e}");
+        }
+        // The file keeps its own types: a string is no list there.
+        let e = Config::parse(
+            &format!("accept_eviction = \"maybe\"\n{SEED}"),
+            &env(&[]),
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "accept_eviction");
+        for name in ["CREDITGATE_FEATURES", "CREDITGATE_PLANS", "CREDITGATE_GATE"] {
+            let e = Config::parse(SEED, &env(&[(name, "x")]), 0).unwrap_err();
+            assert_eq!(e.key, name, "{e}");
+            assert!(e.message.contains("file only"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_creditgate_variables_are_warnings_with_a_suggestion() {
+        let e = env(&[
+            ("CREDITGATE_REDIS_URLL", "redis://127.0.0.1:6379"),
+            ("CREDITGATE_SDK_JS", "1"),
+            ("CREDITGATE_LISTEN", "127.0.0.1:9000"),
+            ("OTHER_REDIS_URLL", "x"),
+        ]);
+        let c = Config::parse(SEED, &e, 0).unwrap();
+        assert!(c.redis_url.is_none(), "a misspelt variable sets nothing");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(
+            c.warnings,
+            vec![
+                ConfigWarning {
+                    variable: "CREDITGATE_REDIS_URLL".into(),
+                    did_you_mean: Some("CREDITGATE_REDIS_URL".into()),
+                },
+                ConfigWarning {
+                    variable: "CREDITGATE_SDK_JS".into(),
+                    did_you_mean: None,
+                },
+            ]
+        );
+        assert_eq!(
+            c.warnings[0].to_string(),
+            "environment variable CREDITGATE_REDIS_URLL names no configuration key and is ignored; \
+             did you mean CREDITGATE_REDIS_URL?"
+        );
     }
 
     #[test]

@@ -26,13 +26,15 @@
 //!   side: [`engine::memory`] (in process) and [`engine::redis`];
 //! - [`service`]: what a request does beyond one engine call — plan attach,
 //!   reserve with the lock-id claim, finalize's lookup, Retry-After;
-//! - [`metrics`]: the counters HTTP and the reset task both record.
+//! - [`metrics`]: what HTTP and the reset task both record (`metrics`
+//!   handles registered up front, rendered by the Prometheus exporter).
 //!
 //! The edges:
 //! - [`http`]: the axum API (routes, Autumn-shaped views, the gate, errors,
 //!   auth, OpenAPI) — the only module besides `server` and `main` that
 //!   knows axum;
-//! - [`config`]: TOML and `CREDITGATE_*`, validated before a port is bound;
+//! - [`config`]: TOML and `CREDITGATE_*` layered by figment, strict (unknown
+//!   keys are errors with their path), validated before a port is bound;
 //! - [`sweeper`]: the periodic reset task;
 //! - [`server`]: wiring a configuration to an engine and serving it.
 

@@ -74,11 +74,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs go to stderr: as text, coloured only when stderr is a terminal (a
+/// file or a pipe gets plain text), or as JSON lines.
 fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -97,6 +101,9 @@ async fn load(
         ExitCode::from(2)
     })?;
     init_logging(config.log_format);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let (state, in_process) = creditgate::server::state_from_config(&config)
         .await
         .map_err(|e| {
@@ -148,7 +155,15 @@ async fn serve(path: PathBuf) -> ExitCode {
         std::time::Duration::from_secs(config.reset_interval_secs),
         stopped(stop_rx.clone()),
     ));
-    let served = creditgate::server::run(listener, state, stopped(stop_rx)).await;
+    let limits = creditgate::server::conn_limits(&config);
+    tracing::info!(
+        max_connections = limits.max_connections,
+        header_timeout_ms = limits.header_read_timeout.as_millis() as u64,
+        idle_timeout_ms = limits.idle_timeout.as_millis() as u64,
+        "connection limits"
+    );
+    let served =
+        creditgate::server::run_with_limits(listener, state, limits, stopped(stop_rx)).await;
     let _ = sweeper.await;
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -159,12 +174,22 @@ async fn serve(path: PathBuf) -> ExitCode {
     }
 }
 
-/// `creditgate reset-due`: one sweep, for cron.
+/// `creditgate reset-due`: one sweep, for cron. Without Redis there is
+/// nothing to sweep (balances live only inside a serving process, whose own
+/// task sweeps them): says so and fails.
 async fn reset_due(path: PathBuf) -> ExitCode {
-    let (_, state, _) = match load(&path).await {
+    let (_, state, in_process) = match load(&path).await {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    if in_process {
+        eprintln!(
+            "creditgate: reset-due: nothing to sweep: no redis_url or redis_cluster is configured, \
+             so balances live only inside a serving process (`creditgate serve` sweeps its own \
+             every reset_interval_secs)"
+        );
+        return ExitCode::FAILURE;
+    }
     match creditgate::sweeper::sweep_once(state.engine().as_ref(), &state.metrics).await {
         Ok((r, took)) => {
             println!(

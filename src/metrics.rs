@@ -1,205 +1,197 @@
-//! A small Prometheus text registry: decisions by route and outcome, a
-//! request latency histogram by route, store errors. Hand-rolled: three
-//! metric families do not need a metrics framework.
+//! The metrics HTTP and the reset task record: decisions by route and
+//! outcome, a request latency histogram by route, store errors, the reset
+//! task's sweeps. Recorded through the [`metrics`] facade's handles and
+//! rendered as Prometheus text by `metrics-exporter-prometheus`.
+//!
+//! Each [`Metrics`] owns its own recorder (no global recorder: tests run many
+//! apps in one process). Every handle is registered once, when the
+//! [`Metrics`] is built — one per (route, outcome) for the routes it is
+//! given, and the `unmatched` route — so recording a request looks the
+//! matched path up in a fixed table and bumps atomics: no registry look-up,
+//! no allocation for counters. (The exporter's histogram appends each sample
+//! to a lock-free block list that [`Metrics::upkeep`] or a render folds into
+//! the buckets; [`crate::server::run`] runs the upkeep every few seconds.)
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
 use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Recorder, SharedString};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency bucket bounds, in seconds.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
+/// The route label of a request no route matched.
+pub const UNMATCHED: &str = "unmatched";
+
 /// What a decision route answered, attached to its response as an extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision(pub &'static str);
 
-/// Outcomes a decision route reports.
+/// Outcomes a decision route reports; anything else counts as `error`.
 const OUTCOMES: [&str; 3] = ["allowed", "denied", "error"];
 
-/// One route's counters: atomics, so recording never takes a lock once the
-/// route has been seen.
-#[derive(Default)]
-struct RouteStats {
-    decisions: [AtomicU64; OUTCOMES.len()],
-    /// Cumulative: bucket i counts requests at or under `LATENCY_BUCKETS[i]`.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_ns: AtomicU64,
+const DECISIONS: &str = "creditgate_decisions_total";
+const LATENCY: &str = "creditgate_request_duration_seconds";
+const STORE_ERRORS: &str = "creditgate_store_errors_total";
+const SWEEPS: &str = "creditgate_reset_sweeps_total";
+const CUSTOMERS_SWEPT: &str = "creditgate_customers_swept_total";
+const RESETS_APPLIED: &str = "creditgate_resets_applied_total";
+const SWEEP_SECONDS: &str = "creditgate_sweep_duration_seconds_total";
+const LAST_SWEEP_SECONDS: &str = "creditgate_last_sweep_duration_seconds";
+
+const META: metrics::Metadata<'static> =
+    metrics::Metadata::new("creditgate", Level::INFO, Some(module_path!()));
+
+/// One route's handles.
+pub struct RouteMetrics {
+    latency: Histogram,
+    /// By [`OUTCOMES`]; only for the API's `/v1/` routes, as before.
+    decisions: Option<[Counter; OUTCOMES.len()]>,
 }
 
-#[derive(Default)]
+impl RouteMetrics {
+    pub fn latency(&self, elapsed: Duration) {
+        self.latency.record(elapsed.as_secs_f64());
+    }
+
+    /// Counts a decision; an outcome other than `allowed` or `denied` counts
+    /// as `error`. A route without decisions ignores it.
+    pub fn decision(&self, outcome: &str) {
+        if let Some(counters) = &self.decisions {
+            let i = OUTCOMES
+                .iter()
+                .position(|o| *o == outcome)
+                .unwrap_or(OUTCOMES.len() - 1);
+            counters[i].increment(1);
+        }
+    }
+
+    pub fn has_decisions(&self) -> bool {
+        self.decisions.is_some()
+    }
+}
+
 pub struct Metrics {
-    routes: RwLock<BTreeMap<String, Arc<RouteStats>>>,
-    store_errors: AtomicU64,
-    sweeps: AtomicU64,
-    customers_swept: AtomicU64,
-    resets_applied: AtomicU64,
-    /// Microseconds the last sweep took.
-    last_sweep_us: AtomicU64,
-    sweep_us_total: AtomicU64,
+    handle: PrometheusHandle,
+    routes: HashMap<&'static str, RouteMetrics>,
+    unmatched: RouteMetrics,
+    store_errors: Counter,
+    sweeps: Counter,
+    customers_swept: Counter,
+    resets_applied: Counter,
+    /// A gauge only because the facade's counters count whole numbers.
+    sweep_seconds: Gauge,
+    last_sweep_seconds: Gauge,
+}
+
+impl Default for Metrics {
+    /// No routes but `unmatched` (the reset task's metrics, for tests and
+    /// `reset-due`).
+    fn default() -> Self {
+        Metrics::new(&[])
+    }
 }
 
 impl Metrics {
-    /// The route's counters; a write lock only the first time a route is seen
-    /// (routes are matched paths, so there are few).
-    fn route(&self, route: &str) -> Arc<RouteStats> {
-        if let Some(r) = self
-            .routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(route)
-        {
-            return r.clone();
-        }
-        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
-        routes.entry(route.to_string()).or_default().clone()
-    }
-
-    pub fn decision(&self, route: &str, outcome: &'static str) {
-        let i = OUTCOMES
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(OUTCOMES.len() - 1);
-        self.route(route).decisions[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn latency(&self, route: &str, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        let r = self.route(route);
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                r.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        r.count.fetch_add(1, Ordering::Relaxed);
-        r.sum_ns.fetch_add(
-            elapsed.as_nanos().min(u64::MAX as u128) as u64,
-            Ordering::Relaxed,
+    /// A registry with handles for `routes` (matched paths, e.g.
+    /// `/v1/check`), the `unmatched` route and the reset task.
+    pub fn new(routes: &[&'static str]) -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(LATENCY.to_string()), &LATENCY_BUCKETS)
+            .expect("the latency buckets are not empty")
+            .build_recorder();
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(
+                KeyName::from_const_str(name),
+                None,
+                SharedString::const_str(help),
+            );
+        };
+        describe(DECISIONS, "Decisions answered, by route and outcome.");
+        describe(LATENCY, "Request latency, by route.");
+        describe(STORE_ERRORS, "Requests that failed in the store (5xx).");
+        describe(SWEEPS, "Sweeps of the periodic reset task.");
+        describe(
+            CUSTOMERS_SWEPT,
+            "Customers the reset task applied due resets to.",
         );
+        describe(RESETS_APPLIED, "Bucket resets applied by the reset task.");
+        describe(SWEEP_SECONDS, "Time spent sweeping.");
+        describe(LAST_SWEEP_SECONDS, "How long the last sweep took.");
+        let counter =
+            |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &META);
+        let gauge =
+            |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &META);
+        let route = |route: &'static str| RouteMetrics {
+            latency: recorder.register_histogram(
+                &Key::from_parts(LATENCY, vec![Label::new("route", route)]),
+                &META,
+            ),
+            decisions: route.starts_with("/v1/").then(|| {
+                OUTCOMES.map(|outcome| {
+                    recorder.register_counter(
+                        &Key::from_parts(
+                            DECISIONS,
+                            vec![Label::new("route", route), Label::new("outcome", outcome)],
+                        ),
+                        &META,
+                    )
+                })
+            }),
+        };
+        Metrics {
+            handle: recorder.handle(),
+            routes: routes.iter().map(|r| (*r, route(r))).collect(),
+            unmatched: route(UNMATCHED),
+            store_errors: counter(STORE_ERRORS),
+            sweeps: counter(SWEEPS),
+            customers_swept: counter(CUSTOMERS_SWEPT),
+            resets_applied: counter(RESETS_APPLIED),
+            sweep_seconds: gauge(SWEEP_SECONDS),
+            last_sweep_seconds: gauge(LAST_SWEEP_SECONDS),
+        }
+    }
+
+    /// The handles of a matched path (`None`: no route matched). A path
+    /// this registry was not built with counts as `unmatched`.
+    pub fn route(&self, matched: Option<&str>) -> &RouteMetrics {
+        matched
+            .and_then(|m| self.routes.get(m))
+            .unwrap_or(&self.unmatched)
+    }
+
+    /// Whether `route` has handles of its own.
+    pub fn knows(&self, route: &str) -> bool {
+        self.routes.contains_key(route)
     }
 
     /// Records one sweep of the periodic reset task.
     pub fn sweep(&self, report: &crate::engine::SweepReport, took: Duration) {
-        let us = took.as_micros() as u64;
-        self.sweeps.fetch_add(1, Ordering::Relaxed);
-        self.customers_swept
-            .fetch_add(report.customers_swept, Ordering::Relaxed);
-        self.resets_applied
-            .fetch_add(report.resets_applied, Ordering::Relaxed);
-        self.last_sweep_us.store(us, Ordering::Relaxed);
-        self.sweep_us_total.fetch_add(us, Ordering::Relaxed);
+        self.sweeps.increment(1);
+        self.customers_swept.increment(report.customers_swept);
+        self.resets_applied.increment(report.resets_applied);
+        self.last_sweep_seconds.set(took.as_secs_f64());
+        self.sweep_seconds.increment(took.as_secs_f64());
     }
 
     pub fn store_error(&self) {
-        self.store_errors.fetch_add(1, Ordering::Relaxed);
+        self.store_errors.increment(1);
+    }
+
+    /// Folds the histograms' pending samples into their buckets (a render
+    /// does it too); run every few seconds so they do not pile up between
+    /// scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP creditgate_decisions_total Decisions answered, by route and outcome.\n",
-        );
-        out.push_str("# TYPE creditgate_decisions_total counter\n");
-        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        for (route, r) in routes.iter() {
-            for (i, outcome) in OUTCOMES.iter().enumerate() {
-                let n = r.decisions[i].load(Ordering::Relaxed);
-                if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "creditgate_decisions_total{{route=\"{}\",outcome=\"{outcome}\"}} {n}",
-                        escape(route)
-                    );
-                }
-            }
-        }
-        out.push_str("# HELP creditgate_request_duration_seconds Request latency, by route.\n");
-        out.push_str("# TYPE creditgate_request_duration_seconds histogram\n");
-        for (route, h) in routes.iter() {
-            let r = escape(route);
-            let count = h.count.load(Ordering::Relaxed);
-            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"{bound}\"}} {}",
-                    h.buckets[i].load(Ordering::Relaxed)
-                );
-            }
-            let _ = writeln!(
-                out,
-                "creditgate_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {count}"
-            );
-            let _ = writeln!(
-                out,
-                "creditgate_request_duration_seconds_sum{{route=\"{r}\"}} {}",
-                h.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
-            );
-            let _ = writeln!(
-                out,
-                "creditgate_request_duration_seconds_count{{route=\"{r}\"}} {count}"
-            );
-        }
-        drop(routes);
-        out.push_str(
-            "# HELP creditgate_store_errors_total Requests that failed in the store (5xx).\n",
-        );
-        out.push_str("# TYPE creditgate_store_errors_total counter\n");
-        let _ = writeln!(
-            out,
-            "creditgate_store_errors_total {}",
-            self.store_errors.load(Ordering::Relaxed)
-        );
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        for (name, kind, help, value) in [
-            (
-                "creditgate_reset_sweeps_total",
-                "counter",
-                "Sweeps of the periodic reset task.",
-                load(&self.sweeps) as f64,
-            ),
-            (
-                "creditgate_customers_swept_total",
-                "counter",
-                "Customers the reset task applied due resets to.",
-                load(&self.customers_swept) as f64,
-            ),
-            (
-                "creditgate_resets_applied_total",
-                "counter",
-                "Bucket resets applied by the reset task.",
-                load(&self.resets_applied) as f64,
-            ),
-            (
-                "creditgate_sweep_duration_seconds_total",
-                "counter",
-                "Time spent sweeping.",
-                load(&self.sweep_us_total) as f64 / 1e6,
-            ),
-            (
-                "creditgate_last_sweep_duration_seconds",
-                "gauge",
-                "How long the last sweep took.",
-                load(&self.last_sweep_us) as f64 / 1e6,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
-        out
+        self.handle.render()
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -208,30 +200,48 @@ mod tests {
 
     #[test]
     fn renders_counts_and_cumulative_buckets() {
-        let m = Metrics::default();
-        m.decision("/v1/check", "allowed");
-        m.decision("/v1/check", "allowed");
-        m.decision("/v1/check", "denied");
-        m.latency("/v1/check", Duration::from_micros(300));
-        m.latency("/v1/check", Duration::from_millis(30));
+        let m = Metrics::new(&["/v1/check", "/healthz"]);
+        let check = m.route(Some("/v1/check"));
+        check.decision("allowed");
+        check.decision("allowed");
+        check.decision("denied");
+        check.latency(Duration::from_micros(300));
+        check.latency(Duration::from_millis(30));
+        m.route(Some("/healthz")).decision("allowed");
+        m.route(None).latency(Duration::from_secs(2));
+        m.route(Some("/not/registered"))
+            .latency(Duration::from_secs(2));
         m.store_error();
         let text = m.render();
+        for line in [
+            "creditgate_decisions_total{route=\"/v1/check\",outcome=\"allowed\"} 2\n",
+            "creditgate_decisions_total{route=\"/v1/check\",outcome=\"denied\"} 1\n",
+            "creditgate_decisions_total{route=\"/v1/check\",outcome=\"error\"} 0\n",
+            "creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.0005\"} 1\n",
+            "creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.05\"} 2\n",
+            "creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"+Inf\"} 2\n",
+            "creditgate_request_duration_seconds_count{route=\"/v1/check\"} 2\n",
+            "creditgate_request_duration_seconds_bucket{route=\"unmatched\",le=\"1\"} 0\n",
+            "creditgate_request_duration_seconds_count{route=\"unmatched\"} 2\n",
+            "creditgate_request_duration_seconds_count{route=\"/healthz\"} 0\n",
+            "creditgate_store_errors_total 1\n",
+            "# TYPE creditgate_request_duration_seconds histogram\n",
+            "# HELP creditgate_decisions_total Decisions answered, by route and outcome.\n",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
         assert!(
-            text.contains(
-                "creditgate_decisions_total{route=\"/v1/check\",outcome=\"allowed\"} 2\n"
-            ),
-            "{text}"
+            !text.contains("route=\"/healthz\",outcome"),
+            "no decisions outside /v1/: {text}"
         );
-        assert!(
-            text.contains("creditgate_decisions_total{route=\"/v1/check\",outcome=\"denied\"} 1\n")
-        );
-        assert!(text.contains(
-            "creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.0005\"} 1\n"
-        ));
-        assert!(text.contains(
-            "creditgate_request_duration_seconds_bucket{route=\"/v1/check\",le=\"0.05\"} 2\n"
-        ));
-        assert!(text.contains("creditgate_request_duration_seconds_count{route=\"/v1/check\"} 2\n"));
-        assert!(text.contains("creditgate_store_errors_total 1\n"));
+    }
+
+    #[test]
+    fn each_registry_is_its_own() {
+        let a = Metrics::default();
+        let b = Metrics::default();
+        a.store_error();
+        assert!(a.render().contains("creditgate_store_errors_total 1\n"));
+        assert!(b.render().contains("creditgate_store_errors_total 0\n"));
     }
 }

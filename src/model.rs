@@ -12,18 +12,20 @@ use crate::money::{Amount, Cost};
 
 /// Most buckets one customer may hold.
 pub const MAX_BUCKETS_PER_CUSTOMER: usize = 64;
-/// Longest id (customer, feature, balance, plan, lock, idempotency key), in bytes.
-pub const MAX_ID_BYTES: usize = 256;
+/// Longest id (customer, feature, balance, plan, lock, idempotency key), in
+/// characters (so at most 1 KiB of UTF-8): what a JSON Schema `maxLength`
+/// can say, so the OpenAPI document and the server agree.
+pub const MAX_ID_CHARS: usize = 256;
 /// A rollover may live at most this many of its bucket's periods.
 pub const MAX_ROLLOVER_PERIODS: i64 = 64;
 
-/// Rejects empty ids, ids over 256 bytes and ids holding control characters.
+/// Rejects empty ids, ids over 256 characters and ids holding control characters.
 pub fn validate_id(field: &'static str, id: &str) -> Result<(), EngineError> {
     if id.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
-    if id.len() > MAX_ID_BYTES {
-        return Err(invalid(field, "must be at most 256 bytes"));
+    if id.chars().count() > MAX_ID_CHARS {
+        return Err(invalid(field, "must be at most 256 characters"));
     }
     if id.chars().any(char::is_control) {
         return Err(invalid(field, "must not hold control characters"));
@@ -51,12 +53,14 @@ pub enum FeatureType {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreditSchemaItem {
     pub metered_feature_id: String,
     pub credit_cost: Cost,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FeatureDef {
     pub id: String,
     #[serde(default, rename = "type")]
@@ -187,6 +191,7 @@ pub enum RolloverDuration {
 
 /// A bucket's rollover setting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RolloverConfig {
     /// Cap on the bucket's live rollovers, in the pool's units.
     #[serde(default)]

@@ -11,6 +11,7 @@ use crate::engine::redis::{RedisOptions, RedisTarget, Tls};
 use crate::engine::{
     AlwaysReady, Engine, LockIndex, MemoryEngine, MemoryLockIndex, Readiness, RedisEngine,
 };
+use crate::http::serve::{self, ConnLimits};
 use crate::http::{self, AppState};
 use crate::model::Retention;
 
@@ -124,16 +125,57 @@ pub async fn state_from_config(config: &Config) -> Result<(AppState, bool), Conf
     Ok((state, backend.in_process))
 }
 
+/// How often the metrics' histograms fold their pending samples into buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// Serves the API on `listener` until `shutdown` resolves, then stops
-/// accepting and finishes in-flight requests before returning.
+/// accepting and finishes in-flight requests before returning. Runs the
+/// metrics' upkeep meanwhile.
 pub async fn run(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, http::app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = ConnLimits::for_open_files(serve::raise_open_file_limit());
+    run_with_limits(listener, state, limits, shutdown).await
+}
+
+/// [`run`] under explicit connection limits.
+pub async fn run_with_limits(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics = state.metrics.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(METRICS_UPKEEP);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            metrics.upkeep();
+        }
+    });
+    let served = serve::serve(listener, http::app(state), limits, shutdown).await;
+    upkeep.abort();
+    served
+}
+
+/// The connection limits a configuration asks for, under the open-file
+/// limit (raised to the hard limit first): the cap is `max_connections`
+/// if given, but never above the open-file limit less a reserve.
+pub fn conn_limits(config: &Config) -> ConnLimits {
+    let open_files = serve::raise_open_file_limit();
+    let defaults = ConnLimits::for_open_files(open_files);
+    ConnLimits {
+        header_read_timeout: Duration::from_millis(config.http_header_timeout_ms),
+        idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
+        max_connections: config
+            .max_connections
+            .map_or(defaults.max_connections, |m| {
+                (m as usize).min(defaults.max_connections)
+            }),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,7 +1,8 @@
 //! docker-compose.yml and the Dockerfile, checked without a Docker engine
 //! (none runs in CI): the compose file is parsed and its settings checked,
-//! the Dockerfile is read for what it builds and copies, and the example
-//! configuration is parsed with the environment compose gives it.
+//! the Dockerfile is read for what it builds and copies, the example
+//! configuration is parsed with the environment compose gives it, and the
+//! nginx configuration docs/gateways.md quotes is the tested one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -308,9 +309,9 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn the_documented_nginx_configuration_is_the_tested_one() {
     let template = std::fs::read_to_string(root().join("tests/nginx/nginx.conf.template")).unwrap();
-    let docs = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let docs = std::fs::read_to_string(root().join("docs/gateways.md")).unwrap();
     assert!(
         docs.contains(&format!("```nginx\n{template}```")),
-        "README.md must quote tests/nginx/nginx.conf.template verbatim"
+        "docs/gateways.md must quote tests/nginx/nginx.conf.template verbatim"
     );
 }

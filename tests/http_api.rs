@@ -805,3 +805,188 @@ async fn openapi_metrics_and_unknown_routes() {
     assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(wrong_method.code(), "method_not_allowed");
 }
+
+/// One sample of the Prometheus text format: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// A strict reader of the Prometheus text exposition (version 0.0.4): every
+/// line is a `# HELP`, a `# TYPE` (counter, gauge or histogram) or a sample
+/// `name{label="value",…} value` of a family typed before it; panics on
+/// anything else. Returns the samples and each family's type.
+fn parse_exposition(text: &str) -> (Vec<Sample>, std::collections::BTreeMap<String, String>) {
+    fn is_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    let mut types = std::collections::BTreeMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("HELP name text");
+            assert!(is_name(name) && !help.is_empty(), "{line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(is_name(name), "{line}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                types.insert(name.to_string(), kind.to_string()).is_none(),
+                "{line}"
+            );
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line}");
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, vec![]),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("closing brace");
+                let mut labels = vec![];
+                let mut rest = body;
+                while !rest.is_empty() {
+                    let (key, after) = rest.split_once("=\"").expect("label=\"");
+                    assert!(is_name(key), "{line}");
+                    let mut value = String::new();
+                    let mut chars = after.char_indices();
+                    let end = loop {
+                        match chars.next().expect("closing quote") {
+                            (_, '\\') => value.push(chars.next().expect("escape").1),
+                            (i, '"') => break i,
+                            (_, c) => value.push(c),
+                        }
+                    };
+                    labels.push((key.to_string(), value));
+                    rest = after[end + 1..]
+                        .strip_prefix(',')
+                        .unwrap_or(&after[end + 1..]);
+                }
+                (name, labels)
+            }
+        };
+        assert!(is_name(name), "{line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "{name} has no TYPE before it");
+        samples.push((name.to_string(), labels, value));
+    }
+    (samples, types)
+}
+
+#[tokio::test]
+async fn the_metrics_exposition_parses_and_counts() {
+    let h = harness();
+    h.customer_on("p", "pro").await;
+    for _ in 0..4 {
+        h.post(
+            "/v1/check",
+            json!({"customer_id": "p", "feature_id": "basic_message"}),
+        )
+        .await;
+    }
+    h.post(
+        "/v1/track",
+        json!({"customer_id": "p", "feature_id": "premium_message", "value": 1000}),
+    )
+    .await;
+    h.get("/healthz").await;
+    h.get("/no/such/route").await;
+    let m = h.get("/metrics").await;
+    assert_eq!(m.status, StatusCode::OK);
+    let (samples, types) = parse_exposition(&m.text);
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let found: Vec<_> = samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {labels:?} in\n{}", m.text);
+        found[0].2
+    };
+    for (name, kind) in [
+        ("creditgate_decisions_total", "counter"),
+        ("creditgate_request_duration_seconds", "histogram"),
+        ("creditgate_store_errors_total", "counter"),
+        ("creditgate_reset_sweeps_total", "counter"),
+        ("creditgate_customers_swept_total", "counter"),
+        ("creditgate_resets_applied_total", "counter"),
+        ("creditgate_sweep_duration_seconds_total", "gauge"),
+        ("creditgate_last_sweep_duration_seconds", "gauge"),
+    ] {
+        assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
+    let check = [("route", "/v1/check")];
+    let decided = |outcome| {
+        value(
+            "creditgate_decisions_total",
+            &[check[0], ("outcome", outcome)],
+        )
+    };
+    assert_eq!(decided("allowed"), 4.0);
+    assert_eq!(decided("denied"), 0.0);
+    assert_eq!(
+        value(
+            "creditgate_decisions_total",
+            &[("route", "/v1/track"), ("outcome", "denied")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value("creditgate_request_duration_seconds_count", &check),
+        4.0
+    );
+    assert_eq!(
+        value(
+            "creditgate_request_duration_seconds_count",
+            &[("route", "/healthz")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "creditgate_request_duration_seconds_count",
+            &[("route", "unmatched")]
+        ),
+        1.0
+    );
+    // Buckets: the configured bounds, cumulative, +Inf equal to the count.
+    let buckets: Vec<(String, f64)> = samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == "creditgate_request_duration_seconds_bucket"
+                && l[0] == ("route".into(), "/v1/check".into())
+        })
+        .map(|(_, l, v)| (l[1].1.clone(), *v))
+        .collect();
+    let bounds: Vec<String> = creditgate::metrics::LATENCY_BUCKETS
+        .iter()
+        .map(|b| b.to_string())
+        .chain(["+Inf".to_string()])
+        .collect();
+    assert_eq!(
+        buckets.iter().map(|(le, _)| le.clone()).collect::<Vec<_>>(),
+        bounds
+    );
+    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{buckets:?}");
+    assert_eq!(buckets.last().unwrap().1, 4.0);
+    assert!(value("creditgate_request_duration_seconds_sum", &check) > 0.0);
+    assert_eq!(value("creditgate_store_errors_total", &[]), 0.0);
+    assert_eq!(value("creditgate_reset_sweeps_total", &[]), 0.0);
+}

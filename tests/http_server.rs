@@ -1,9 +1,10 @@
-//! The API through a real `server::run` on 127.0.0.1:0, and the binary's
-//! refusal of a bad configuration.
+//! The API through a real `server::run` on 127.0.0.1:0, and the binary:
+//! its refusal of a bad configuration, its warnings, its plain logs to a
+//! pipe, `reset-due` without Redis.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 
 use common::http::*;
@@ -148,7 +149,7 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_before_binding() {
         .arg(&path)
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("redis_cluster"), "{err}");
 
@@ -163,9 +164,28 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_before_binding() {
         .env("CREDITGATE_LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("features"), "{err}");
+
+    // A typo inside [[features]] names its path; a syntax error its line
+    // and column.
+    std::fs::write(&path, CONFIG.replacen("credit_schema", "credit_shema", 1)).unwrap();
+    let out = serve_output(&path);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(".credit_shema`: unknown field"), "{err}");
+    std::fs::write(&path, format!("{CONFIG}\n[gate\n")).unwrap();
+    let out = serve_output(&path);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = CONFIG.lines().count() + 2;
+    assert!(
+        err.contains(&format!(
+            "creditgate: configuration file line {line}, column "
+        )),
+        "{err}"
+    );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
         .args(["serve", "--config"])
@@ -173,6 +193,74 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_before_binding() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+fn serve_output(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["serve", "--config"])
+        .arg(path)
+        .env("CREDITGATE_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap()
+}
+
+/// Runs `serve` with stderr to a pipe until it logs that it listens, then
+/// stops it; returns what it logged.
+#[test]
+fn logs_to_a_pipe_are_plain_and_name_a_misspelt_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("creditgate.toml");
+    std::fs::write(&path, CONFIG).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("CREDITGATE_LISTEN", "127.0.0.1:0")
+        .env("CREDITGATE_REDIS_URLL", "redis://127.0.0.1:1")
+        .env_remove("CREDITGATE_REDIS_URL")
+        .env_remove("CREDITGATE_REDIS_CLUSTER")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut logged = String::new();
+    while !logged.contains("creditgate listening") {
+        if stderr.read_line(&mut logged).unwrap() == 0 {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(logged.contains("creditgate listening"), "{logged}");
+    assert!(!logged.contains('\x1b'), "ANSI codes in a pipe: {logged:?}");
+    assert!(
+        logged.contains(
+            "environment variable CREDITGATE_REDIS_URLL names no configuration key and is \
+             ignored; did you mean CREDITGATE_REDIS_URL?"
+        ),
+        "{logged}"
+    );
+    assert!(logged.contains("NO REDIS CONFIGURED"), "{logged}");
+}
+
+#[test]
+fn reset_due_without_redis_says_there_is_nothing_to_sweep_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("creditgate.toml");
+    std::fs::write(&path, CONFIG).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
+        .args(["reset-due", "--config"])
+        .arg(&path)
+        .env_remove("CREDITGATE_REDIS_URL")
+        .env_remove("CREDITGATE_REDIS_CLUSTER")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no \"swept 0 customers\"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing to sweep"), "{err}");
+    assert!(err.contains("redis_url"), "{err}");
 }
 
 #[test]

@@ -144,11 +144,19 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let store = matches!(self, ApiError::Internal(_) | ApiError::StoreUnavailable(_));
         match &self {
-            ApiError::Internal(d) | ApiError::StoreUnavailable(d) => {
+            ApiError::Internal(d) => {
+                let detail = chain(d);
+                tracing::error!(code = self.code().as_str(), detail = %detail, "request failed")
+            }
+            ApiError::StoreUnavailable(d) => {
                 let detail = chain(d);
                 tracing::warn!(code = self.code().as_str(), detail = %detail, "request failed")
             }
-            _ => tracing::warn!(
+            // Routine refusals (a missing key, a bad body, an unknown id, no
+            // balance) are the client's doing and anyone can cause them by
+            // the thousand: counted in metrics, logged at debug only, so the
+            // log cannot be flooded.
+            _ => tracing::debug!(
                 code = self.code().as_str(),
                 status = status.as_u16(),
                 "request refused"

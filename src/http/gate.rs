@@ -22,7 +22,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::routes::{IDEMPOTENCY_HEADER, REPLAYED_HEADER};
+use super::routes::REPLAYED_HEADER;
 use super::views;
 use super::AppState;
 use crate::calendar::{Period, Step};
@@ -131,6 +131,17 @@ fn path_suffix(uri: &Uri) -> Option<&str> {
         .filter(|rest| rest.starts_with('/'))
 }
 
+/// The methods the gate answers: every standard one a gateway forwards
+/// (the OpenAPI document lists them all); any other is 405.
+pub const METHODS: axum::routing::MethodFilter = axum::routing::MethodFilter::GET
+    .or(axum::routing::MethodFilter::POST)
+    .or(axum::routing::MethodFilter::PUT)
+    .or(axum::routing::MethodFilter::DELETE)
+    .or(axum::routing::MethodFilter::PATCH)
+    .or(axum::routing::MethodFilter::HEAD)
+    .or(axum::routing::MethodFilter::OPTIONS)
+    .or(axum::routing::MethodFilter::TRACE);
+
 /// The gate's path.
 pub const GATE_PATH: &str = "/v1/gate";
 
@@ -197,11 +208,11 @@ fn ask(s: &AppState, headers: &HeaderMap, suffix: Option<&str>) -> Result<Ask, A
 #[utoipa::path(get, path = "/v1/gate",
     description = "Answers every method. Customer, feature and cost come from headers set by the gateway (X-Customer-Id, X-Feature-Id or the [gate] route table matched against X-Original-URI, X-Cost only with trust_cost_header).",
     params(
-        ("X-Customer-Id" = String, Header, description = "set by the gateway from authenticated context"),
+        ("X-Customer-Id" = String, Header, description = "set by the gateway from authenticated context", min_length = 1, max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$"),
         ("X-Feature-Id" = Option<String>, Header, description = "or a [gate] route matching X-Original-URI"),
         ("X-Original-URI" = Option<String>, Header, description = "the original request's path"),
         ("X-Cost" = Option<f64>, Header, description = "only with [gate] trust_cost_header = true; > 0"),
-        ("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer"),
+        ("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer", min_length = 1, max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$"),
     ),
     responses(
         (status = 200, body = GateAllowed, description = "allowed; RateLimit-Policy, RateLimit, X-RateLimit-* headers"),
@@ -214,7 +225,7 @@ pub async fn gate(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let ask = ask(&s, &headers, path_suffix(&uri))?;
-    let key = header(&headers, IDEMPOTENCY_HEADER)?.map(str::to_string);
+    let key = super::routes::idempotency_key(&headers)?;
     let costs = s.service.catalog.pools_for(&ask.feature)?;
     let deny = StatusCode::from_u16(s.gate.deny_status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
     let out = match s

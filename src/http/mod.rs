@@ -8,6 +8,7 @@ pub mod gate;
 pub mod json;
 pub mod openapi;
 pub mod routes;
+pub mod serve;
 pub mod views;
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, on, post};
 use axum::Router;
 
 use crate::clock::Clock;
@@ -96,7 +97,7 @@ impl AppState {
             service: Arc::new(Service::new(engine, catalog, clock)),
             auth: Arc::new(Auth::default()),
             readiness: Arc::new(AlwaysReady),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(Metrics::new(ROUTES)),
             env: DeployEnv::Live,
             gate: Arc::new(GateConfig::default()),
         }
@@ -150,6 +151,29 @@ impl AppState {
     }
 }
 
+/// Every path [`app`] routes, so [`Metrics`] can register each one's handles
+/// up front (a test holds this list to the router's).
+pub const ROUTES: &[&str] = &[
+    "/v1/billing.attach",
+    "/v1/balances.create",
+    "/v1/balances.update",
+    "/v1/customers.get_or_create",
+    "/v1/customers.get",
+    "/v1/balances.check",
+    "/v1/check",
+    "/v1/entitled",
+    "/v1/balances.track",
+    "/v1/track",
+    "/v1/events",
+    "/v1/balances.finalize",
+    "/v1/gate",
+    "/v1/gate/{*path}",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+];
+
 /// The router: the application routes behind bearer auth (api or admin
 /// keys), the admin routes behind their own layer (admin keys only), plus
 /// health, readiness, metrics and the OpenAPI document.
@@ -169,8 +193,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/track", post(routes::track))
         .route("/v1/events", post(routes::track))
         .route("/v1/balances.finalize", post(routes::finalize))
-        .route("/v1/gate", any(gate::gate))
-        .route("/v1/gate/{*path}", any(gate::gate))
+        .route("/v1/gate", on(gate::METHODS, gate::gate))
+        .route("/v1/gate/{*path}", on(gate::METHODS, gate::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(admin)
@@ -236,25 +260,50 @@ async fn require_admin(State(s): State<AppState>, req: Request, next: Next) -> R
     }
 }
 /// One debug line per request, the latency histogram, decisions and store
-/// errors. Never logs a key or a body.
+/// errors, through handles registered up front (no allocation). Never logs a
+/// key or a body.
 async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map(MatchedPath::as_str);
+    let m = s.metrics.route(route);
+    debug_assert!(
+        route.is_none_or(|r| s.metrics.knows(r)),
+        "{route:?} is missing from http::ROUTES"
+    );
     let method = req.method().clone();
     let start = Instant::now();
     let resp = next.run(req).await;
     let elapsed = start.elapsed();
-    s.metrics.latency(&route, elapsed);
+    m.latency(elapsed);
     if let Some(d) = resp.extensions().get::<crate::metrics::Decision>() {
-        s.metrics.decision(&route, d.0);
-    } else if route.starts_with("/v1/") && !resp.status().is_success() {
-        s.metrics.decision(&route, "error");
+        m.decision(d.0);
+    } else if !resp.status().is_success() {
+        m.decision("error");
     }
     if resp.extensions().get::<error::StoreErrorMark>().is_some() {
         s.metrics.store_error();
     }
+    let route = route.unwrap_or(crate::metrics::UNMATCHED);
     tracing::debug!(%method, route, status = resp.status().as_u16(), micros = elapsed.as_micros() as u64, "request");
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    /// [`super::ROUTES`] is the router's list of paths: every `.route("…"`
+    /// in this file is in it, and nothing else.
+    #[test]
+    fn routes_lists_every_path_the_router_serves() {
+        let source = include_str!("mod.rs");
+        let code = &source[..source.find("#[cfg(test)]").unwrap()];
+        let mut routed: Vec<&str> = code
+            .split(".route(\"")
+            .skip(1)
+            .map(|rest| &rest[..rest.find('"').unwrap()])
+            .collect();
+        routed.sort_unstable();
+        let mut listed = super::ROUTES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(routed, listed);
+    }
 }

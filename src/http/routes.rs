@@ -26,8 +26,61 @@ use crate::money::Amount;
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+// The enums as the document names them (the model's types stay free of the
+// OpenAPI generator).
+
+/// A reset interval.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum IntervalName {
+    OneOff,
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+    Quarter,
+    SemiAnnual,
+    Year,
+}
+
+/// How long rollovers live.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum RolloverDurationName {
+    Month,
+    Forever,
+}
+
+/// What track does with units no balance covers.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum OverageBehaviorName {
+    Cap,
+    Reject,
+    Overflow,
+}
+
+/// What finalize does with a lock.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum FinalizeActionName {
+    Confirm,
+    Release,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CustomerBody {
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub customer_id: String,
 }
 
@@ -61,7 +114,19 @@ pub async fn get_customer(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AttachBody {
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub customer_id: String,
+    #[schema(
+        example = "pro",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub plan_id: String,
 }
 
@@ -92,7 +157,7 @@ pub async fn attach(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ResetBody {
-    #[schema(value_type = String)]
+    #[schema(value_type = IntervalName)]
     pub interval: Interval,
     #[schema(value_type = Option<u32>)]
     pub interval_count: Option<Count>,
@@ -100,12 +165,12 @@ pub struct ResetBody {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RolloverBody {
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = 0.0, maximum = 100000000000.0, multiple_of = 0.0001)]
     pub max: Option<Amount>,
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = 0.0, maximum = 100.0, multiple_of = 0.0001)]
     pub max_percentage: Option<Amount>,
     /// `month` (default) or `forever`.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<RolloverDurationName>)]
     pub duration: Option<RolloverDuration>,
     /// Months; ignored for `forever`.
     #[schema(value_type = Option<u32>)]
@@ -114,25 +179,43 @@ pub struct RolloverBody {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateBalanceBody {
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub customer_id: String,
+    #[schema(
+        example = "premium_message",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub feature_id: String,
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = 0.0, maximum = 100000000000.0, multiple_of = 0.0001)]
     pub included_grant: Option<Amount>,
     #[serde(default)]
     pub unlimited: Option<bool>,
     /// Absent: a one-off balance.
     pub reset: Option<ResetBody>,
     pub rollover: Option<RolloverBody>,
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 253402300799999_i64)]
     pub expires_at: Option<Millis>,
     /// The first boundary, and the anchor of later ones.
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 253402300799999_i64)]
     pub next_reset_at: Option<Millis>,
+    #[schema(
+        example = "pro:credits",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub balance_id: Option<String>,
     /// creditgate extension: allow going below zero.
     pub overage_allowed: Option<bool>,
     /// creditgate extension: how far below zero (≤ 0).
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = -100000000000.0, maximum = 0.0, multiple_of = 0.0001)]
     pub overage_floor: Option<Amount>,
     /// creditgate extension: carry debt across resets.
     pub carry_debt: Option<bool>,
@@ -188,12 +271,30 @@ pub async fn create_balance(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct UpdateBalanceBody {
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub customer_id: String,
+    #[schema(
+        example = "premium_message",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub feature_id: String,
+    #[schema(
+        example = "pro:credits",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub balance_id: Option<String>,
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = -100000000000.0, maximum = 100000000000.0, multiple_of = 0.0001)]
     pub remaining: Option<Amount>,
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = -100000000000.0, maximum = 100000000000.0, multiple_of = 0.0001)]
     pub add_to_balance: Option<Amount>,
 }
 
@@ -228,17 +329,35 @@ pub async fn update_balance(
 pub struct LockBody {
     /// Default true when `lock` is given.
     pub enabled: Option<bool>,
+    #[schema(
+        example = "lk1",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub lock_id: Option<String>,
-    #[schema(value_type = Option<i64>)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 253402300799999_i64)]
     pub expires_at: Option<Millis>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CheckBody {
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub customer_id: String,
+    #[schema(
+        example = "premium_message",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub feature_id: String,
     /// Default 1.
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = 0.0, maximum = 100000000000.0, multiple_of = 0.0001)]
     pub required_balance: Option<Amount>,
     /// Consume atomically (all or nothing).
     pub send_event: Option<bool>,
@@ -263,14 +382,30 @@ pub struct CheckResponse {
     pub flag: Option<()>,
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get(IDEMPOTENCY_HEADER) {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(|s| Some(s.to_string()))
-            .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII")),
+/// The `Idempotency-Key` header, checked whether or not the request uses it
+/// (as the OpenAPI document states it): 1 to 256 visible ASCII characters,
+/// spaces only inside.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::invalid(
+            "Idempotency-Key",
+            "must be 1 to 256 visible ASCII characters (spaces only inside)",
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?;
+    let visible = |b: u8| b.is_ascii_graphic();
+    let ok = !s.is_empty()
+        && s.len() <= crate::model::MAX_ID_CHARS
+        && s.bytes().all(|b| b == b' ' || visible(b))
+        && s.bytes().next().is_some_and(visible)
+        && s.bytes().last().is_some_and(visible);
+    if !ok {
+        return Err(bad());
     }
+    Ok(Some(s.to_string()))
 }
 
 fn replayed(mut resp: Response, replayed: bool) -> Response {
@@ -289,7 +424,7 @@ fn decision(mut resp: Response, allowed: bool) -> Response {
 
 /// Check (dry run), consume (`send_event`) or reserve (`lock`).
 #[utoipa::path(post, path = "/v1/check", request_body = CheckBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "with send_event or lock")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "with send_event or lock", min_length = 1, max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 200, body = CheckResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn check(
     State(s): State<AppState>,
@@ -305,6 +440,16 @@ pub async fn check(
         ));
     }
     let costs = s.service.catalog.pools_for(&b.feature_id)?;
+    // A lock's fields are checked even when it is disabled, as the document
+    // states them.
+    if let Some(l) = &b.lock {
+        if let Some(id) = &l.lock_id {
+            crate::model::validate_id("lock.lock_id", id)?;
+        }
+        if let Some(e) = l.expires_at {
+            crate::model::validate_instant("lock.expires_at", e.0)?;
+        }
+    }
     let lock = b.lock.filter(|l| l.enabled.unwrap_or(true));
     let applies = lock.is_some() || b.send_event.unwrap_or(false);
     let out: Outcome = if let Some(lock) = &lock {
@@ -355,14 +500,32 @@ pub async fn check(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TrackBody {
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub customer_id: String,
+    #[schema(
+        example = "premium_message",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub feature_id: String,
     /// Default 1; negative refunds.
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = -100000000000.0, maximum = 100000000000.0, multiple_of = 0.0001)]
     pub value: Option<Amount>,
     /// `cap` (default), `reject` or `overflow`.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<OverageBehaviorName>)]
     pub overage_behavior: Option<OverageBehavior>,
+    #[schema(
+        example = "fuzz-1",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub idempotency_key: Option<String>,
 }
 
@@ -381,7 +544,7 @@ pub struct TrackResponse {
 /// Records usage (a negative value refunds). `reject` without enough
 /// balance is 400 `insufficient_balance`, nothing charged.
 #[utoipa::path(post, path = "/v1/track", request_body = TrackBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer", min_length = 1, max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 200, body = TrackResponse), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn track(
     State(s): State<AppState>,
@@ -433,20 +596,32 @@ pub async fn track(
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct FinalizeBody {
+    #[schema(
+        example = "lk1",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub lock_id: String,
     /// `confirm` or `release`.
-    #[schema(value_type = String)]
+    #[schema(value_type = FinalizeActionName)]
     pub action: FinalizeAction,
     /// Confirm with this amount instead of the held one.
-    #[schema(value_type = Option<f64>)]
+    #[schema(value_type = Option<f64>, minimum = 0.0, maximum = 100000000000.0, multiple_of = 0.0001)]
     pub override_value: Option<Amount>,
     /// Optional: without it the lock is found through the lock index.
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
     pub customer_id: Option<String>,
 }
 
 /// Confirms or releases a lock; finalizing twice answers the first outcome.
 #[utoipa::path(post, path = "/v1/balances.finalize", request_body = FinalizeBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "scoped to the customer", min_length = 1, max_length = 256, pattern = r"^[!-~]([ -~]*[!-~])?$")),
     responses((status = 200, body = Success), (status = 404, body = ErrorBody)))]
 pub async fn finalize(
     State(s): State<AppState>,

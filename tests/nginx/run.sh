@@ -3,7 +3,9 @@
 # a real `creditgate serve` on a private redis-server before every request.
 #
 # Usage: bash tests/nginx/run.sh   (from anywhere; needs nginx with the
-# auth_request module — Debian's nginx-light has it —, curl, python3, cargo)
+# auth_request module — Debian's nginx-light has it —, redis-server, curl,
+# python3, and cargo unless CREDITGATE_BIN names the creditgate binary to
+# test: scripts/test.sh passes the one `cargo test` built)
 #
 # Shows: allowed requests reach the upstream; a denied one gets 429 with
 # Retry-After and the RateLimit headers and never reaches it; the upstream's
@@ -24,12 +26,18 @@ else
   echo "Install it first, e.g. as root on Debian: apt-get install -y nginx-light" >&2
   exit 1
 fi
-for tool in curl python3 cargo; do
+for tool in curl python3 redis-server redis-cli; do
   command -v "$tool" >/dev/null 2>&1 || { echo "tests/nginx/run.sh: $tool not found" >&2; exit 1; }
 done
 
-(cd "$root" && cargo build --quiet --bin creditgate) || { echo "tests/nginx/run.sh: cargo build failed" >&2; exit 1; }
-bin="$root/target/debug/creditgate"
+if [ -n "${CREDITGATE_BIN:-}" ]; then
+  bin="$CREDITGATE_BIN"
+  [ -x "$bin" ] || { echo "tests/nginx/run.sh: CREDITGATE_BIN=$bin is not an executable" >&2; exit 1; }
+else
+  command -v cargo >/dev/null 2>&1 || { echo "tests/nginx/run.sh: cargo not found (or set CREDITGATE_BIN)" >&2; exit 1; }
+  (cd "$root" && cargo build --quiet --bin creditgate) || { echo "tests/nginx/run.sh: cargo build failed" >&2; exit 1; }
+  bin="$root/target/debug/creditgate"
+fi
 
 tmp="$(mktemp -d)"
 # nginx workers may run as another user when started as root.

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Drives a real `creditgate serve` with the official Python SDK (autumn-sdk).
-# Usage: bash tests/sdk/run.sh   (from anywhere; needs python3, cargo, PyPI)
-# Also runs the JavaScript SDK test (autumn-js, node's test runner) when node
-# and npm are installed; CREDITGATE_SDK_JS=0 skips it.
+# Usage: bash tests/sdk/run.sh   (from anywhere; needs python3, redis-server,
+# and PyPI on the first run: the venv .venv with tests/sdk/requirements.txt)
+# Also runs the JavaScript SDK test (autumn-js 1.3.13, node's test runner) when
+# node and npm are installed (npm on its first run); otherwise, or with
+# CREDITGATE_SDK_JS=0, it says that suite is skipped and why.
+# Env: CREDITGATE_BIN — the creditgate binary to test (scripts/test.sh passes
+# the one `cargo test` built); unset, this script builds one with cargo.
 # The suites run twice: on a private redis-server this script starts (its own
 # port and temp dir, stopped at the end), then on the in-process engine.
 # Env: CREDITGATE_SDK_ENGINES — which to run (default "redis memory").
@@ -13,18 +17,31 @@ cd "$root"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check autumn-sdk pytest redis==8.1.0
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 
+autumn_js=1.3.13
 run_js=""
-if [ "${CREDITGATE_SDK_JS:-1}" != "0" ] && command -v node >/dev/null && command -v npm >/dev/null; then
+if [ "${CREDITGATE_SDK_JS:-1}" = "0" ]; then
+  echo "==> skipped: autumn-js suite (CREDITGATE_SDK_JS=0)"
+elif ! command -v node >/dev/null; then
+  echo "==> skipped: autumn-js suite (node not installed; install nodejs and npm)"
+elif ! command -v npm >/dev/null; then
+  echo "==> skipped: autumn-js suite (npm not installed; install npm)"
+else
   run_js=1
-  if [ ! -d .venv/js/node_modules/autumn-js ]; then
-    npm install --silent --no-audit --no-fund --prefix .venv/js autumn-js@1.3.13 >/dev/null
+  installed="$(node -p 'require("./.venv/js/node_modules/autumn-js/package.json").version' 2>/dev/null || true)"
+  if [ "$installed" != "$autumn_js" ]; then
+    npm install --silent --no-audit --no-fund --prefix .venv/js "autumn-js@$autumn_js" >/dev/null
   fi
 fi
 
-cargo build --quiet --bin creditgate
-bin="$root/target/debug/creditgate"
+if [ -n "${CREDITGATE_BIN:-}" ]; then
+  bin="$CREDITGATE_BIN"
+  [ -x "$bin" ] || { echo "tests/sdk/run.sh: CREDITGATE_BIN=$bin is not an executable" >&2; exit 1; }
+else
+  cargo build --quiet --bin creditgate
+  bin="$root/target/debug/creditgate"
+fi
 
 tmp="$(mktemp -d)"
 server_pid=""
