@@ -2488,6 +2488,40 @@ function FNS.reset_due(keys, args)
   return { resets, C.now }
 end
 
+-- One customer's reset_due inside reset_due_many (pcall'd there).
+local function reset_one(ck, args, now)
+  local C, resets = open(ck, args, nil, now)
+  save(C, nil)
+  return resets
+end
+
+-- reset_due_many: KEYS[1] a slot's due index, KEYS[2..] customer hashes of
+-- that slot (the sweep's batch); ARGV the header. Each customer is reset as
+-- reset_due resets it, one after the other at one instant; a customer that
+-- is gone has its index entry removed. The sweep picks how many customers
+-- one call may do (src/engine/redis/sweep.rs: SWEEP_BATCH), which bounds
+-- how long the call holds the server. Reply { resets applied, customers
+-- gone, now }.
+function FNS.reset_due_many(keys, args)
+  local now = clock(args[1])
+  local due = keys[1]
+  local ck = { '', due }
+  local resets, gone = 0, 0
+  for i = 2, #keys do
+    ck[1] = keys[i]
+    local ok, res = pcall(reset_one, ck, args, now)
+    if ok then
+      resets = resets + res
+    elseif type(res) == 'table' and res.cg == 'customer_not_found' then
+      rcall('ZREM', due, tag_of(keys[i]))
+      gone = gone + 1
+    else
+      error(res)
+    end
+  end
+  return { resets, gone, now }
+end
+
 ---------------------------------------------------------------------------
 -- Helpers that were inline scripts in the Rust (src/store/mod.rs, lock_index.rs).
 ---------------------------------------------------------------------------
@@ -2707,6 +2741,7 @@ register('reserve', FNS.reserve)
 register('finalize', FNS.finalize)
 register('balances', FNS.balances)
 register('reset_due', FNS.reset_due)
+register('reset_due_many', FNS.reset_due_many)
 register('lease', FNS.lease)
 register('release', FNS.release)
 register('claim', FNS.claim)

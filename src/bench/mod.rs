@@ -17,6 +17,7 @@ pub mod naive;
 pub mod progress;
 pub mod redis_side;
 pub mod report;
+pub mod sweep;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -77,6 +78,9 @@ pub enum Mode {
     /// creditgate's sidecar (started by the bench unless --url), the minimal
     /// script and the engine, with ratios.
     Suite(SuiteArgs),
+    /// The reset sweep at scale: due customers swept while the consuming
+    /// check runs at a fixed rate, with SLOWLOG and the p99 ratio.
+    Sweep(sweep::SweepArgs),
     /// The naive baseline sidecar (started by `baseline` and `suite`).
     #[command(hide = true)]
     NaiveSidecar {
@@ -285,6 +289,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         Mode::Redis(a) => redis_mode(a).await,
         Mode::Baseline(a) => baseline_mode(a).await,
         Mode::Suite(a) => suite_mode(a).await,
+        Mode::Sweep(a) => sweep::sweep_mode(a).await,
         Mode::NaiveSidecar { listen, redis_url } => {
             naive::serve(listen, &redis_url).await.map(|_| true)
         }
@@ -520,6 +525,7 @@ fn new_report(mode: &str, load: &LoadArgs, prefix: &str, rounds: usize) -> Repor
         rounds,
         rows: vec![],
         books: vec![],
+        sweep: None,
         ok: false,
     }
 }

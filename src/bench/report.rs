@@ -148,6 +148,9 @@ pub struct Report {
     pub rounds: usize,
     pub rows: Vec<Row>,
     pub books: Vec<BooksReport>,
+    /// `bench sweep`'s figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<super::sweep::SweepFigures>,
     pub ok: bool,
 }
 
@@ -218,6 +221,30 @@ impl Report {
             for (k, v) in &r.errors {
                 println!("  {}: {v} × {k}", r.name);
             }
+        }
+        if let Some(f) = &self.sweep {
+            println!(
+                "sweep: {} of {} due customers in {:.1} s ({:.0}/s, {} per call), {} resets; \
+                 at {:.0} req/s (half of {:.0}) p99 {} µs during against {} µs without: {:.2}×; \
+                 {} command(s) over {} µs{}",
+                f.customers_swept,
+                f.due_customers,
+                f.sweep_seconds,
+                f.customers_per_second,
+                f.batch,
+                f.resets_applied,
+                f.offered_rate,
+                f.capacity,
+                f.p99_during_us,
+                f.p99_without_us,
+                f.p99_ratio,
+                f.slow_commands,
+                f.slow_bound_us,
+                match &f.slowest_command {
+                    Some(c) => format!(" (slowest {} µs: {c})", f.slowest_us),
+                    None => String::new(),
+                }
+            );
         }
         for b in &self.books {
             println!(

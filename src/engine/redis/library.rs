@@ -121,6 +121,7 @@ pub struct Functions {
     pub finalize: String,
     pub balances: String,
     pub reset_due: String,
+    pub reset_due_many: String,
     pub lease: String,
     pub release: String,
     pub claim: String,
@@ -142,6 +143,7 @@ impl Functions {
             finalize: f("finalize"),
             balances: f("balances"),
             reset_due: f("reset_due"),
+            reset_due_many: f("reset_due_many"),
             lease: f("lease"),
             release: f("release"),
             claim: f("claim"),
@@ -150,7 +152,7 @@ impl Functions {
         }
     }
 
-    pub fn all(&self) -> [&str; 15] {
+    pub fn all(&self) -> [&str; 16] {
         [
             &self.create_customer,
             &self.grant,
@@ -162,6 +164,7 @@ impl Functions {
             &self.finalize,
             &self.balances,
             &self.reset_due,
+            &self.reset_due_many,
             &self.lease,
             &self.release,
             &self.claim,

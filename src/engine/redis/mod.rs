@@ -43,7 +43,7 @@ pub use keys::{customer_keys, CustomerKeys, LAYOUT};
 pub use layout::{migrate, MigrateReport};
 pub use library::{Functions, Library, LIBRARY, LIBRARY_NAME};
 pub use lock_index::RedisLockIndex;
-pub use sweep::{SWEEP_LEASE_MS, SWEEP_SHARDS};
+pub use sweep::{SWEEP_BATCH, SWEEP_LEASE_MS, SWEEP_SHARDS};
 
 const NO_INSTANT: i64 = i64::MIN;
 
