@@ -548,41 +548,57 @@ local function encode_rollovers(rows)
   return concat(parts, GS)
 end
 
--- Every field of a bucket string into b.
-local function decode_fields(b, s)
+-- Every field of a bucket string, as one table built by one constructor:
+-- Lua sizes a constructor's table once, where adding twenty fields one by
+-- one rehashes it four times (the profile of a due reset: decoding two
+-- buckets cost more than the HGETALL that read them).
+local function decode_full(pool, s)
   local f = split(s, US)
-  local head = ''
+  local head, r = '', f[B_REMAINING]
   if byte(s, 1) == COMPLEX_BYTE then
     head = COMPLEX
-    f[B_REMAINING] = sub(f[B_REMAINING], 2)
+    r = sub(r, 2)
   end
   local code = d36(f[B_INTERVAL]) or 0
   local count = d36(f[B_INTERVAL_COUNT]) or 1
   local flags = f[B_FLAGS] or ''
   local plan = f[B_PLAN_ID]
-  b.id = f[B_ID]
-  b.remaining = d36(f[B_REMAINING])
-  b.granted = d36(f[B_GRANTED])
-  b.interval = code
-  b.interval_count = count
-  b.period = make_period(code, count)
-  b.anchor = d36(f[B_ANCHOR]) or 0
-  b.next_reset_index = d36(f[B_NEXT_RESET_INDEX])
-  b.expires_at = d36(f[B_EXPIRES_AT])
-  b.unlimited = find(flags, 'u', 1, true) ~= nil
-  b.overage_allowed = find(flags, 'o', 1, true) ~= nil
-  b.carry_debt = find(flags, 'd', 1, true) ~= nil
-  b.overage_floor = d36(f[B_OVERAGE_FLOOR])
-  b.plan_id = (plan ~= nil and plan ~= '') and plan or nil
-  b.rollovers = decode_rollovers(f[B_ROLLOVERS])
   local ro = f[B_ROLLOVER]
+  local rollover = nil
   if ro ~= nil and ro ~= '' then
-    local r = split(ro, '/')
-    b.rollover = { max = d36(r[1]), max_percentage = d36(r[2]), length = d36(r[3]) }
+    local x = split(ro, '/')
+    rollover = { max = d36(x[1]), max_percentage = d36(x[2]), length = d36(x[3]) }
   end
-  b.head = head
-  b.tail_at = #head + #f[B_REMAINING] + 1
-  b.decoded = true
+  local rem = d36(r)
+  return {
+    pool = pool,
+    src = s,
+    rewrite = false,
+    id = f[B_ID],
+    remaining = rem,
+    stored_remaining = rem,
+    granted = d36(f[B_GRANTED]),
+    interval = code,
+    interval_count = count,
+    period = make_period(code, count),
+    anchor = d36(f[B_ANCHOR]) or 0,
+    next_reset_index = d36(f[B_NEXT_RESET_INDEX]),
+    expires_at = d36(f[B_EXPIRES_AT]),
+    unlimited = find(flags, 'u', 1, true) ~= nil,
+    overage_allowed = find(flags, 'o', 1, true) ~= nil,
+    carry_debt = find(flags, 'd', 1, true) ~= nil,
+    overage_floor = d36(f[B_OVERAGE_FLOOR]),
+    plan_id = (plan ~= nil and plan ~= '') and plan or nil,
+    rollovers = decode_rollovers(f[B_ROLLOVERS]),
+    rollover = rollover,
+    head = head,
+    tail_at = #head + #r + 1,
+    decoded = true,
+    -- next_reset_at's memo, set later: a slot now, not a rehash then.
+    nra_index = false,
+    nra = false,
+    snap_remaining = false,
+  }
 end
 
 -- A bucket without the COMPLEX marker is read lazily on the hot path:
@@ -637,10 +653,7 @@ local function decode_bucket(pool, s, lazy)
       decoded = false,
     }, LAZY)
   end
-  local b = { pool = pool, src = s, rewrite = false }
-  decode_fields(b, s)
-  b.stored_remaining = b.remaining
-  return b
+  return decode_full(pool, s)
 end
 
 local function encode_bucket(b)

@@ -224,15 +224,18 @@ impl Report {
         }
         if let Some(f) = &self.sweep {
             println!(
-                "sweep: {} of {} due customers in {:.1} s ({:.0}/s, {} per call), {} resets; \
-                 at {:.0} req/s (half of {:.0}) p99 {} µs during against {} µs without: {:.2}×; \
-                 {} command(s) over {} µs{}",
+                "sweep alone: {} of {} due customers in {:.1} s ({:.0}/s, {} per call), {} resets; \
+                 during the load: {} of {} in {:.1} s; at {:.0} req/s (half of {:.0}) p99 {} µs \
+                 during against {} µs without: {:.2}×; {} command(s) over {} µs{}",
                 f.customers_swept,
                 f.due_customers,
                 f.sweep_seconds,
                 f.customers_per_second,
                 f.batch,
                 f.resets_applied,
+                f.during_customers_swept,
+                f.during_due_customers,
+                f.during_sweep_seconds,
                 f.offered_rate,
                 f.capacity,
                 f.p99_during_us,

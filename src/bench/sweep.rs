@@ -38,10 +38,14 @@ pub struct SweepArgs {
     /// The catalog (features); default: examples/creditgate.toml.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Due customers to seed and sweep, each with one monthly bucket (due)
+    /// Due customers swept alone (timed), each with one monthly bucket (due)
     /// and one one-off bucket of the pool.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub due: u64,
+    /// Due customers swept during the fixed-rate load (enough for the sweep
+    /// to outlast a few seconds of it).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub due_during: u64,
     /// Requests in flight per connection for the load.
     #[arg(long, default_value_t = 64)]
     pub pipeline: usize,
@@ -53,11 +57,16 @@ pub struct SweepArgs {
 /// The sweep's figures, beside the report's rows.
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepFigures {
+    /// The sweep alone.
     pub due_customers: u64,
     pub customers_swept: u64,
     pub resets_applied: u64,
     pub sweep_seconds: f64,
     pub customers_per_second: f64,
+    /// The sweep during the load.
+    pub during_due_customers: u64,
+    pub during_customers_swept: u64,
+    pub during_sweep_seconds: f64,
     pub batch: usize,
     pub offered_rate: f64,
     pub capacity: f64,
@@ -134,6 +143,47 @@ async fn seed_due(
     }
 }
 
+/// One sweep by `creditgate reset-due` (the cron path, its own process, so
+/// its client-side CPU is not the load generator's): (customers swept,
+/// resets applied, wall time).
+async fn reset_due_process(
+    config: &std::path::Path,
+    redis_url: &str,
+) -> Result<(u64, u64, Duration), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let out = tokio::process::Command::new(exe)
+        .arg("reset-due")
+        .arg("--config")
+        .arg(config)
+        .env("CREDITGATE_REDIS_URL", redis_url)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("creditgate reset-due: {e}"))?;
+    let took = started.elapsed();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!("creditgate reset-due failed: {text}"));
+    }
+    // "swept N customers, applied M resets in …"
+    let number_after = |word: &str| -> Option<u64> {
+        let i = text.find(word)? + word.len();
+        text[i..].split_whitespace().next()?.parse().ok()
+    };
+    match (
+        number_after("swept "),
+        number_after("applied "),
+        number_after("resets in "),
+    ) {
+        // The sweep's own time, without the process's start.
+        (Some(c), Some(r), Some(ms)) => Ok((c, r, Duration::from_millis(ms).min(took))),
+        _ => Err(format!("creditgate reset-due said: {text}")),
+    }
+}
+
 async fn config_get(conn: &ConnectionManager, key: &str) -> Result<String, String> {
     let mut c = conn.clone();
     let v: Vec<String> = redis::cmd("CONFIG")
@@ -195,7 +245,7 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
     let due_ids = Ids::new(&format!("{prefix}-due"));
     let n = load.customers as usize;
     let due_n = a.due as usize;
-    let (catalog, _) = catalog_of(&a.config)?;
+    let (catalog, config_text) = catalog_of(&a.config)?;
     let cost = redis_side::cost_in(&catalog, &load.feature, &load.pool, load.units)?;
     let conns = load.concurrency.unwrap_or(1).max(1);
     let pipeline = a.pipeline.max(1);
@@ -214,20 +264,43 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
         load.timeout,
     )
     .await?;
-    seed_due(
-        &seeder,
-        &due_ids,
-        due_n,
-        &load.pool,
-        created_at,
-        load.seed_concurrency.max(256),
-        &progress,
-    )
-    .await?;
+    let lanes = load.seed_concurrency.max(256);
+    let during_ids = Ids::new(&format!("{prefix}-dur"));
+    let during_n = a.due_during as usize;
     if load.seed_only {
+        seed_due(
+            &seeder, &due_ids, due_n, &load.pool, created_at, lanes, &progress,
+        )
+        .await?;
         println!("{prefix}");
         return Ok(true);
     }
+    let dir = super::TempDir::new("sweep")?;
+    let config = dir.0.join("creditgate.toml");
+    std::fs::write(&config, &config_text).map_err(|e| e.to_string())?;
+
+    // The sweep alone.
+    seed_due(
+        &seeder, &due_ids, due_n, &load.pool, created_at, lanes, &progress,
+    )
+    .await?;
+    eprintln!("[sweep alone] {due_n} due customers");
+    let (alone_swept, alone_resets, alone_took) = reset_due_process(&config, &a.redis_url).await?;
+    eprintln!(
+        "[sweep alone] {alone_swept} customers, {alone_resets} resets in {:.1}s",
+        alone_took.as_secs_f64()
+    );
+    seed_due(
+        &seeder,
+        &during_ids,
+        during_n,
+        &load.pool,
+        created_at,
+        lanes,
+        &progress,
+    )
+    .await?;
+
     let ledger = Arc::new(LiveLedger::new(n));
     let target = Arc::new(redis_side::EngineTarget {
         engines: engines.clone(),
@@ -290,12 +363,10 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
     )
     .await?;
     command(&redis, &["SLOWLOG", "RESET"]).await?;
-    let sweeper: Arc<dyn Engine> = engines[0].clone();
-    let started = Instant::now();
-    let sweep = tokio::spawn(async move {
-        let r = sweeper.sweep_due().await;
-        (r, started.elapsed())
-    });
+    let sweep = {
+        let (config, url) = (config.clone(), a.redis_url.clone());
+        tokio::spawn(async move { reset_due_process(&config, &url).await })
+    };
     let label = format!("consume at {rate:.0}/s, during the sweep");
     let mut during = Measured::empty(&label);
     let mut first = true;
@@ -317,8 +388,7 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
         let m = load::run(target.clone(), &spec, Some(ledger.clone()), &progress).await;
         during.merge(&m);
     }
-    let (swept, took) = sweep.await.map_err(|e| e.to_string())?;
-    let swept = swept.map_err(|e| format!("the sweep failed: {e}"))?;
+    let (during_swept, _, during_took) = sweep.await.map_err(|e| e.to_string())??;
     let slow = command(&redis, &["SLOWLOG", "GET", "-1"]).await?;
     command(
         &redis,
@@ -345,15 +415,19 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
     if load.cleanup {
         redis_side::cleanup_creditgate(&redis, &ids, n, &progress).await?;
         redis_side::cleanup_creditgate(&redis, &due_ids, due_n, &progress).await?;
+        redis_side::cleanup_creditgate(&redis, &during_ids, during_n, &progress).await?;
     }
     let p99_without = quiet[0].latency_us.p99;
     let p99_during = during_row.latency_us.p99;
     let figures = SweepFigures {
         due_customers: a.due,
-        customers_swept: swept.customers_swept,
-        resets_applied: swept.resets_applied,
-        sweep_seconds: took.as_secs_f64(),
-        customers_per_second: swept.customers_swept as f64 / took.as_secs_f64().max(1e-9),
+        customers_swept: alone_swept,
+        resets_applied: alone_resets,
+        sweep_seconds: alone_took.as_secs_f64(),
+        customers_per_second: alone_swept as f64 / alone_took.as_secs_f64().max(1e-9),
+        during_due_customers: a.due_during,
+        during_customers_swept: during_swept,
+        during_sweep_seconds: during_took.as_secs_f64(),
         batch: crate::engine::redis::SWEEP_BATCH,
         offered_rate: rate,
         capacity,
@@ -373,12 +447,13 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
         .collect();
     report.books = vec![books];
     report.sweep = Some(figures.clone());
-    let swept_all = figures.customers_swept >= a.due;
+    let swept_all =
+        figures.customers_swept >= a.due && figures.during_customers_swept >= a.due_during;
     let ok = finish(report, load)?;
     if !swept_all {
         eprintln!(
-            "creditgate bench: the sweep reached {} of {} due customers",
-            figures.customers_swept, a.due
+            "creditgate bench: the sweeps reached {} of {} and {} of {} due customers",
+            figures.customers_swept, a.due, figures.during_customers_swept, a.due_during
         );
     }
     Ok(ok && swept_all)
