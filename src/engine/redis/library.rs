@@ -489,6 +489,6 @@ mod tests {
                 "{op} not registered"
             );
         }
-        assert_eq!(LIBRARY.matches("\nregister('").count(), 15);
+        assert_eq!(LIBRARY.matches("\nregister('").count(), 16);
     }
 }
