@@ -175,8 +175,9 @@ impl Code {
         (Code::InvalidInputs, "invalid_inputs", 400),
         (Code::InsufficientBalance, "insufficient_balance", 400),
         (Code::UsageLimitReached, "usage_limit_reached", 429),
-        // The store cannot keep limits (the Redis engine, for now).
-        (Code::LimitsUnsupported, "limits_unsupported", 501),
+        // The store cannot keep limits (the Redis engine, for now): a 4xx,
+        // since retrying the same request can never succeed on it.
+        (Code::LimitsUnsupported, "limits_unsupported", 400),
         // Bad input too: the request would take a balance out of bounds.
         (Code::AmountOutOfRange, "amount_out_of_range", 400),
         (Code::TooManyBalances, "too_many_balances", 400),

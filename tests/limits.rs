@@ -411,7 +411,7 @@ async fn the_redis_engine_refuses_limits_typed() {
     let err = fx.engine.set_limits("c", &update).await.unwrap_err();
     assert_eq!(err, EngineError::LimitsUnsupported);
     assert_eq!(err.code().as_str(), "limits_unsupported");
-    assert_eq!(err.code().status(), 501);
+    assert_eq!(err.code().status(), 400);
     // A plan with limits is refused before anything is stored.
     let config = common::http::config();
     let mut service =

@@ -21,7 +21,7 @@ pub enum ApiError {
         limit: String,
         retry_after_secs: Option<i64>,
     },
-    /// 501 `limits_unsupported`: the store keeps no limits (Redis, for now).
+    /// 400 `limits_unsupported`: the store keeps no limits (Redis, for now).
     LimitsUnsupported,
     /// 401 `no_secret_key`.
     NoSecretKey,

@@ -61,18 +61,14 @@ pub struct ApiDoc;
 
 /// The error statuses every `/v1` route may answer, with the codes behind
 /// them (see `Code::TABLE`).
-const ERRORS: [(&str, &str); 9] = [
+const ERRORS: [(&str, &str); 8] = [
     (
         "400",
-        "invalid_inputs (naming the field), insufficient_balance (track with reject)",
+        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits: the Redis engine, for now)",
     ),
     (
         "429",
         "usage_limit_reached (track with reject refused by a limit; limit_id, Retry-After)",
-    ),
-    (
-        "501",
-        "limits_unsupported (a store without limits: the Redis engine, for now)",
     ),
     ("401", "no_secret_key, invalid_secret_key"),
     (

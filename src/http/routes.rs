@@ -196,7 +196,7 @@ pub struct UpdateCustomerBody {
 /// Sets the customer's limits: each list of `billing_controls` given
 /// replaces the customer's list of that name; all or nothing.
 #[utoipa::path(post, path = "/v1/customers.update", request_body = UpdateCustomerBody,
-    responses((status = 200, body = CustomerView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
+    responses((status = 200, body = CustomerView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn update_customer(
     State(s): State<AppState>,
     ApiJson(b): ApiJson<UpdateCustomerBody>,
