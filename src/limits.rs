@@ -650,3 +650,17 @@ pub struct LimitHold {
     pub window_start: i64,
     pub amount: i64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-process engine's memory per armed limit: this struct plus the
+    /// id's and the feature id's bytes (docs/limits.md quotes it).
+    #[test]
+    fn an_armed_limit_is_small() {
+        let size = std::mem::size_of::<ArmedLimit>();
+        println!("size_of::<ArmedLimit>() = {size}");
+        assert!(size <= 160, "{size}");
+    }
+}
