@@ -452,25 +452,28 @@ impl ArmedLimit {
                 let r = (self.def.quota() - amount) as i128;
                 // Within this window the previous one's weight decays:
                 // ceil(prev·(end − t)/len) ≤ r − used.
-                let earliest = |x: i128, r: i128, lo: i64, hi: i64| -> Option<i64> {
+                // The earliest t in [lo, end] of a window [.., end) of length
+                // `len` with ceil(x·(end − t)/len) ≤ r, i.e.
+                // end − t ≤ floor(r·len/x).
+                let earliest = |x: i128, r: i128, lo: i64, end: i64, len: i64| -> Option<i64> {
                     if r < 0 {
                         return None;
                     }
                     if x == 0 {
                         return Some(lo);
                     }
-                    let len = (hi - lo) as i128;
-                    let t = hi as i128 - (r * len) / x;
-                    Some((t as i64).clamp(lo, hi))
+                    let t = end as i128 - (r * len as i128) / x;
+                    Some((t.clamp(lo as i128, end as i128)) as i64)
                 };
-                if let Some(t) = earliest(prev as i128, r - used as i128, v.now.max(start), v.end) {
+                let len = v.end - start;
+                if let Some(t) = earliest(prev as i128, r - used as i128, v.now, v.end, len) {
                     if t < v.end {
                         return Some(t);
                     }
                 }
                 // In the next window, this one's `used` is the weighted one.
                 let (ns, ne) = window_at(interval, interval_count, v.anchor, v.end);
-                earliest(used as i128, r, ns, ne)
+                earliest(used as i128, r, ns, ne, ne - ns)
             }
             _ => None,
         }

@@ -366,6 +366,58 @@ async fn disabled_limits_are_ignored_and_lists_replace(fx: Fx) {
     assert!(b.limits.is_empty());
 }
 
+async fn replays_expiry_and_confirm_keep_the_counters_exact(fx: Fx) {
+    fx.customer("c").await;
+    fx.monthly("c", "credits", "200").await;
+    arm(&fx, "c", vec![window("basic_message", "3", "minute")]).await;
+    let e = &fx.engine;
+    // An idempotent retry is answered from its record: counted once.
+    for _ in 0..2 {
+        let out = e
+            .consume("c", "basic_message", amt("2"), Some("k1"))
+            .await
+            .unwrap();
+        assert!(out.allowed);
+    }
+    let denied = e
+        .consume("c", "basic_message", amt("2"), Some("k2"))
+        .await
+        .unwrap();
+    assert!(denied.limit.is_some());
+    let again = e
+        .consume("c", "basic_message", amt("2"), Some("k2"))
+        .await
+        .unwrap();
+    assert!(again.replayed && again.limit == denied.limit);
+    // An expired reservation gives its room back.
+    let r = e
+        .reserve(
+            "c",
+            "l1",
+            "basic_message",
+            amt("1"),
+            Some(start() + 10_000),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(r.allowed);
+    assert!(!fx.consume("c", "basic_message", "1").await.allowed);
+    advance(&fx, 10_000);
+    assert!(fx.consume("c", "basic_message", "1").await.allowed);
+    // Confirming with more than held takes the difference, capped.
+    advance(&fx, MINUTE_MS);
+    e.reserve("c", "l2", "basic_message", amt("1"), None, None)
+        .await
+        .unwrap();
+    let out = e
+        .finalize("c", "l2", FinalizeAction::Confirm, Some(amt("5")), None)
+        .await
+        .unwrap();
+    assert_eq!(out.uncovered, amt("2"), "2 more fit, 2 dropped");
+    assert!(!fx.consume("c", "basic_message", "1").await.allowed);
+}
+
 mod memory_engine {
     use super::*;
     macro_rules! on_memory {
@@ -390,6 +442,7 @@ mod memory_engine {
         a_balance_denial_leaves_the_window_untouched,
         billing_cycle_windows_follow_the_bucket_across_a_month_end,
         disabled_limits_are_ignored_and_lists_replace,
+        replays_expiry_and_confirm_keep_the_counters_exact,
     );
 }
 
@@ -495,6 +548,10 @@ fn sliding_window_estimate_stays_within_its_bound() {
             if let Some(f) = l.frees_at(&v, want) {
                 let later = l.view(0, f);
                 assert!(l.room(&later) >= want, "seed {seed}: frees_at early");
+                if f > t {
+                    let before = l.view(0, f - 1);
+                    assert!(l.room(&before) < want, "seed {seed}: frees_at late");
+                }
             }
         }
         assert!(worst > 0, "the estimate is an estimate");
