@@ -659,6 +659,15 @@ async fn bad_limits_are_400_naming_the_field_and_store_nothing() {
         assert_eq!(c.json["billing_controls"]["usage_limits"], json!([]));
         assert_eq!(c.json["billing_controls"]["rate_limits"], json!([]));
     }
+    // Objects only (serde would take an array of the fields in order).
+    for body in [
+        json!({"customer_id": "c", "billing_controls": [null, null]}),
+        json!({"customer_id": "c", "billing_controls": {"usage_limits": [["basic_message", 5, "day"]]}}),
+    ] {
+        let a = update(&h, body).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.text);
+        assert!(a.text.contains("billing_controls"), "{}", a.text);
+    }
     // A balance cannot reset every second.
     let a = h
         .post(

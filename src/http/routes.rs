@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::json::{ApiJson, Count, Millis};
+use super::json::{ApiJson, Count, Millis, Obj};
 use super::views::{self, BalanceView, CustomerView, DeductionView};
 use super::AppState;
 use crate::calendar::Interval;
@@ -177,8 +177,10 @@ pub struct RateLimitBody {
 /// The limit lists `customers.update` replaces (a list not named is kept).
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct BillingControlsBody {
-    pub usage_limits: Option<Vec<UsageLimitBody>>,
-    pub rate_limits: Option<Vec<RateLimitBody>>,
+    #[schema(value_type = Option<Vec<UsageLimitBody>>)]
+    pub usage_limits: Option<Vec<Obj<UsageLimitBody>>>,
+    #[schema(value_type = Option<Vec<RateLimitBody>>)]
+    pub rate_limits: Option<Vec<Obj<RateLimitBody>>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -190,7 +192,8 @@ pub struct UpdateCustomerBody {
         pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
     )]
     pub customer_id: String,
-    pub billing_controls: Option<BillingControlsBody>,
+    #[schema(value_type = Option<BillingControlsBody>)]
+    pub billing_controls: Option<Obj<BillingControlsBody>>,
 }
 
 /// Sets the customer's limits: each list of `billing_controls` given
@@ -204,10 +207,10 @@ pub async fn update_customer(
     crate::model::validate_id("customer_id", &b.customer_id)?;
     let catalog = &s.service.catalog;
     let mut update = LimitsUpdate::default();
-    if let Some(bc) = b.billing_controls {
+    if let Some(Obj(bc)) = b.billing_controls {
         if let Some(list) = bc.usage_limits {
             let mut defs = vec![];
-            for u in list {
+            for Obj(u) in list {
                 if u.filter.is_some() {
                     return Err(ApiError::invalid(
                         "billing_controls.usage_limits.filter",
@@ -229,7 +232,7 @@ pub async fn update_customer(
         }
         if let Some(list) = bc.rate_limits {
             let mut defs = vec![];
-            for r in list {
+            for Obj(r) in list {
                 let spec = LimitSpec {
                     id: r.id,
                     feature_id: r.feature_id,
