@@ -478,6 +478,26 @@ async fn the_redis_engine_refuses_limits_typed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_engine_refuses_limits_typed() {
+    let fx = Fx::cluster().await;
+    fx.customer("c").await;
+    let def = window("basic_message", "10", "minute")
+        .build(
+            LimitList::RateLimits,
+            LimitSource::RateLimits,
+            &common::catalog(),
+        )
+        .unwrap();
+    let update = LimitsUpdate {
+        usage_limits: Some(vec![def]),
+        ..LimitsUpdate::default()
+    };
+    let err = fx.engine.set_limits("c", &update).await.unwrap_err();
+    assert_eq!(err, EngineError::LimitsUnsupported);
+    assert!(fx.engine.balances("c").await.unwrap().limits.is_empty());
+}
+
 // ---- the arithmetic, against definitions ----
 
 fn armed(spec: LimitSpec) -> ArmedLimit {
