@@ -498,6 +498,76 @@ async fn the_cluster_engine_refuses_limits_typed() {
     assert!(fx.engine.balances("c").await.unwrap().limits.is_empty());
 }
 
+/// On random traffic against every kind at once (fixed, sliding, a window
+/// on a credit system, a rate, a shadow limit): `check` answers exactly what
+/// the `consume` right after it does, and a refused request moves no
+/// counter and no balance.
+#[tokio::test]
+async fn check_is_the_exact_dry_run_of_consume_under_limits() {
+    let fx = Fx::memory();
+    fx.customer("c").await;
+    fx.monthly("c", "credits", "5000").await;
+    arm(
+        &fx,
+        "c",
+        vec![
+            window("basic_message", "40", "minute"),
+            LimitSpec {
+                window: Some("sliding".into()),
+                ..window("premium_message", "6", "minute")
+            },
+            window("credits", "600", "hour"),
+            rate("basic_message", "2", "second", "5"),
+            LimitSpec {
+                shadow: Some(true),
+                id: Some("shadow".into()),
+                ..window("credits", "50", "minute")
+            },
+        ],
+    )
+    .await;
+    let mut rng = Lcg(99);
+    let (mut allowed, mut denied) = (0, 0);
+    for step in 0..600 {
+        advance(&fx, rng.next(1500) as i64);
+        let feature = if rng.next(3) == 0 {
+            "premium_message"
+        } else {
+            "basic_message"
+        };
+        let units = amt(&(1 + rng.next(3)).to_string());
+        let checked = fx.engine.check("c", feature, units).await.unwrap();
+        let before = fx.pool("c", "credits").await;
+        let done = fx.engine.consume("c", feature, units, None).await.unwrap();
+        assert_eq!(
+            (
+                &checked.allowed,
+                &checked.entries,
+                &checked.limit,
+                &checked.shadow_denied
+            ),
+            (
+                &done.allowed,
+                &done.entries,
+                &done.limit,
+                &done.shadow_denied
+            ),
+            "step {step}"
+        );
+        if done.allowed {
+            allowed += 1;
+        } else {
+            denied += 1;
+            assert_eq!(fx.pool("c", "credits").await, before, "step {step}");
+            assert_eq!(checked.limits, done.limits, "step {step}: counters moved");
+        }
+    }
+    assert!(
+        allowed > 100 && denied > 100,
+        "{allowed} allowed, {denied} denied"
+    );
+}
+
 // ---- the arithmetic, against definitions ----
 
 fn armed(spec: LimitSpec) -> ArmedLimit {
