@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-pub const MINUTE_MS: i64 = 60_000;
+pub const SECOND_MS: i64 = 1_000;
+pub const MINUTE_MS: i64 = 60 * SECOND_MS;
 pub const HOUR_MS: i64 = 60 * MINUTE_MS;
 pub const DAY_MS: i64 = 24 * HOUR_MS;
 pub const WEEK_MS: i64 = 7 * DAY_MS;
@@ -35,6 +36,9 @@ pub enum Interval {
     Quarter = 6,
     SemiAnnual = 7,
     Year = 8,
+    /// Limits only (`crate::limits`); a bucket cannot reset every second.
+    /// A new code, appended: the older ones keep theirs.
+    Second = 9,
 }
 
 /// How one interval advances: a fixed number of milliseconds or of months.
@@ -45,7 +49,7 @@ pub enum Step {
 }
 
 impl Interval {
-    pub const ALL: [Interval; 9] = [
+    pub const ALL: [Interval; 10] = [
         Interval::OneOff,
         Interval::Minute,
         Interval::Hour,
@@ -55,9 +59,10 @@ impl Interval {
         Interval::Quarter,
         Interval::SemiAnnual,
         Interval::Year,
+        Interval::Second,
     ];
 
-    /// The interval's stored code (0 one_off … 8 year).
+    /// The interval's stored code (0 one_off … 8 year, 9 second).
     pub fn code(self) -> u8 {
         self as u8
     }
@@ -78,6 +83,7 @@ impl Interval {
             Interval::Quarter => "quarter",
             Interval::SemiAnnual => "semi_annual",
             Interval::Year => "year",
+            Interval::Second => "second",
         }
     }
 
@@ -85,6 +91,7 @@ impl Interval {
     pub fn step(self) -> Option<Step> {
         Some(match self {
             Interval::OneOff => return None,
+            Interval::Second => Step::Millis(SECOND_MS),
             Interval::Minute => Step::Millis(MINUTE_MS),
             Interval::Hour => Step::Millis(HOUR_MS),
             Interval::Day => Step::Millis(DAY_MS),
@@ -244,10 +251,12 @@ mod tests {
                 (Interval::Quarter, 6),
                 (Interval::SemiAnnual, 7),
                 (Interval::Year, 8),
+                (Interval::Second, 9),
             ]
         );
         assert_eq!(Interval::from_code(5), Some(Interval::Month));
-        assert_eq!(Interval::from_code(9), None);
+        assert_eq!(Interval::from_code(9), Some(Interval::Second));
+        assert_eq!(Interval::from_code(10), None);
     }
 
     #[test]

@@ -598,6 +598,23 @@ impl Config {
                     "at most 64 items",
                 ));
             }
+            let mut ids = std::collections::BTreeSet::new();
+            for (i, spec) in plan.limits.iter().enumerate() {
+                let key = format!("plans[{p}].limits[{i}]");
+                let def = spec
+                    .build(
+                        crate::limits::LimitList::Plan,
+                        crate::limits::LimitSource::Plan(plan.id.clone()),
+                        &catalog,
+                    )
+                    .map_err(|e| ConfigError::new(key.clone(), e.to_string()))?;
+                if !ids.insert(def.id.clone()) {
+                    return Err(ConfigError::new(
+                        key,
+                        format!("limit id {:?} is defined twice in the plan", def.id),
+                    ));
+                }
+            }
             for i in 0..plan.items.len() {
                 let key = format!("plans[{p}].items[{i}]");
                 if plan.balance_id(i).chars().count() > MAX_ID_CHARS {

@@ -24,6 +24,10 @@ pub enum EngineError {
     TooManyBuckets(usize),
     #[error("insufficient balance")]
     InsufficientBalance,
+    #[error("usage limit {0:?} reached")]
+    UsageLimitReached(String),
+    #[error("this store does not keep limits yet (the Redis engine: see docs/limits.md); use the in-process engine for customers with limits")]
+    LimitsUnsupported,
     #[error("a pending lock with id {0:?} already exists")]
     LockAlreadyExists(String),
     #[error("lock {0:?} not found")]
@@ -125,6 +129,8 @@ impl EngineError {
             EngineError::BalanceAlreadyExists(_) => Code::BalanceAlreadyExists,
             EngineError::TooManyBuckets(_) => Code::TooManyBalances,
             EngineError::InsufficientBalance => Code::InsufficientBalance,
+            EngineError::UsageLimitReached(_) => Code::UsageLimitReached,
+            EngineError::LimitsUnsupported => Code::LimitsUnsupported,
             EngineError::LockAlreadyExists(_) => Code::LockAlreadyExists,
             EngineError::LockNotFound(_) => Code::LockNotFound,
             EngineError::IdempotencyKeyReused => Code::IdempotencyKeyReused,
@@ -141,6 +147,8 @@ impl EngineError {
 pub enum Code {
     InvalidInputs,
     InsufficientBalance,
+    UsageLimitReached,
+    LimitsUnsupported,
     AmountOutOfRange,
     TooManyBalances,
     NoSecretKey,
@@ -163,9 +171,13 @@ pub enum Code {
 
 impl Code {
     /// Code, its wire name, and the HTTP status it answers with.
-    pub const TABLE: [(Code, &'static str, u16); 20] = [
+    pub const TABLE: [(Code, &'static str, u16); 22] = [
         (Code::InvalidInputs, "invalid_inputs", 400),
         (Code::InsufficientBalance, "insufficient_balance", 400),
+        (Code::UsageLimitReached, "usage_limit_reached", 429),
+        // The store cannot keep limits (the Redis engine, for now): a 4xx,
+        // since retrying the same request can never succeed on it.
+        (Code::LimitsUnsupported, "limits_unsupported", 400),
         // Bad input too: the request would take a balance out of bounds.
         (Code::AmountOutOfRange, "amount_out_of_range", 400),
         (Code::TooManyBalances, "too_many_balances", 400),
@@ -192,7 +204,7 @@ impl Code {
         Code::TABLE
             .iter()
             .find(|r| r.0 == self)
-            .unwrap_or(&Code::TABLE[18])
+            .unwrap_or(&Code::TABLE[20])
     }
 
     /// The wire name (`invalid_inputs`, …).

@@ -15,6 +15,8 @@
 //! - [`calendar`]: intervals and reset boundaries (month-end clamping);
 //! - [`model`]: the domain — catalog, buckets, rollovers, locks, plans,
 //!   requests ([`model::Op`]) and answers, and their validation;
+//! - [`limits`]: windowed caps and smooth rates beside the balances, their
+//!   counters and validation;
 //! - [`rules`]: every rule that moves a balance, pure and in one place, and
 //!   the `Retry-After` projection built on the same reset rule;
 //! - [`clock`]: the injectable clock; [`error`]: typed errors and the one
@@ -45,6 +47,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod money;

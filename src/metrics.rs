@@ -41,6 +41,7 @@ const CUSTOMERS_SWEPT: &str = "creditgate_customers_swept_total";
 const RESETS_APPLIED: &str = "creditgate_resets_applied_total";
 const SWEEP_SECONDS: &str = "creditgate_sweep_duration_seconds_total";
 const LAST_SWEEP_SECONDS: &str = "creditgate_last_sweep_duration_seconds";
+const SHADOW_DENIALS: &str = "creditgate_shadow_denials_total";
 
 const META: metrics::Metadata<'static> =
     metrics::Metadata::new("creditgate", Level::INFO, Some(module_path!()));
@@ -75,6 +76,9 @@ impl RouteMetrics {
 }
 
 pub struct Metrics {
+    /// Kept for the one family registered on demand: shadow denials by
+    /// limit id (ids are the operator's, not known up front).
+    recorder: metrics_exporter_prometheus::PrometheusRecorder,
     handle: PrometheusHandle,
     routes: HashMap<&'static str, RouteMetrics>,
     unmatched: RouteMetrics,
@@ -121,6 +125,10 @@ impl Metrics {
         describe(RESETS_APPLIED, "Bucket resets applied by the reset task.");
         describe(SWEEP_SECONDS, "Time spent sweeping.");
         describe(LAST_SWEEP_SECONDS, "How long the last sweep took.");
+        describe(
+            SHADOW_DENIALS,
+            "Requests a shadow limit would have denied, by limit id.",
+        );
         let counter =
             |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &META);
         let gauge =
@@ -152,7 +160,14 @@ impl Metrics {
             resets_applied: counter(RESETS_APPLIED),
             sweep_seconds: gauge(SWEEP_SECONDS),
             last_sweep_seconds: gauge(LAST_SWEEP_SECONDS),
+            recorder,
         }
+    }
+
+    /// Counts one request the shadow limit `id` would have denied.
+    pub fn shadow_denial(&self, id: &str) {
+        let key = Key::from_parts(SHADOW_DENIALS, vec![Label::new("limit", id.to_string())]);
+        self.recorder.register_counter(&key, &META).increment(1);
     }
 
     /// The handles of a matched path (`None`: no route matched). A path

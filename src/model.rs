@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::calendar::{Interval, Period, MAX_INSTANT_MS};
 use crate::error::{invalid, EngineError};
+use crate::limits::{
+    derived_id, Anchor, ArmedLimit, LimitDef, LimitDenial, LimitHold, LimitKind, LimitList,
+    LimitSource, LimitSpec, LimitStatus, WindowMode,
+};
 use crate::money::{Amount, Cost};
 
 /// Most buckets one customer may hold.
@@ -410,6 +414,13 @@ pub struct Outcome {
     /// The instant (ms) the store decided at: the engine's clock, or on
     /// Redis without an injected clock, Redis `TIME` as the function read it.
     pub at: i64,
+    /// Refused by this limit (the balance would have covered it).
+    pub limit: Option<LimitDenial>,
+    /// Shadow limits that would have refused it.
+    pub shadow_denied: Vec<String>,
+    /// The enabled limits on the feature and on the pools that can pay,
+    /// after the operation (answers and RateLimit headers).
+    pub limits: Vec<LimitStatus>,
 }
 
 /// A bucket as balances show it.
@@ -456,6 +467,9 @@ pub struct CustomerBalances {
     pub customer_id: String,
     pub created_at: i64,
     pub pools: Vec<PoolBalance>,
+    /// Its limits (definitions; an engine without limits: none).
+    #[serde(default)]
+    pub limits: Vec<LimitDef>,
 }
 
 /// A lock's held entries and state.
@@ -468,6 +482,9 @@ pub struct Lock {
     /// (a bucket that has reset since gets nothing back).
     pub held: Vec<(Entry, Option<i64>)>,
     pub state: LockState,
+    /// What it holds of the customer's limits (given back on release).
+    #[serde(default)]
+    pub limit_held: Vec<LimitHold>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -490,6 +507,9 @@ impl Outcome {
             replayed,
             pools,
             at,
+            limit: stored.limit,
+            shadow_denied: stored.shadow_denied,
+            limits: vec![],
         }
     }
 
@@ -508,6 +528,12 @@ pub struct StoredOutcome {
     pub no_balance: bool,
     /// The request was refused for lack of balance (`track` with `reject`).
     pub insufficient: bool,
+    /// The request was refused by this limit (balance sufficed).
+    #[serde(default)]
+    pub limit: Option<LimitDenial>,
+    /// Shadow limits that would have refused it.
+    #[serde(default)]
+    pub shadow_denied: Vec<String>,
 }
 
 /// A remembered idempotent request.
@@ -528,6 +554,9 @@ pub struct CustomerState {
     pub buckets: Vec<Bucket>,
     pub locks: BTreeMap<String, Lock>,
     pub idempotency: BTreeMap<String, IdempotencyRecord>,
+    /// Its limits with their counters (plans' and its own).
+    #[serde(default)]
+    pub limits: Vec<ArmedLimit>,
 }
 
 /// Retention times, in milliseconds.
@@ -587,6 +616,12 @@ fn check_grant(
         ));
     }
     let interval = g.interval.unwrap_or(Interval::OneOff);
+    if interval == Interval::Second {
+        return Err(invalid(
+            "interval",
+            "second is for limits only; a balance resets at most every minute",
+        ));
+    }
     let count = g.interval_count.unwrap_or(1);
     if count == 0 {
         return Err(invalid("interval_count", "must be at least 1"));
@@ -714,6 +749,9 @@ pub struct Plan {
     pub id: String,
     #[serde(default)]
     pub items: Vec<PlanItem>,
+    /// Limits granted on attach (see `docs/limits.md`).
+    #[serde(default)]
+    pub limits: Vec<LimitSpec>,
 }
 
 impl Plan {
@@ -895,5 +933,178 @@ impl Op {
             }
         }
         Ok(())
+    }
+}
+
+fn field(list: LimitList, name: &'static str) -> &'static str {
+    macro_rules! names {
+        ($($n:literal),*) => {
+            match (list, name) {
+                $(
+                    (LimitList::UsageLimits, $n) => concat!("billing_controls.usage_limits.", $n),
+                    (LimitList::RateLimits, $n) => concat!("billing_controls.rate_limits.", $n),
+                    (LimitList::Plan, $n) => concat!("plans.limits.", $n),
+                )*
+                _ => name,
+            }
+        };
+    }
+    names!(
+        "id",
+        "feature_id",
+        "kind",
+        "limit",
+        "interval",
+        "interval_count",
+        "anchor",
+        "window",
+        "rate",
+        "burst"
+    )
+}
+
+// Validation of a limit spec lives here, beside the catalog it checks
+// against (the limits module stays below the model).
+impl LimitSpec {
+    /// Validates the spec into a limit. Autumn's `usage_limits` allow only
+    /// windows of a day, week, month or year.
+    pub fn build(
+        &self,
+        list: LimitList,
+        source: LimitSource,
+        catalog: &Catalog,
+    ) -> Result<LimitDef, EngineError> {
+        let f = |n| field(list, n);
+        validate_id(f("feature_id"), &self.feature_id)?;
+        if catalog.feature(&self.feature_id).is_none() {
+            return Err(invalid(
+                f("feature_id"),
+                format!("unknown feature {:?}", self.feature_id),
+            ));
+        }
+        let kind = self.kind.as_deref().unwrap_or("window");
+        let interval: Interval = match &self.interval {
+            None => return Err(invalid(f("interval"), "is required")),
+            Some(s) => s.parse().map_err(|e: String| invalid(f("interval"), e))?,
+        };
+        let count = self.interval_count.unwrap_or(1);
+        if count == 0 || count > 1000 {
+            return Err(invalid(f("interval_count"), "must be between 1 and 1000"));
+        }
+        let positive = |name, v: Option<Amount>| match v {
+            None => Err(invalid(f(name), "is required")),
+            Some(a) if a.raw() <= 0 => Err(invalid(f(name), "must be greater than zero")),
+            Some(a) => Ok(a),
+        };
+        let only = |name, given: bool, k: &str| {
+            if given {
+                Err(invalid(f(name), format!("is not a field of a {k} limit")))
+            } else {
+                Ok(())
+            }
+        };
+        let kind = match kind {
+            "window" => {
+                only("rate", self.rate.is_some(), "window")?;
+                only("burst", self.burst.is_some(), "window")?;
+                let allowed = match list {
+                    LimitList::UsageLimits => matches!(
+                        interval,
+                        Interval::Day | Interval::Week | Interval::Month | Interval::Year
+                    ),
+                    _ => interval != Interval::OneOff,
+                };
+                if !allowed {
+                    return Err(invalid(
+                        f("interval"),
+                        match list {
+                            LimitList::UsageLimits => {
+                                "usage_limits take day, week, month or year (shorter windows go in rate_limits)"
+                            }
+                            _ => "a window limit needs a resetting interval (second to year)",
+                        },
+                    ));
+                }
+                if list == LimitList::UsageLimits && count != 1 {
+                    return Err(invalid(
+                        f("interval_count"),
+                        "usage_limits count one interval",
+                    ));
+                }
+                let anchor = match self.anchor.as_deref() {
+                    None | Some("utc") => Anchor::Utc,
+                    Some("billing_cycle") => Anchor::BillingCycle,
+                    Some(_) => return Err(invalid(f("anchor"), "must be utc or billing_cycle")),
+                };
+                let window = match self.window.as_deref() {
+                    None | Some("fixed") => WindowMode::Fixed,
+                    Some("sliding") if list != LimitList::UsageLimits => WindowMode::Sliding,
+                    Some(_) => return Err(invalid(f("window"), "must be fixed or sliding")),
+                };
+                LimitKind::Window {
+                    limit: positive("limit", self.limit)?,
+                    interval,
+                    interval_count: count,
+                    anchor,
+                    window,
+                }
+            }
+            "rate" if list != LimitList::UsageLimits => {
+                only("limit", self.limit.is_some(), "rate")?;
+                only("anchor", self.anchor.is_some(), "rate")?;
+                only("window", self.window.is_some(), "rate")?;
+                if !matches!(
+                    interval,
+                    Interval::Second
+                        | Interval::Minute
+                        | Interval::Hour
+                        | Interval::Day
+                        | Interval::Week
+                ) {
+                    return Err(invalid(
+                        f("interval"),
+                        "a rate's period is second, minute, hour, day or week",
+                    ));
+                }
+                let rate = positive("rate", self.rate)?;
+                let burst = self.burst.unwrap_or(rate);
+                if burst < Amount::whole(1) {
+                    return Err(invalid(f("burst"), "must be at least one request (1 unit)"));
+                }
+                LimitKind::Rate {
+                    rate,
+                    interval,
+                    interval_count: count,
+                    burst,
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    f("kind"),
+                    match list {
+                        LimitList::UsageLimits => "usage_limits are windows",
+                        _ => "must be window or rate",
+                    },
+                ))
+            }
+        };
+        let id = match &self.id {
+            Some(id) => {
+                validate_id(f("id"), id)?;
+                id.clone()
+            }
+            None => derived_id(&self.feature_id, &kind),
+        };
+        if id.chars().count() > crate::model::MAX_ID_CHARS {
+            return Err(invalid(f("id"), "must be at most 256 characters"));
+        }
+        Ok(LimitDef {
+            id,
+            feature_id: self.feature_id.clone(),
+            kind,
+            enabled: self.enabled.unwrap_or(true),
+            shadow: self.shadow.unwrap_or(false),
+            source,
+        })
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::calendar::{add_months, Period, MAX_INSTANT_MS};
 use crate::error::{invalid, EngineError};
+use crate::limits::{LimitDef, LimitDenial, LimitHold, LimitKind, LimitStatus, LimitsUpdate, View};
 use crate::model::*;
 use crate::money::{affordable_units, charge, cover, Amount, Cost, MAX_AMOUNT_RAW};
 
@@ -466,6 +467,8 @@ fn release_outcome(entries: Vec<Entry>, lost: i64) -> StoredOutcome {
         uncovered: Amount::from_raw(lost).unwrap_or(Amount::ZERO),
         no_balance: false,
         insufficient: false,
+        limit: None,
+        shadow_denied: vec![],
     }
 }
 
@@ -488,6 +491,7 @@ pub fn prepare(state: &mut CustomerState, now: i64, retention: Retention) -> u32
     for (at, id) in expired {
         if let Some(lock) = state.locks.get(&id).cloned() {
             let (entries, lost) = release_held(&mut state.buckets, &lock, at);
+            release_expired_holds(state, &lock.limit_held, now);
             let forget_at = at.saturating_add(retention.finalized_lock_ms);
             let outcome = release_outcome(entries, lost);
             if let Some(l) = state.locks.get_mut(&id) {
@@ -507,6 +511,20 @@ pub fn prepare(state: &mut CustomerState, now: i64, retention: Retention) -> u32
         |_, l| !matches!(l.state, LockState::Finalized { forget_at, .. } if forget_at <= now),
     );
     resets
+}
+
+/// An expired reservation's limit holds, given back as of `now` to windows
+/// still current (the catalog is not needed: a window's anchor is found
+/// from the stored window start).
+fn release_expired_holds(state: &mut CustomerState, holds: &[LimitHold], now: i64) {
+    for h in holds {
+        if let Some(l) = state.limits.iter_mut().find(|l| l.def.id == h.id) {
+            // The hold's window is current when `now` is before its end: use
+            // the hold's own start as the anchor of that window.
+            let v = l.view(h.window_start, now);
+            l.give_back(&v, h.amount, h.window_start, true);
+        }
+    }
 }
 
 /// Frees idempotency records past their retention. Lookups already ignore
@@ -641,6 +659,8 @@ fn outcome(allowed: bool, entries: Vec<Entry>, uncovered: i64) -> StoredOutcome 
         uncovered: Amount::from_raw(uncovered).unwrap_or(Amount::MAX),
         no_balance: false,
         insufficient: false,
+        limit: None,
+        shadow_denied: vec![],
     }
 }
 
@@ -651,32 +671,298 @@ fn no_balance(units: Amount, insufficient: bool) -> StoredOutcome {
         uncovered: units.abs(),
         no_balance: true,
         insufficient,
+        limit: None,
+        shadow_denied: vec![],
     }
 }
 
 /// Dry-runs a consume: exactly what consume would answer at this instant.
+/// The balance decides first (a request it refuses takes no limit room and
+/// is `insufficient_balance`); then every enabled limit on the feature and
+/// on each credit system that pays must have room for what the request
+/// would take from it, or it is refused by the limit that frees last.
 pub fn check(
     state: &CustomerState,
     catalog: &Catalog,
     feature: &str,
     units: Amount,
+    now: i64,
 ) -> Result<StoredOutcome, EngineError> {
+    check_with_takes(state, catalog, feature, units, now).map(|(out, _)| out)
+}
+
+fn check_with_takes(
+    state: &CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+    units: Amount,
+    now: i64,
+) -> Result<(StoredOutcome, Vec<(usize, i64)>), EngineError> {
     validate_id("feature_id", feature)?;
     if units.is_negative() {
         return Err(invalid("required_balance", "must not be negative"));
     }
     let pools = owned_pools(state, catalog, feature)?;
     if pools.is_empty() {
-        return Ok(no_balance(units, false));
+        return Ok((no_balance(units, false), vec![]));
     }
     let mut work = state.buckets.clone();
     let order = deduction_order(&work, &pools);
     let (entries, rest) = deduct(&mut work, &order, units.raw())?;
-    Ok(if rest > 0 {
-        outcome(false, vec![], rest)
+    if rest > 0 {
+        return Ok((outcome(false, vec![], rest), vec![]));
+    }
+    let judged = judge(state, catalog, feature, &entries, now)?;
+    let mut out = match judged.blocked {
+        Some(d) => {
+            let mut out = outcome(false, vec![], units.raw());
+            out.limit = Some(d);
+            out
+        }
+        None => outcome(true, entries, 0),
+    };
+    out.shadow_denied = judged.shadow;
+    let takes = if out.allowed { judged.takes } else { vec![] };
+    Ok((out, takes))
+}
+
+// ---- limits (issue 13): see `crate::limits` and docs/limits.md ----
+
+/// The anchor of the paying pool's first resetting bucket (deduction
+/// order) for a limit: what `anchor = "billing_cycle"` windows follow.
+pub fn billing_anchor(buckets: &[Bucket], catalog: &Catalog, def: &LimitDef) -> Option<i64> {
+    let pools = catalog.pools_for(&def.feature_id).ok()?;
+    buckets
+        .iter()
+        .filter(|b| b.period().is_some())
+        .filter_map(|b| {
+            pools
+                .iter()
+                .position(|p| p.pool == b.pool)
+                .map(|pi| (bucket_order_key(b, pi), b.anchor))
+        })
+        .min()
+        .map(|(_, a)| a)
+}
+
+/// The enabled limits a request on `feature` meets: those on the feature
+/// itself (counting its units) and those on a credit system that can pay
+/// for it (counting the credits charged to that pool).
+pub fn applicable_limits(
+    state: &CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+) -> Result<Vec<usize>, EngineError> {
+    let pools = catalog.pools_for(feature)?;
+    Ok(state
+        .limits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| {
+            l.def.enabled
+                && (l.def.feature_id == feature || pools.iter().any(|p| p.pool == l.def.feature_id))
+        })
+        .map(|(i, _)| i)
+        .collect())
+}
+
+/// What entries take from one limit: units of the requested feature, or
+/// credits charged to the limit's pool. Negative for refunds.
+fn take_of(def: &LimitDef, feature: &str, entries: &[Entry]) -> i64 {
+    if def.feature_id == feature {
+        entries.iter().map(|e| e.units.raw()).sum()
     } else {
-        outcome(true, entries, 0)
-    })
+        entries
+            .iter()
+            .filter(|e| e.pool == def.feature_id)
+            .map(|e| e.amount.raw())
+            .sum()
+    }
+}
+
+fn limit_view(state: &CustomerState, catalog: &Catalog, i: usize, now: i64) -> View {
+    let l = &state.limits[i];
+    let anchor = l.anchor_ms(billing_anchor(&state.buckets, catalog, &l.def));
+    l.view(anchor, now)
+}
+
+struct Judged {
+    /// The limit that refuses (the one that frees last), if any.
+    blocked: Option<LimitDenial>,
+    /// Shadow limits that would have refused.
+    shadow: Vec<String>,
+    /// (limit index, amount) to take if the request goes ahead.
+    takes: Vec<(usize, i64)>,
+}
+
+fn judge(
+    state: &CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+    entries: &[Entry],
+    now: i64,
+) -> Result<Judged, EngineError> {
+    let mut judged = Judged {
+        blocked: None,
+        shadow: vec![],
+        takes: vec![],
+    };
+    for i in applicable_limits(state, catalog, feature)? {
+        let l = &state.limits[i];
+        let amount = take_of(&l.def, feature, entries).max(0);
+        let v = limit_view(state, catalog, i, now);
+        if amount > l.room(&v) {
+            if l.def.shadow {
+                judged.shadow.push(l.def.id.clone());
+            } else {
+                let d = LimitDenial {
+                    id: l.def.id.clone(),
+                    frees_at: l.frees_at(&v, amount),
+                };
+                // The one that frees last (never: last of all) decides.
+                let later = match (&judged.blocked, d.frees_at) {
+                    (None, _) => true,
+                    (Some(b), f) => match (b.frees_at, f) {
+                        (None, _) => false,
+                        (Some(_), None) => true,
+                        (Some(a), Some(f)) => f > a,
+                    },
+                };
+                if later {
+                    judged.blocked = Some(d);
+                }
+            }
+        }
+        judged.takes.push((i, amount));
+    }
+    Ok(judged)
+}
+
+/// Whether no limit (shadow ones aside) would refuse these entries.
+fn limits_fit(
+    state: &CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+    entries: &[Entry],
+    now: i64,
+) -> Result<bool, EngineError> {
+    Ok(judge(state, catalog, feature, entries, now)?
+        .blocked
+        .is_none())
+}
+
+/// Takes what a request took from its limits; answers the holds (what a
+/// reservation gives back on release).
+fn take_limits(
+    state: &mut CustomerState,
+    catalog: &Catalog,
+    takes: &[(usize, i64)],
+    now: i64,
+) -> Vec<LimitHold> {
+    let mut holds = vec![];
+    for &(i, amount) in takes {
+        let v = limit_view(state, catalog, i, now);
+        let l = &mut state.limits[i];
+        l.take(&v, amount);
+        if amount > 0 {
+            holds.push(LimitHold {
+                id: l.def.id.clone(),
+                window_start: v.start,
+                amount,
+            });
+        }
+    }
+    holds
+}
+
+/// A refund gives room back to each window limit it was charged in, if
+/// that window is still the current one; rates do not give back.
+fn refund_limits(
+    state: &mut CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+    entries: &[Entry],
+    now: i64,
+) -> Result<(), EngineError> {
+    for i in applicable_limits(state, catalog, feature)? {
+        let back = -take_of(&state.limits[i].def, feature, entries);
+        if back > 0 {
+            let v = limit_view(state, catalog, i, now);
+            state.limits[i].give_back(&v, back, v.start, false);
+        }
+    }
+    Ok(())
+}
+
+/// A released reservation gives back what it held of each limit: to a
+/// window still current, and to a rate (never below now).
+fn release_limits(state: &mut CustomerState, catalog: &Catalog, holds: &[LimitHold], now: i64) {
+    for h in holds {
+        if let Some(i) = state.limits.iter().position(|l| l.def.id == h.id) {
+            let v = limit_view(state, catalog, i, now);
+            state.limits[i].give_back(&v, h.amount, h.window_start, true);
+        }
+    }
+}
+
+/// The largest `u` in `[0, hi]` that `fits` (which must be monotone: a
+/// deduction of more units never takes less from any limit).
+fn largest_fitting(
+    hi: i64,
+    mut fits: impl FnMut(i64) -> Result<bool, EngineError>,
+) -> Result<i64, EngineError> {
+    if hi <= 0 || fits(hi)? {
+        return Ok(hi.max(0));
+    }
+    let (mut lo, mut hi) = (0i64, hi);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// The enabled limits a request on `feature` meets, as answers and
+/// headers show them.
+pub fn limit_statuses(
+    state: &CustomerState,
+    catalog: &Catalog,
+    feature: &str,
+    now: i64,
+) -> Vec<LimitStatus> {
+    let Ok(list) = applicable_limits(state, catalog, feature) else {
+        return vec![];
+    };
+    list.into_iter()
+        .map(|i| {
+            let l = &state.limits[i];
+            let v = limit_view(state, catalog, i, now);
+            let resets_at = match (l.def.kind, v.counter) {
+                (LimitKind::Rate { .. }, _) => l.frees_at(&v, l.def.quota()),
+                _ => Some(v.end),
+            };
+            LimitStatus {
+                id: l.def.id.clone(),
+                feature_id: l.def.feature_id.clone(),
+                quota: Amount::from_raw(l.def.quota()).unwrap_or(Amount::MAX),
+                remaining: Amount::from_raw(l.room(&v)).unwrap_or(Amount::MAX),
+                window_ms: l.def.window_ms(),
+                resets_at,
+                shadow: l.def.shadow,
+            }
+        })
+        .collect()
+}
+
+/// Replaces the customer's limits as `update` says (see
+/// [`crate::limits::update_limits`]); nothing changes on error.
+pub fn set_limits(state: &mut CustomerState, update: &LimitsUpdate) -> Result<(), EngineError> {
+    state.limits = crate::limits::update_limits(&state.limits, update)?;
+    Ok(())
 }
 
 fn run(
@@ -688,9 +974,10 @@ fn run(
 ) -> Result<(StoredOutcome, bool), EngineError> {
     match op {
         Op::Consume { feature, units } => {
-            let out = check(state, catalog, feature, *units)?;
+            let (out, takes) = check_with_takes(state, catalog, feature, *units, now)?;
             if out.allowed {
                 commit(state, catalog, feature, &out.entries)?;
+                take_limits(state, catalog, &takes, now);
             }
             Ok((out, false))
         }
@@ -703,9 +990,10 @@ fn run(
             if matches!(state.locks.get(lock_id), Some(l) if l.state == LockState::Pending) {
                 return Err(EngineError::LockAlreadyExists(lock_id.clone()));
             }
-            let out = check(state, catalog, feature, *units)?;
+            let (out, takes) = check_with_takes(state, catalog, feature, *units, now)?;
             if out.allowed {
                 commit(state, catalog, feature, &out.entries)?;
+                let limit_held = take_limits(state, catalog, &takes, now);
                 let held = out
                     .entries
                     .iter()
@@ -724,6 +1012,7 @@ fn run(
                     expires_at: *expires_at,
                     held,
                     state: LockState::Pending,
+                    limit_held,
                 };
                 state.locks.insert(lock_id.clone(), lock);
             }
@@ -733,7 +1022,10 @@ fn run(
             feature,
             units,
             behavior,
-        } => Ok((track(state, catalog, feature, *units, *behavior)?, false)),
+        } => Ok((
+            track(state, catalog, feature, *units, *behavior, now)?,
+            false,
+        )),
         Op::Finalize {
             lock_id,
             action,
@@ -750,6 +1042,7 @@ fn run(
             let out = match (action, override_units) {
                 (FinalizeAction::Release, _) => {
                     let (entries, lost) = release_held(&mut state.buckets, &lock, now);
+                    release_limits(state, catalog, &lock.limit_held, now);
                     release_outcome(entries, lost)
                 }
                 (FinalizeAction::Confirm, None) => outcome(true, vec![], 0),
@@ -760,7 +1053,14 @@ fn run(
                     if pools.is_empty() {
                         outcome(diff.is_zero(), vec![], diff.raw().abs())
                     } else {
-                        track(state, catalog, &lock.feature, diff, OverageBehavior::Cap)?
+                        track(
+                            state,
+                            catalog,
+                            &lock.feature,
+                            diff,
+                            OverageBehavior::Cap,
+                            now,
+                        )?
                     }
                 }
             };
@@ -791,12 +1091,17 @@ fn commit(
     Ok(())
 }
 
+/// Track. Limits are hard caps in every mode: `reject` refuses (the
+/// balance first, then the limits); `cap` takes the most both the balance
+/// and every limit allow; `overflow` may overdraw the balance, never a
+/// limit (what no limit allows is dropped, as `cap` drops it).
 fn track(
     state: &mut CustomerState,
     catalog: &Catalog,
     feature: &str,
     units: Amount,
     behavior: OverageBehavior,
+    now: i64,
 ) -> Result<StoredOutcome, EngineError> {
     let pools = owned_pools(state, catalog, feature)?;
     if pools.is_empty() {
@@ -807,26 +1112,51 @@ fn track(
     }
     let mut work = state.buckets.clone();
     let order = deduction_order(&work, &pools);
-    let out = if units.raw() < 0 {
+    if units.raw() < 0 {
         let (entries, rest) = refund(&mut work, &order, -units.raw());
-        outcome(rest == 0, entries, rest)
-    } else {
-        let (mut entries, rest) = deduct(&mut work, &order, units.raw())?;
-        match behavior {
-            _ if rest == 0 => outcome(true, entries, 0),
-            OverageBehavior::Reject => {
-                let mut out = outcome(false, vec![], rest);
-                out.insufficient = true;
-                return Ok(out);
-            }
-            OverageBehavior::Cap => outcome(false, entries, rest),
-            OverageBehavior::Overflow => {
-                let rest = overflow(&mut work, &order, &mut entries, rest)?;
-                outcome(rest == 0, entries, rest)
-            }
-        }
+        state.buckets = work;
+        refund_limits(state, catalog, feature, &entries, now)?;
+        return Ok(outcome(rest == 0, entries, rest));
+    }
+    // What `u` units would take, on a fresh copy of the buckets.
+    let attempt = |u: i64| -> Result<(Vec<Bucket>, Vec<Entry>, i64), EngineError> {
+        let mut w = state.buckets.clone();
+        let (mut entries, rest) = deduct(&mut w, &order, u)?;
+        let rest = match behavior {
+            OverageBehavior::Overflow if rest > 0 => overflow(&mut w, &order, &mut entries, rest)?,
+            _ => rest,
+        };
+        Ok((w, entries, rest))
     };
+    let (_, first, rest) = attempt(units.raw())?;
+    if behavior == OverageBehavior::Reject && rest > 0 {
+        let mut out = outcome(false, vec![], rest);
+        out.insufficient = true;
+        return Ok(out);
+    }
+    let judged = judge(state, catalog, feature, &first, now)?;
+    let take = match (&judged.blocked, behavior) {
+        (None, _) => units.raw(),
+        (Some(d), OverageBehavior::Reject) => {
+            let mut out = outcome(false, vec![], units.raw());
+            out.limit = Some(d.clone());
+            out.shadow_denied = judged.shadow;
+            return Ok(out);
+        }
+        // The most the balance pays (cap) or all of it (overflow), then the
+        // most every limit allows.
+        (Some(_), _) => largest_fitting(units.raw() - rest, |u| {
+            let (_, entries, _) = attempt(u)?;
+            limits_fit(state, catalog, feature, &entries, now)
+        })?,
+    };
+    let (work, entries, rest) = attempt(take)?;
+    let judged = judge(state, catalog, feature, &entries, now)?;
+    let dropped = units.raw() - take + rest;
+    let mut out = outcome(dropped == 0, entries, dropped);
+    out.shadow_denied = judged.shadow;
     state.buckets = work;
+    take_limits(state, catalog, &judged.takes, now);
     Ok(out)
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::engine::{Engine, LockIndex, MemoryLockIndex};
 use crate::error::{invalid, EngineError};
+use crate::limits::{LimitList, LimitSource, LimitsUpdate};
 use crate::model::{Catalog, FinalizeAction, Outcome, Plan, PoolCost, MAX_BUCKETS_PER_CUSTOMER};
 use crate::money::Amount;
 use crate::rules;
@@ -53,8 +54,35 @@ impl Service {
             .iter()
             .find(|p| p.id == plan_id)
             .ok_or_else(|| EngineError::PlanNotFound(plan_id.to_string()))?;
+        // A store without limits refuses a plan with limits before anything
+        // is stored: a limit is never silently dropped.
+        let limits = plan
+            .limits
+            .iter()
+            .map(|spec| {
+                spec.build(
+                    LimitList::Plan,
+                    LimitSource::Plan(plan.id.clone()),
+                    &self.catalog,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !limits.is_empty() && !self.engine.supports_limits() {
+            return Err(EngineError::LimitsUnsupported);
+        }
         self.engine.create_customer(customer_id).await?;
         let current = self.engine.balances(customer_id).await?;
+        let has_plan_limits = current
+            .limits
+            .iter()
+            .any(|l| l.source == LimitSource::Plan(plan.id.clone()));
+        if !limits.is_empty() && !has_plan_limits {
+            let update = LimitsUpdate {
+                plan: Some((plan.id.clone(), limits)),
+                ..LimitsUpdate::default()
+            };
+            self.engine.set_limits(customer_id, &update).await?;
+        }
         let held: Vec<&str> = current
             .pools
             .iter()

@@ -9,6 +9,7 @@ pub mod redis;
 use async_trait::async_trait;
 
 use crate::error::EngineError;
+use crate::limits::{LimitDef, LimitsUpdate};
 use crate::model::*;
 use crate::money::Amount;
 
@@ -67,6 +68,24 @@ pub trait Engine: Send + Sync + 'static {
     /// keeps idle customers' balances (and what gateways read) on time.
     async fn sweep_due(&self) -> Result<SweepReport, EngineError>;
 
+    /// Whether the store keeps limits (`crate::limits`). One that does not
+    /// refuses every limit with [`EngineError::LimitsUnsupported`], so a
+    /// limit is never silently ignored.
+    fn supports_limits(&self) -> bool {
+        false
+    }
+
+    /// Replaces the customer's limit lists the update names; answers every
+    /// limit the customer then holds. All or nothing.
+    async fn set_limits(
+        &self,
+        customer_id: &str,
+        update: &LimitsUpdate,
+    ) -> Result<Vec<LimitDef>, EngineError> {
+        let _ = (customer_id, update);
+        Err(EngineError::LimitsUnsupported)
+    }
+
     async fn consume(
         &self,
         customer_id: &str,
@@ -81,7 +100,8 @@ pub trait Engine: Send + Sync + 'static {
         self.apply(customer_id, &op, key).await
     }
 
-    /// Track (a negative `units` refunds). `reject` refusals are `InsufficientBalance`.
+    /// Track (a negative `units` refunds). `reject` refusals are
+    /// `InsufficientBalance`, or `UsageLimitReached` for a limit.
     async fn track(
         &self,
         customer_id: &str,
@@ -98,6 +118,9 @@ pub trait Engine: Send + Sync + 'static {
         let out = self.apply(customer_id, &op, key).await?;
         if out.insufficient {
             return Err(EngineError::InsufficientBalance);
+        }
+        if let Some(d) = &out.limit {
+            return Err(EngineError::UsageLimitReached(d.id.clone()));
         }
         Ok(out)
     }

@@ -15,6 +15,14 @@ pub enum ApiError {
     InvalidInputs(String),
     /// 400 `insufficient_balance` (track with `reject`).
     InsufficientBalance,
+    /// 429 `usage_limit_reached` (track with `reject`, refused by a limit):
+    /// the body names the limit; `Retry-After` when it will free.
+    UsageLimitReached {
+        limit: String,
+        retry_after_secs: Option<i64>,
+    },
+    /// 400 `limits_unsupported`: the store keeps no limits (Redis, for now).
+    LimitsUnsupported,
     /// 401 `no_secret_key`.
     NoSecretKey,
     /// 401 `invalid_secret_key`.
@@ -42,6 +50,9 @@ pub enum ApiError {
 pub struct ErrorBody {
     pub message: String,
     pub code: String,
+    /// With `usage_limit_reached`: the limit's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_id: Option<String>,
 }
 
 /// Marks a response whose error came from the store (for `/metrics`).
@@ -65,6 +76,8 @@ impl ApiError {
         match self {
             ApiError::InvalidInputs(_) => Code::InvalidInputs,
             ApiError::InsufficientBalance => Code::InsufficientBalance,
+            ApiError::UsageLimitReached { .. } => Code::UsageLimitReached,
+            ApiError::LimitsUnsupported => Code::LimitsUnsupported,
             ApiError::NoSecretKey => Code::NoSecretKey,
             ApiError::InvalidSecretKey => Code::InvalidSecretKey,
             ApiError::Forbidden => Code::Forbidden,
@@ -80,6 +93,8 @@ impl ApiError {
         match self {
             ApiError::InvalidInputs(m) => m.clone(),
             ApiError::InsufficientBalance => "insufficient balance".into(),
+            ApiError::UsageLimitReached { limit, .. } => format!("usage limit {limit:?} reached"),
+            ApiError::LimitsUnsupported => EngineError::LimitsUnsupported.to_string(),
             ApiError::NoSecretKey => "no secret key: send Authorization: Bearer <key>".into(),
             ApiError::InvalidSecretKey => "invalid secret key".into(),
             ApiError::Forbidden => "this key may not use this route".into(),
@@ -133,6 +148,11 @@ impl From<EngineError> for ApiError {
                 message: e.to_string(),
             },
             EngineError::InsufficientBalance => ApiError::InsufficientBalance,
+            EngineError::UsageLimitReached(limit) => ApiError::UsageLimitReached {
+                limit,
+                retry_after_secs: None,
+            },
+            EngineError::LimitsUnsupported => ApiError::LimitsUnsupported,
             EngineError::StoreUnavailable(d) => ApiError::StoreUnavailable(d),
             EngineError::Internal(d) => ApiError::Internal(d),
         }
@@ -162,11 +182,25 @@ impl IntoResponse for ApiError {
                 "request refused"
             ),
         }
+        let (limit_id, retry) = match &self {
+            ApiError::UsageLimitReached {
+                limit,
+                retry_after_secs,
+            } => (Some(limit.clone()), *retry_after_secs),
+            _ => (None, None),
+        };
         let body = ErrorBody {
             message: self.message(),
             code: self.code().to_string(),
+            limit_id,
         };
         let mut resp = (status, axum::Json(body)).into_response();
+        if let Some(secs) = retry {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs.max(0)),
+            );
+        }
         if store {
             resp.extensions_mut().insert(StoreErrorMark);
         }

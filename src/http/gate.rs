@@ -235,7 +235,7 @@ pub async fn gate(
     {
         Ok(out) => out,
         Err(EngineError::CustomerNotFound) => {
-            let mut resp = denial(deny, "customer_not_found", "customer not found");
+            let mut resp = denial(deny, "customer_not_found", "customer not found", None);
             limits(&s, &ask, &costs, None).apply(resp.headers_mut());
             return Ok(resp);
         }
@@ -252,14 +252,22 @@ pub async fn gate(
         .into_response();
         r.extensions_mut().insert(Decision("allowed"));
         r
+    } else if let Some(d) = &out.limit {
+        let message = format!("usage limit {:?} reached", d.id);
+        denial(deny, "usage_limit_reached", &message, Some(&d.id))
     } else {
         let message = if out.no_balance {
             format!("the customer has no balance for {:?}", ask.feature)
         } else {
             "insufficient balance".to_string()
         };
-        denial(deny, "insufficient_balance", &message)
+        denial(deny, "insufficient_balance", &message, None)
     };
+    if !out.replayed {
+        for id in &out.shadow_denied {
+            s.metrics.shadow_denial(id);
+        }
+    }
     lim.apply(resp.headers_mut());
     if out.replayed {
         resp.headers_mut()
@@ -268,12 +276,13 @@ pub async fn gate(
     Ok(resp)
 }
 
-fn denial(status: StatusCode, code: &str, message: &str) -> Response {
+fn denial(status: StatusCode, code: &str, message: &str, limit_id: Option<&str>) -> Response {
     let mut r = (
         status,
         Json(ErrorBody {
             message: message.to_string(),
             code: code.to_string(),
+            limit_id: limit_id.map(str::to_string),
         }),
     )
         .into_response();
@@ -295,6 +304,19 @@ pub struct Limits {
     pub window: Option<i64>,
     /// On a denial: seconds until a reset lets the request through.
     pub retry_after: Option<i64>,
+    /// One policy per armed limit on the feature and its paying pools
+    /// (shadow limits aside), after the balance's.
+    pub limit_policies: Vec<Policy>,
+}
+
+/// One constraint's figures (a limit's), in whole units rounded down.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub quota: i64,
+    pub remaining: i64,
+    pub window: Option<i64>,
+    pub reset: Option<i64>,
 }
 
 impl Limits {
@@ -304,21 +326,60 @@ impl Limits {
                 h.insert(HeaderName::from_static(name), v);
             }
         };
+        // Every constraint: the balance's pool (when it has a quota), then
+        // each limit. `RateLimit` and the X- trio describe the tightest: the
+        // smallest fraction of room left (ties: the first).
+        let mut all: Vec<Policy> = Vec::new();
         if let Some(q) = self.quota {
-            let name = sf_string(&self.policy);
-            let mut policy = format!("{name};q={q}");
-            if let Some(w) = self.window {
-                policy.push_str(&format!(";w={w}"));
-            }
-            let mut now = format!("{name};r={}", self.remaining);
-            if let Some(t) = self.reset {
+            all.push(Policy {
+                name: self.policy.clone(),
+                quota: q,
+                remaining: self.remaining,
+                window: self.window,
+                reset: self.reset,
+            });
+        }
+        all.extend(self.limit_policies.iter().map(|p| Policy {
+            name: p.name.clone(),
+            quota: p.quota,
+            remaining: p.remaining,
+            window: p.window,
+            reset: p.reset,
+        }));
+        let tightest = all
+            .iter()
+            .enumerate()
+            .fold(None::<usize>, |best, (i, p)| match best {
+                Some(b)
+                    if (p.remaining as i128) * (all[b].quota as i128)
+                        >= (all[b].remaining as i128) * (p.quota as i128) =>
+                {
+                    Some(b)
+                }
+                _ => Some(i),
+            });
+        if let Some(t) = tightest {
+            let policy = all
+                .iter()
+                .map(|p| {
+                    let mut s = format!("{};q={}", sf_string(&p.name), p.quota);
+                    if let Some(w) = p.window {
+                        s.push_str(&format!(";w={w}"));
+                    }
+                    s
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let p = &all[t];
+            let mut now = format!("{};r={}", sf_string(&p.name), p.remaining);
+            if let Some(t) = p.reset {
                 now.push_str(&format!(";t={t}"));
             }
             set("ratelimit-policy", policy);
             set("ratelimit", now);
-            set("x-ratelimit-limit", q.to_string());
-            set("x-ratelimit-remaining", self.remaining.to_string());
-            if let Some(t) = self.reset {
+            set("x-ratelimit-limit", p.quota.to_string());
+            set("x-ratelimit-remaining", p.remaining.to_string());
+            if let Some(t) = p.reset {
                 set("x-ratelimit-reset", t.to_string());
             }
         }
@@ -372,22 +433,41 @@ fn limits(s: &AppState, ask: &Ask, costs: &[PoolCost], out: Option<&Outcome>) ->
         reset: None,
         window: None,
         retry_after: None,
+        limit_policies: vec![],
     };
     let Some(out) = out else {
         return empty;
     };
+    let limit_policies: Vec<Policy> = out
+        .limits
+        .iter()
+        .filter(|l| !l.shadow)
+        .map(|l| Policy {
+            name: l.id.clone(),
+            quota: whole_floor(l.quota),
+            remaining: whole_floor(l.remaining),
+            window: Some((l.window_ms / 1000).max(1)),
+            reset: l.resets_at.map(|t| secs_until(t, out.at)),
+        })
+        .collect();
     // Coverage is judged on the balances before this request took its part.
     let spent = if out.allowed && !out.replayed {
         views::spent_by_pool(&out.entries)
     } else {
         Default::default()
     };
-    let retry_after = (!out.allowed)
-        .then(|| s.service.retry_after_secs(costs, out, ask.cost))
-        .flatten();
+    // From the constraint that blocks: a limit's frees-at, else the
+    // balance's next reset that covers the request.
+    let retry_after = match &out.limit {
+        Some(d) => d.frees_at.map(|t| secs_until(t, out.at)),
+        None => (!out.allowed)
+            .then(|| s.service.retry_after_secs(costs, out, ask.cost))
+            .flatten(),
+    };
     let Some((p, _)) = views::choose_balance(costs, &out.pools, ask.cost, &spent) else {
         return Limits {
             retry_after,
+            limit_policies,
             ..empty
         };
     };
@@ -404,6 +484,7 @@ fn limits(s: &AppState, ask: &Ask, costs: &[PoolCost], out: Option<&Outcome>) ->
         reset: p.next_reset_at.map(|t| secs_until(t, now)),
         window,
         retry_after,
+        limit_policies,
     }
 }
 

@@ -189,3 +189,21 @@ mod tests {
         assert!(parse::<Body>(br#"{"customer_id":"a","n":-1}"#).is_err());
     }
 }
+
+/// A nested JSON object, and only an object: serde's derived structs also
+/// accept an array of their fields in order (`[null, null]`), which the
+/// OpenAPI document (an `object`) does not allow.
+#[derive(Debug)]
+pub struct Obj<T>(pub T);
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        if !v.is_object() {
+            return Err(serde::de::Error::custom("must be a JSON object"));
+        }
+        serde_json::from_value(v)
+            .map(Obj)
+            .map_err(serde::de::Error::custom)
+    }
+}

@@ -175,6 +175,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/billing.attach",
     "/v1/balances.create",
     "/v1/balances.update",
+    "/v1/customers.update",
     "/v1/customers.get_or_create",
     "/v1/customers.get",
     "/v1/balances.check",
@@ -200,6 +201,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/billing.attach", post(routes::attach))
         .route("/v1/balances.create", post(routes::create_balance))
         .route("/v1/balances.update", post(routes::update_balance))
+        .route("/v1/customers.update", post(routes::update_customer))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let application = Router::new()
         .route("/v1/customers.get_or_create", post(routes::get_or_create))

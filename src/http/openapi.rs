@@ -23,6 +23,7 @@ use super::views::*;
     paths(
         get_or_create,
         get_customer,
+        update_customer,
         attach,
         create_balance,
         update_balance,
@@ -37,6 +38,10 @@ use super::views::*;
     components(schemas(
         ErrorBody,
         CustomerView,
+        BillingControlsView,
+        UsageLimitView,
+        RateLimitView,
+        LimitStatusView,
         BalanceView,
         BreakdownView,
         ResetView,
@@ -56,10 +61,14 @@ pub struct ApiDoc;
 
 /// The error statuses every `/v1` route may answer, with the codes behind
 /// them (see `Code::TABLE`).
-const ERRORS: [(&str, &str); 7] = [
+const ERRORS: [(&str, &str); 8] = [
     (
         "400",
-        "invalid_inputs (naming the field), insufficient_balance (track with reject)",
+        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits: the Redis engine, for now)",
+    ),
+    (
+        "429",
+        "usage_limit_reached (track with reject refused by a limit; limit_id, Retry-After)",
     ),
     ("401", "no_secret_key, invalid_secret_key"),
     (
@@ -76,8 +85,9 @@ const ERRORS: [(&str, &str); 7] = [
 ];
 
 /// The routes only admin keys may use (403 `forbidden` for an api key).
-const ADMIN: [&str; 3] = [
+const ADMIN: [&str; 4] = [
     "/v1/billing.attach",
+    "/v1/customers.update",
     "/v1/balances.create",
     "/v1/balances.update",
 ];

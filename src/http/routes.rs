@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::json::{ApiJson, Count, Millis};
+use super::json::{ApiJson, Count, Millis, Obj};
 use super::views::{self, BalanceView, CustomerView, DeductionView};
 use super::AppState;
 use crate::calendar::Interval;
+use crate::limits::{LimitList, LimitSource, LimitSpec, LimitsUpdate};
 use crate::metrics::Decision;
 use crate::model::{
     BalanceChange, BucketUpdate, FinalizeAction, Grant, Op, Outcome, OverageBehavior,
@@ -108,6 +109,152 @@ pub async fn get_customer(
     State(s): State<AppState>,
     ApiJson(b): ApiJson<CustomerBody>,
 ) -> Result<Response, ApiError> {
+    let balances = s.engine().balances(&b.customer_id).await?;
+    Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
+}
+
+/// One of Autumn's `billing_controls.usage_limits`: a fixed window of a
+/// day, week, month or year.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UsageLimitBody {
+    #[schema(example = "premium_message", min_length = 1, max_length = 256)]
+    pub feature_id: String,
+    /// Required; > 0.
+    #[schema(value_type = Option<f64>, example = 100)]
+    pub limit: Option<Amount>,
+    /// `day`, `week`, `month` or `year`.
+    #[schema(example = "day")]
+    pub interval: Option<String>,
+    /// Default true.
+    pub enabled: Option<bool>,
+    /// `utc` (default) or `billing_cycle`.
+    pub anchor: Option<String>,
+    /// Default `<feature_id>:<interval>`.
+    #[schema(min_length = 1, max_length = 256)]
+    pub id: Option<String>,
+    /// Autumn's event filter: not supported (refused, never ignored).
+    #[schema(value_type = Option<Object>)]
+    pub filter: Option<serde_json::Value>,
+}
+
+/// One of creditgate's `billing_controls.rate_limits`: a window (fixed or
+/// sliding, `second` to `year`) or a rate (GCRA), optionally in shadow mode.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RateLimitBody {
+    #[schema(example = "premium_message", min_length = 1, max_length = 256)]
+    pub feature_id: String,
+    /// `window` (default) or `rate`.
+    #[schema(example = "window")]
+    pub kind: Option<String>,
+    /// Default `<feature_id>:<interval>` (a window) or `<feature_id>:rate`.
+    #[schema(min_length = 1, max_length = 256)]
+    pub id: Option<String>,
+    /// Default true.
+    pub enabled: Option<bool>,
+    /// Default false: never denies; counts what it would deny.
+    pub shadow: Option<bool>,
+    /// Window: units per window (> 0).
+    #[schema(value_type = Option<f64>)]
+    pub limit: Option<Amount>,
+    /// second, minute, hour, day, week (both kinds); month, quarter,
+    /// semi_annual, year (windows).
+    #[schema(example = "minute")]
+    pub interval: Option<String>,
+    #[schema(value_type = Option<u32>)]
+    pub interval_count: Option<Count>,
+    /// Window: `utc` (default) or `billing_cycle`.
+    pub anchor: Option<String>,
+    /// Window: `fixed` (default) or `sliding`.
+    pub window: Option<String>,
+    /// Rate: units per interval (> 0).
+    #[schema(value_type = Option<f64>)]
+    pub rate: Option<Amount>,
+    /// Rate: the most at once (≥ 1; default `rate`).
+    #[schema(value_type = Option<f64>)]
+    pub burst: Option<Amount>,
+}
+
+/// The limit lists `customers.update` replaces (a list not named is kept).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BillingControlsBody {
+    #[schema(value_type = Option<Vec<UsageLimitBody>>)]
+    pub usage_limits: Option<Vec<Obj<UsageLimitBody>>>,
+    #[schema(value_type = Option<Vec<RateLimitBody>>)]
+    pub rate_limits: Option<Vec<Obj<RateLimitBody>>>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UpdateCustomerBody {
+    #[schema(
+        example = "alice",
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]+$"
+    )]
+    pub customer_id: String,
+    #[schema(value_type = Option<BillingControlsBody>)]
+    pub billing_controls: Option<Obj<BillingControlsBody>>,
+}
+
+/// Sets the customer's limits: each list of `billing_controls` given
+/// replaces the customer's list of that name; all or nothing.
+#[utoipa::path(post, path = "/v1/customers.update", request_body = UpdateCustomerBody,
+    responses((status = 200, body = CustomerView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn update_customer(
+    State(s): State<AppState>,
+    ApiJson(b): ApiJson<UpdateCustomerBody>,
+) -> Result<Response, ApiError> {
+    crate::model::validate_id("customer_id", &b.customer_id)?;
+    let catalog = &s.service.catalog;
+    let mut update = LimitsUpdate::default();
+    if let Some(Obj(bc)) = b.billing_controls {
+        if let Some(list) = bc.usage_limits {
+            let mut defs = vec![];
+            for Obj(u) in list {
+                if u.filter.is_some() {
+                    return Err(ApiError::invalid(
+                        "billing_controls.usage_limits.filter",
+                        "event filters are not supported",
+                    ));
+                }
+                let spec = LimitSpec {
+                    id: u.id,
+                    feature_id: u.feature_id,
+                    enabled: u.enabled,
+                    limit: u.limit,
+                    interval: u.interval,
+                    anchor: u.anchor,
+                    ..LimitSpec::default()
+                };
+                defs.push(spec.build(LimitList::UsageLimits, LimitSource::UsageLimits, catalog)?);
+            }
+            update.usage_limits = Some(defs);
+        }
+        if let Some(list) = bc.rate_limits {
+            let mut defs = vec![];
+            for Obj(r) in list {
+                let spec = LimitSpec {
+                    id: r.id,
+                    feature_id: r.feature_id,
+                    kind: r.kind,
+                    enabled: r.enabled,
+                    shadow: r.shadow,
+                    limit: r.limit,
+                    interval: r.interval,
+                    interval_count: r.interval_count.map(|c| c.0),
+                    anchor: r.anchor,
+                    window: r.window,
+                    rate: r.rate,
+                    burst: r.burst,
+                };
+                defs.push(spec.build(LimitList::RateLimits, LimitSource::RateLimits, catalog)?);
+            }
+            update.rate_limits = Some(defs);
+        }
+    }
+    if update.usage_limits.is_some() || update.rate_limits.is_some() {
+        s.engine().set_limits(&b.customer_id, &update).await?;
+    }
     let balances = s.engine().balances(&b.customer_id).await?;
     Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
 }
@@ -380,6 +527,21 @@ pub struct CheckResponse {
     pub balances: BTreeMap<String, Option<BalanceView>>,
     #[schema(value_type = Option<Object>)]
     pub flag: Option<()>,
+    /// On a denial: `insufficient_balance` or `usage_limit_reached`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+    /// With `usage_limit_reached`: the limit that refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_id: Option<String>,
+    /// With `usage_limit_reached`: when the request would fit (ms; null never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Option<i64>>,
+    /// Shadow limits that would have denied this request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow_denied: Vec<String>,
+    /// The armed limits on the feature and its paying pools, after the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<views::LimitStatusView>,
 }
 
 /// The `Idempotency-Key` header, checked whether or not the request uses it
@@ -491,7 +653,21 @@ pub async fn check(
         balance: chosen.map(|c| BalanceView::of(c.0)),
         balances: views::balances_map(&out.pools),
         flag: None,
+        code: (!out.allowed).then_some(if out.limit.is_some() {
+            "usage_limit_reached"
+        } else {
+            "insufficient_balance"
+        }),
+        limit_id: out.limit.as_ref().map(|d| d.id.clone()),
+        retry_at: out.limit.as_ref().map(|d| d.frees_at),
+        shadow_denied: out.shadow_denied.clone(),
+        limits: out.limits.iter().map(views::LimitStatusView::of).collect(),
     };
+    if !out.replayed {
+        for id in &out.shadow_denied {
+            s.metrics.shadow_denial(id);
+        }
+    }
     Ok(decision(
         replayed(Json(body).into_response(), out.replayed),
         out.allowed,
@@ -539,6 +715,9 @@ pub struct TrackResponse {
     #[schema(value_type = Object)]
     pub balances: BTreeMap<String, Option<BalanceView>>,
     pub deductions: Vec<DeductionView>,
+    /// Shadow limits that would have denied this request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow_denied: Vec<String>,
 }
 
 /// Records usage (a negative value refunds). `reject` without enough
@@ -571,8 +750,21 @@ pub async fn track(
         .engine()
         .apply(&b.customer_id, &op, key.as_deref())
         .await?;
+    if !out.replayed {
+        for id in &out.shadow_denied {
+            s.metrics.shadow_denial(id);
+        }
+    }
     if out.insufficient {
         let resp = decision(ApiError::InsufficientBalance.into_response(), false);
+        return Ok(replayed(resp, out.replayed));
+    }
+    if let Some(d) = &out.limit {
+        let err = ApiError::UsageLimitReached {
+            limit: d.id.clone(),
+            retry_after_secs: d.frees_at.map(|t| ((t - out.at).max(0) + 999) / 1000),
+        };
+        let resp = decision(err.into_response(), false);
         return Ok(replayed(resp, out.replayed));
     }
     let spent = if out.replayed {
@@ -587,6 +779,7 @@ pub async fn track(
         balance: chosen.map(|c| BalanceView::of(c.0)),
         balances: views::balances_map(&out.pools),
         deductions: views::deductions(&out),
+        shadow_denied: out.shadow_denied.clone(),
     };
     Ok(decision(
         replayed(Json(body).into_response(), out.replayed),

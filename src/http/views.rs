@@ -8,6 +8,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::calendar::{Interval, MAX_INSTANT_MS};
+use crate::limits::{LimitDef, LimitKind, LimitSource, LimitStatus};
 use crate::model::{BucketView, Entry, Outcome, PoolBalance, PoolCost};
 use crate::money::{charge, Amount};
 
@@ -246,8 +247,7 @@ pub struct CustomerView {
     pub send_email_receipts: bool,
     #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
-    #[schema(value_type = Object)]
-    pub billing_controls: serde_json::Map<String, serde_json::Value>,
+    pub billing_controls: BillingControlsView,
     #[schema(value_type = Object)]
     pub flags: serde_json::Map<String, serde_json::Value>,
     #[schema(value_type = Vec<Object>)]
@@ -272,7 +272,7 @@ impl CustomerView {
             env,
             send_email_receipts: false,
             metadata: Default::default(),
-            billing_controls: Default::default(),
+            billing_controls: BillingControlsView::of(&b.limits),
             flags: Default::default(),
             subscriptions: vec![],
             purchases: vec![],
@@ -283,6 +283,160 @@ impl CustomerView {
                 .filter(|p| p.owned)
                 .map(|p| (p.pool.clone(), BalanceView::of(p)))
                 .collect(),
+        }
+    }
+}
+
+/// A customer's limits: Autumn's `usage_limits` (the shape its SDKs parse)
+/// and creditgate's own `rate_limits` (every other limit, plans' too, with
+/// their `plan_id`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BillingControlsView {
+    pub usage_limits: Vec<UsageLimitView>,
+    pub rate_limits: Vec<RateLimitView>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageLimitView {
+    pub id: String,
+    pub feature_id: String,
+    #[schema(value_type = f64)]
+    pub limit: Amount,
+    pub interval: String,
+    pub enabled: bool,
+    pub anchor: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RateLimitView {
+    pub id: String,
+    pub feature_id: String,
+    /// `window` or `rate`.
+    pub kind: &'static str,
+    pub enabled: bool,
+    pub shadow: bool,
+    pub interval: String,
+    pub interval_count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>)]
+    pub limit: Option<Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>)]
+    pub rate: Option<Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>)]
+    pub burst: Option<Amount>,
+    /// Granted by this plan on attach (not replaced by `customers.update`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
+}
+
+impl BillingControlsView {
+    pub fn of(limits: &[LimitDef]) -> BillingControlsView {
+        let mut v = BillingControlsView {
+            usage_limits: vec![],
+            rate_limits: vec![],
+        };
+        for l in limits {
+            match (&l.source, l.kind) {
+                (
+                    LimitSource::UsageLimits,
+                    LimitKind::Window {
+                        limit,
+                        interval,
+                        anchor,
+                        ..
+                    },
+                ) => v.usage_limits.push(UsageLimitView {
+                    id: l.id.clone(),
+                    feature_id: l.feature_id.clone(),
+                    limit,
+                    interval: interval.as_str().to_string(),
+                    enabled: l.enabled,
+                    anchor: anchor.as_str().to_string(),
+                }),
+                (source, kind) => {
+                    let plan_id = match source {
+                        LimitSource::Plan(p) => Some(p.clone()),
+                        _ => None,
+                    };
+                    let base = RateLimitView {
+                        id: l.id.clone(),
+                        feature_id: l.feature_id.clone(),
+                        kind: "window",
+                        enabled: l.enabled,
+                        shadow: l.shadow,
+                        interval: String::new(),
+                        interval_count: 1,
+                        limit: None,
+                        anchor: None,
+                        window: None,
+                        rate: None,
+                        burst: None,
+                        plan_id,
+                    };
+                    v.rate_limits.push(match kind {
+                        LimitKind::Window {
+                            limit,
+                            interval,
+                            interval_count,
+                            anchor,
+                            window,
+                        } => RateLimitView {
+                            interval: interval.as_str().to_string(),
+                            interval_count,
+                            limit: Some(limit),
+                            anchor: Some(anchor.as_str()),
+                            window: Some(window.as_str()),
+                            ..base
+                        },
+                        LimitKind::Rate {
+                            rate,
+                            interval,
+                            interval_count,
+                            burst,
+                        } => RateLimitView {
+                            kind: "rate",
+                            interval: interval.as_str().to_string(),
+                            interval_count,
+                            rate: Some(rate),
+                            burst: Some(burst),
+                            ..base
+                        },
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+/// A limit's state in a check answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LimitStatusView {
+    pub id: String,
+    pub feature_id: String,
+    #[schema(value_type = f64)]
+    pub limit: Amount,
+    #[schema(value_type = f64)]
+    pub remaining: Amount,
+    pub resets_at: Option<i64>,
+    pub shadow: bool,
+}
+
+impl LimitStatusView {
+    pub fn of(l: &LimitStatus) -> LimitStatusView {
+        LimitStatusView {
+            id: l.id.clone(),
+            feature_id: l.feature_id.clone(),
+            limit: l.quota,
+            remaining: l.remaining,
+            resets_at: l.resets_at,
+            shadow: l.shadow,
         }
     }
 }

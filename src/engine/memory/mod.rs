@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use super::{Engine, SweepReport};
 use crate::clock::Clock;
 use crate::error::EngineError;
+use crate::limits::{LimitDef, LimitsUpdate};
 use crate::model::*;
 use crate::money::Amount;
 use crate::rules;
@@ -98,6 +99,7 @@ impl Engine for MemoryEngine {
             buckets: vec![],
             locks: BTreeMap::new(),
             idempotency: BTreeMap::new(),
+            limits: vec![],
         };
         shard.insert(customer_id.to_string(), state);
         Ok(true)
@@ -126,13 +128,10 @@ impl Engine for MemoryEngine {
         units: Amount,
     ) -> Result<Outcome, EngineError> {
         self.with_customer(customer_id, |s, now| {
-            let stored = rules::check(s, &self.catalog, feature, units)?;
-            Ok(Outcome::new(
-                stored,
-                false,
-                self.pools_of(s, Some(feature)),
-                now,
-            ))
+            let stored = rules::check(s, &self.catalog, feature, units, now)?;
+            let mut out = Outcome::new(stored, false, self.pools_of(s, Some(feature)), now);
+            out.limits = rules::limit_statuses(s, &self.catalog, feature, now);
+            Ok(out)
         })
     }
 
@@ -145,7 +144,11 @@ impl Engine for MemoryEngine {
         self.with_customer(customer_id, |s, now| {
             let applied = rules::apply(s, &self.catalog, op, key, now, self.retention)?;
             let pools = self.pools_of(s, op.feature(s));
-            Ok(Outcome::new(applied.outcome, applied.replayed, pools, now))
+            let mut out = Outcome::new(applied.outcome, applied.replayed, pools, now);
+            if let Some(f) = op.feature(s) {
+                out.limits = rules::limit_statuses(s, &self.catalog, f, now);
+            }
+            Ok(out)
         })
     }
 
@@ -162,7 +165,23 @@ impl Engine for MemoryEngine {
                 customer_id: s.id.clone(),
                 created_at: s.created_at,
                 pools,
+                limits: s.limits.iter().map(|l| l.def.clone()).collect(),
             })
+        })
+    }
+
+    fn supports_limits(&self) -> bool {
+        true
+    }
+
+    async fn set_limits(
+        &self,
+        customer_id: &str,
+        update: &LimitsUpdate,
+    ) -> Result<Vec<LimitDef>, EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            rules::set_limits(s, update)?;
+            Ok(s.limits.iter().map(|l| l.def.clone()).collect())
         })
     }
 

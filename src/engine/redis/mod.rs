@@ -398,6 +398,7 @@ impl Engine for RedisEngine {
             customer_id: customer_id.to_string(),
             created_at,
             pools,
+            limits: vec![],
         })
     }
 

@@ -59,6 +59,11 @@ pub(crate) fn decode_outcome(v: Value) -> Result<Outcome, EngineError> {
         replayed: flags & REPLAYED != 0,
         pools,
         at,
+        // The library keeps no limits yet: customers with limits are refused
+        // before any call (`EngineError::LimitsUnsupported`).
+        limit: None,
+        shadow_denied: vec![],
+        limits: vec![],
     })
 }
 
