@@ -226,7 +226,8 @@ impl Report {
             println!(
                 "sweep alone: {} of {} due customers in {:.1} s ({:.0}/s, {} per call), {} resets; \
                  during the load: {} of {} in {:.1} s; at {:.0} req/s (half of {:.0}) p99 {} µs \
-                 during against {} µs without: {:.2}×; {} command(s) over {} µs{}",
+                 during against {} µs without: {:.2}×; {} command(s) over {} µs{}, of them {} \
+                 sweep call(s) (slowest {} µs)",
                 f.customers_swept,
                 f.due_customers,
                 f.sweep_seconds,
@@ -246,7 +247,9 @@ impl Report {
                 match &f.slowest_command {
                     Some(c) => format!(" (slowest {} µs: {c})", f.slowest_us),
                     None => String::new(),
-                }
+                },
+                f.slow_sweep_commands,
+                f.slowest_sweep_us
             );
         }
         for b in &self.books {

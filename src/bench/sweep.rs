@@ -77,6 +77,9 @@ pub struct SweepFigures {
     pub slow_commands: u64,
     pub slowest_us: u64,
     pub slowest_command: Option<String>,
+    /// Of those, the sweep's own calls (`reset_due_many`).
+    pub slow_sweep_commands: u64,
+    pub slowest_sweep_us: u64,
 }
 
 async fn clocked_engine(
@@ -207,13 +210,18 @@ async fn command(conn: &ConnectionManager, args: &[&str]) -> Result<redis::Value
 }
 
 /// (count, slowest µs, slowest command) of the SLOWLOG entries.
-fn slow_entries(v: &redis::Value) -> (u64, u64, Option<String>) {
+fn slow_entries(v: &redis::Value, only: &str) -> (u64, u64, Option<String>) {
     let redis::Value::Array(entries) = v else {
         return (0, 0, None);
     };
     let mut slowest = (0u64, None);
+    let mut count = 0;
     for e in entries {
         let redis::Value::Array(f) = e else { continue };
+        if !format!("{:?}", f.get(3)).contains(only) {
+            continue;
+        }
+        count += 1;
         let us = match f.get(2) {
             Some(redis::Value::Int(u)) => *u as u64,
             _ => 0,
@@ -234,7 +242,7 @@ fn slow_entries(v: &redis::Value) -> (u64, u64, Option<String>) {
             slowest = (us, Some(name));
         }
     }
-    (entries.len() as u64, slowest.0, slowest.1)
+    (count, slowest.0, slowest.1)
 }
 
 pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
@@ -341,14 +349,40 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
         rate: Some(rate),
         ..load.clone()
     };
-    let quiet = execute(
-        &[row(format!("consume at {rate:.0}/s, no sweep"))],
-        &offered,
-        1,
-        Some(&redis),
-        &progress,
-    )
-    .await;
+    // One second of the load at the offered rate; rows without and during
+    // the sweep are made of the same chunks, the "without" ones half before
+    // and half after the sweep, so both see the same server and client.
+    let chunk = |label: &str, warm: bool| Spec {
+        label: label.to_string(),
+        lanes: conns * pipeline,
+        customers: n,
+        mix: mix.clone(),
+        duration: Some(Duration::from_secs(1)),
+        requests: None,
+        warmup: if warm { load.warmup } else { Duration::ZERO },
+        rate: Some(rate),
+        timeout: load.timeout,
+        cost,
+        seed: rand::random(),
+    };
+    let quiet_label = format!("consume at {rate:.0}/s, no sweep");
+    let mut quiet = Measured::empty(&quiet_label);
+    let half = offered
+        .duration
+        .unwrap_or(Duration::from_secs(10))
+        .as_secs()
+        .div_ceil(2)
+        .max(1);
+    for i in 0..half {
+        let m = load::run(
+            target.clone(),
+            &chunk(&quiet_label, i == 0),
+            Some(ledger.clone()),
+            &progress,
+        )
+        .await;
+        quiet.merge(&m);
+    }
 
     // The same load during one sweep of every due customer.
     let slow_before = config_get(&redis, "slowlog-log-slower-than").await?;
@@ -371,21 +405,14 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
     let mut during = Measured::empty(&label);
     let mut first = true;
     while !sweep.is_finished() {
-        let spec = Spec {
-            label: label.clone(),
-            lanes: conns * pipeline,
-            customers: n,
-            mix: mix.clone(),
-            duration: Some(Duration::from_secs(1)),
-            requests: None,
-            warmup: if first { load.warmup } else { Duration::ZERO },
-            rate: Some(rate),
-            timeout: load.timeout,
-            cost,
-            seed: rand::random(),
-        };
+        let m = load::run(
+            target.clone(),
+            &chunk(&label, first),
+            Some(ledger.clone()),
+            &progress,
+        )
+        .await;
         first = false;
-        let m = load::run(target.clone(), &spec, Some(ledger.clone()), &progress).await;
         during.merge(&m);
     }
     let (during_swept, _, during_took) = sweep.await.map_err(|e| e.to_string())??;
@@ -395,7 +422,19 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
         &["CONFIG", "SET", "slowlog-log-slower-than", &slow_before],
     )
     .await?;
-    let (slow_n, slowest, slowest_cmd) = slow_entries(&slow);
+    let slow_all = slow_entries(&slow, "");
+    let slow_sweep = slow_entries(&slow, "reset_due_many");
+    for _ in 0..half {
+        let m = load::run(
+            target.clone(),
+            &chunk(&quiet_label, false),
+            Some(ledger.clone()),
+            &progress,
+        )
+        .await;
+        quiet.merge(&m);
+    }
+    let quiet = [Row::of(&quiet, "creditgate", conns * pipeline, Some(rate))];
     let mut during_row = Row::of(&during, "creditgate", conns * pipeline, Some(rate));
     during_row.compare(&quiet[0]);
 
@@ -435,9 +474,11 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
         p99_during_us: p99_during,
         p99_ratio: p99_during as f64 / p99_without.max(1) as f64,
         slow_bound_us: a.slow_us,
-        slow_commands: slow_n,
-        slowest_us: slowest,
-        slowest_command: slowest_cmd,
+        slow_commands: slow_all.0,
+        slowest_us: slow_all.1,
+        slowest_command: slow_all.2,
+        slow_sweep_commands: slow_sweep.0,
+        slowest_sweep_us: slow_sweep.1,
     };
     let mut report = new_report("sweep", load, &prefix, 1);
     report.rows = cap_rows
