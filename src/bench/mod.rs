@@ -735,6 +735,35 @@ async fn engine_setup(
     }
 }
 
+/// The books of a load through the engine: the balances read back against
+/// what the answers reported.
+async fn engine_books(
+    engine: &Arc<dyn crate::Engine>,
+    ids: &Ids,
+    load: &LoadArgs,
+    ledger: &LiveLedger,
+    before: &[Balance],
+    progress: &Progress,
+) -> Result<BooksReport, String> {
+    let after = redis_side::read_back_engine(
+        engine,
+        ids,
+        load.customers as usize,
+        &load.pool,
+        load.seed_concurrency,
+        progress,
+        "reading balances after",
+    )
+    .await?;
+    Ok(books::check(
+        "creditgate",
+        &ledger.snapshot(),
+        before,
+        &after,
+        &|i| ids.name(i),
+    ))
+}
+
 async fn redis_mode(a: RedisArgs) -> Result<bool, String> {
     let load = &a.load;
     let progress = Progress::new(load.progress, load.progress_every);
@@ -777,19 +806,7 @@ async fn redis_mode(a: RedisArgs) -> Result<bool, String> {
     );
     let rounds = load.rounds.unwrap_or(1).max(1);
     let rows = execute(&[p], load, rounds, Some(&redis), &progress).await;
-    let after = redis_side::read_back_engine(
-        &engines[0],
-        &ids,
-        n,
-        &load.pool,
-        load.seed_concurrency,
-        &progress,
-        "reading balances after",
-    )
-    .await?;
-    let books = books::check("creditgate", &ledger.snapshot(), &before, &after, &|i| {
-        ids.name(i)
-    });
+    let books = engine_books(&engines[0], &ids, load, &ledger, &before, &progress).await?;
     if load.cleanup {
         redis_side::cleanup_creditgate(&redis, &ids, n, &progress).await?;
     }

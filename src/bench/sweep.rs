@@ -15,12 +15,14 @@ use futures_util::{stream, StreamExt};
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 
-use super::books::{self, LiveLedger};
+use super::books::LiveLedger;
 use super::load::{self, Measured, Mix, Op, Spec};
 use super::progress::Progress;
 use super::redis_side;
 use super::report::Row;
-use super::{catalog_of, engine_setup, engines, execute, finish, new_report, planned, prefix};
+use super::{
+    catalog_of, engine_books, engine_setup, engines, execute, finish, new_report, planned, prefix,
+};
 use super::{Ids, LoadArgs};
 use crate::calendar::{Interval, DAY_MS};
 use crate::clock::{Clock, ManualClock, SystemClock};
@@ -438,19 +440,7 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
     let mut during_row = Row::of(&during, "creditgate", conns * pipeline, Some(rate));
     during_row.compare(&quiet[0]);
 
-    let after = redis_side::read_back_engine(
-        &engines[0],
-        &ids,
-        n,
-        &load.pool,
-        load.seed_concurrency,
-        &progress,
-        "reading balances after",
-    )
-    .await?;
-    let books = books::check("creditgate", &ledger.snapshot(), &before, &after, &|i| {
-        ids.name(i)
-    });
+    let books = engine_books(&engines[0], &ids, load, &ledger, &before, &progress).await?;
     if load.cleanup {
         redis_side::cleanup_creditgate(&redis, &ids, n, &progress).await?;
         redis_side::cleanup_creditgate(&redis, &due_ids, due_n, &progress).await?;
