@@ -41,12 +41,22 @@ pub async fn engine(
     catalog: Arc<Catalog>,
     timeout: Duration,
 ) -> Result<Arc<dyn Engine>, String> {
+    engine_on(url, catalog, timeout, None).await
+}
+
+/// The engine on `url`, on `clock` (None: Redis's own `TIME`).
+pub async fn engine_on(
+    url: &str,
+    catalog: Arc<Catalog>,
+    timeout: Duration,
+    clock: Option<Arc<dyn crate::Clock>>,
+) -> Result<Arc<dyn Engine>, String> {
     let opts = RedisOptions {
         target: RedisTarget::Standalone(url.to_string()),
         timeout,
         ..RedisOptions::standalone(url)
     };
-    let e = RedisEngine::connect(opts, catalog, None)
+    let e = RedisEngine::connect(opts, catalog, clock)
         .await
         .map_err(|e| format!("creditgate's engine on {url}: {e}"))?;
     Ok(Arc::new(e))

@@ -26,9 +26,8 @@ use super::{
 use super::{Ids, LoadArgs};
 use crate::calendar::{Interval, DAY_MS};
 use crate::clock::{Clock, ManualClock, SystemClock};
-use crate::engine::redis::{RedisEngine, RedisOptions, RedisTarget};
 use crate::engine::Engine;
-use crate::model::{Catalog, Grant};
+use crate::model::Grant;
 use crate::money::Amount;
 
 #[derive(Args, Debug)]
@@ -84,26 +83,10 @@ pub struct SweepFigures {
     pub slowest_sweep_us: u64,
 }
 
-async fn clocked_engine(
-    url: &str,
-    catalog: Arc<Catalog>,
-    clock: Arc<dyn Clock>,
-    timeout: Duration,
-) -> Result<RedisEngine, String> {
-    let opts = RedisOptions {
-        target: RedisTarget::Standalone(url.to_string()),
-        timeout,
-        ..RedisOptions::standalone(url)
-    };
-    RedisEngine::connect(opts, catalog, Some(clock))
-        .await
-        .map_err(|e| format!("creditgate's engine on {url}: {e}"))
-}
-
 /// `n` customers created 33 days ago with a monthly bucket that first reset
 /// 32 days ago (so one or two resets are due now) and a one-off bucket.
 async fn seed_due(
-    engine: &RedisEngine,
+    engine: &Arc<dyn Engine>,
     ids: &Ids,
     n: usize,
     pool: &str,
@@ -267,11 +250,11 @@ pub async fn sweep_mode(a: SweepArgs) -> Result<bool, String> {
     );
     let before = engine_setup(&engines[0], &ids, load, &progress).await?;
     let created_at = SystemClock.now_ms() - 33 * DAY_MS;
-    let seeder = clocked_engine(
+    let seeder = redis_side::engine_on(
         &a.redis_url,
         catalog.clone(),
-        Arc::new(ManualClock::new(created_at)),
         load.timeout,
+        Some(Arc::new(ManualClock::new(created_at))),
     )
     .await?;
     let lanes = load.seed_concurrency.max(256);

@@ -150,10 +150,15 @@ pub fn customer_keys(ns: &str, customer_id: &str) -> CustomerKeys {
     layout_keys(ns, LAYOUT, customer_id)
 }
 
+/// The customer hash of a hash tag (a due index's member).
+pub fn customer_key_of_tag(ns: &str, layout: &str, tag: &str) -> String {
+    format!("{ns}{layout}{{{tag}}}")
+}
+
 /// The keys of `customer_id` in `layout` (`cg2:`, or `cg1:` to migrate).
 pub fn layout_keys(ns: &str, layout: &str, customer_id: &str) -> CustomerKeys {
     let tag = escape(customer_id);
-    let customer = format!("{ns}{layout}{{{tag}}}");
+    let customer = customer_key_of_tag(ns, layout, &tag);
     let due = format!("{ns}{layout}due:{{{}}}", slot_tags()[slot(&tag)]);
     CustomerKeys {
         locks: format!("{customer}:l"),

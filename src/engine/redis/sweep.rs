@@ -42,7 +42,7 @@ impl RedisEngine {
     ) -> Result<(u64, u64), EngineError> {
         let customers: Vec<String> = members
             .iter()
-            .map(|m| format!("{}{LAYOUT}{{{m}}}", self.namespace))
+            .map(|m| keys::customer_key_of_tag(&self.namespace, LAYOUT, m))
             .collect();
         let mut keys: Vec<&str> = Vec::with_capacity(customers.len() + 1);
         keys.push(due_key);
