@@ -1,5 +1,5 @@
-#!lua name=creditgate_cg2_v2
-local FN = 'cg2_v2_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
+#!lua name=creditgate_cg2_v3
+local FN = 'cg2_v3_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
 -- creditgate Redis Functions library, storage layout cg2 (contract:
 -- lua/README.md). Load with FUNCTION LOAD, call with FCALL.
 --
@@ -207,17 +207,39 @@ local function opt_min(a, b)
   return min(a, b)
 end
 
--- The clock: args `now` ('' = Redis TIME), in ms.
+-- The clock: ARGV `now` is `[<now ms>][@<deadline ms>]`. The instant: the
+-- given ms, or Redis TIME when empty (production). The deadline, when given,
+-- is on Redis's own clock (TIME, even when the instant is given): a call
+-- that starts after it refuses itself, before any read or write, with
+-- `store_unavailable deadline passed`: the client has given up on it by
+-- then and answered that the outcome is unknown; a retry with the same
+-- idempotency key then applies it once (lua/README.md § 9).
 local function clock(s)
-  local now
+  local now, deadline
   if s ~= nil and s ~= '' then
-    now = tonumber(s)
-    if now == nil then
-      fail('invalid_inputs', 'argument not a number')
+    local at = find(s, '@', 1, true)
+    if at then
+      deadline = tonumber(sub(s, at + 1))
+      s = sub(s, 1, at - 1)
+      if deadline == nil then
+        fail('invalid_inputs', 'argument deadline not a number')
+      end
     end
-  else
+    if s ~= '' then
+      now = tonumber(s)
+      if now == nil then
+        fail('invalid_inputs', 'argument not a number')
+      end
+    end
+  end
+  if now == nil or deadline ~= nil then
     local t = rcall('TIME')
-    now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+    local time = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+    if deadline ~= nil and time > deadline then
+      NOW = now or time
+      fail('store_unavailable', 'deadline passed')
+    end
+    now = now or time
   end
   NOW = now
   return now
@@ -2097,7 +2119,8 @@ end
 --   KEYS[2] the due index of the customer's slot <ns>cg2:due:{<slot tag>}
 --           (the idempotency windows <key>:i:<window> are derived from it)
 -- and starts with this header (create_customer: ARGV[1] only):
--- ARGV[1] now: the instant in ms; '' = Redis TIME (production: one clock for every sidecar)
+-- ARGV[1] now: `[<instant ms>][@<deadline ms>]`; no instant = Redis TIME (production: one clock
+--         for every sidecar); the deadline (on Redis TIME) refuses a call that starts after it
 -- ARGV[2] retention: '' = 24 h for both; '<ms>' for both; '<idempotency ms>,<finalized lock ms>'
 ---------------------------------------------------------------------------
 -- The functions, by operation name (a table: a chunk holds at most 200 locals).

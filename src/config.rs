@@ -20,7 +20,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::Deserialize;
 
-use crate::model::{validate_grant, Catalog, FeatureDef, Plan, MAX_ID_CHARS};
+use crate::model::{validate_grant, Catalog, FeatureDef, Plan, StoreErrorPolicy, MAX_ID_CHARS};
 use crate::money::Amount;
 
 /// The prefix of every environment override.
@@ -146,6 +146,9 @@ struct RawConfig {
     #[serde(deserialize_with = "env_int")]
     redis_timeout_ms: u64,
     #[serde(deserialize_with = "env_int")]
+    redis_safety_check_ms: u64,
+    on_store_error: StoreErrorPolicy,
+    #[serde(deserialize_with = "env_int")]
     http_header_timeout_ms: u64,
     #[serde(deserialize_with = "env_int")]
     http_idle_timeout_ms: u64,
@@ -171,6 +174,8 @@ impl Default for RawConfig {
             reset_interval_secs: 60,
             accept_eviction: false,
             redis_timeout_ms: 2000,
+            redis_safety_check_ms: 5000,
+            on_store_error: StoreErrorPolicy::Deny,
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 75_000,
             max_connections: None,
@@ -451,9 +456,16 @@ pub struct Config {
     pub reset_interval_secs: u64,
     /// Run on a Redis whose `maxmemory-policy` may evict balances.
     pub accept_eviction: bool,
-    /// Bound on connecting to Redis and on each reply; past it a request
-    /// answers 503 `store_unavailable` instead of hanging.
+    /// Bound on every Redis call, reconnecting included; past it a request
+    /// answers 503 `store_timeout` (outcome unknown) for a write, 503
+    /// `store_unavailable` for a read (docs/store-failures.md).
     pub redis_timeout_ms: u64,
+    /// How often the Redis safety check runs (eviction policy, the
+    /// library, the deadline's clock offset).
+    pub redis_safety_check_ms: u64,
+    /// What decisions answer when the store fails; a feature's own
+    /// `on_store_error` overrides it.
+    pub on_store_error: StoreErrorPolicy,
     /// A client must send a request's headers within this (ms).
     pub http_header_timeout_ms: u64,
     /// An idle keep-alive connection is closed after this (ms).
@@ -563,6 +575,12 @@ impl Config {
                 "must be between 1 and 60000",
             ));
         }
+        if raw.redis_safety_check_ms < 10 || raw.redis_safety_check_ms > 3_600_000 {
+            return Err(ConfigError::new(
+                "redis_safety_check_ms",
+                "must be between 10 and 3600000",
+            ));
+        }
         for (key, v) in [
             ("http_header_timeout_ms", raw.http_header_timeout_ms),
             ("http_idle_timeout_ms", raw.http_idle_timeout_ms),
@@ -642,6 +660,8 @@ impl Config {
             reset_interval_secs: raw.reset_interval_secs,
             accept_eviction: raw.accept_eviction,
             redis_timeout_ms: raw.redis_timeout_ms,
+            redis_safety_check_ms: raw.redis_safety_check_ms,
+            on_store_error: raw.on_store_error,
             http_header_timeout_ms: raw.http_header_timeout_ms,
             http_idle_timeout_ms: raw.http_idle_timeout_ms,
             max_connections: raw.max_connections,

@@ -36,8 +36,20 @@ pub enum EngineError {
     IdempotencyKeyReused,
     #[error("the result would leave a balance outside ±1e11")]
     AmountOutOfRange,
+    /// Not applied: the call was never sent (refused, the circuit open) or
+    /// Redis refused it before running it (its deadline had passed, a
+    /// replica not yet promoted, loading).
     #[error("store unavailable: {0}")]
     StoreUnavailable(#[source] Cause),
+    /// Outcome unknown: a call that may change a balance was sent and no
+    /// answer came in time. A retry with the same idempotency key settles
+    /// it (replays if it ran, applies if it did not).
+    #[error("store timeout, outcome unknown: {0}")]
+    StoreTimeout(#[source] Cause),
+    /// Not applied: Redis is out of memory (`maxmemory` under `noeviction`)
+    /// and refused the write before running it.
+    #[error("store full: {0}")]
+    StoreFull(#[source] Cause),
     #[error("internal error: {0}")]
     Internal(#[source] Cause),
 }
@@ -118,6 +130,17 @@ pub fn invalid(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Eng
 }
 
 impl EngineError {
+    /// A failure of the store rather than an answer about the request
+    /// (what `on_store_error` decides on).
+    pub fn is_store_failure(&self) -> bool {
+        matches!(
+            self,
+            EngineError::StoreUnavailable(_)
+                | EngineError::StoreTimeout(_)
+                | EngineError::StoreFull(_)
+        )
+    }
+
     /// The error's code: one row of [`Code::TABLE`].
     pub fn code(&self) -> Code {
         match self {
@@ -136,6 +159,8 @@ impl EngineError {
             EngineError::IdempotencyKeyReused => Code::IdempotencyKeyReused,
             EngineError::AmountOutOfRange => Code::AmountOutOfRange,
             EngineError::StoreUnavailable(_) => Code::StoreUnavailable,
+            EngineError::StoreTimeout(_) => Code::StoreTimeout,
+            EngineError::StoreFull(_) => Code::StoreFull,
             EngineError::Internal(_) => Code::InternalError,
         }
     }
@@ -167,11 +192,13 @@ pub enum Code {
     PayloadTooLarge,
     InternalError,
     StoreUnavailable,
+    StoreTimeout,
+    StoreFull,
 }
 
 impl Code {
     /// Code, its wire name, and the HTTP status it answers with.
-    pub const TABLE: [(Code, &'static str, u16); 22] = [
+    pub const TABLE: [(Code, &'static str, u16); 24] = [
         (Code::InvalidInputs, "invalid_inputs", 400),
         (Code::InsufficientBalance, "insufficient_balance", 400),
         (Code::UsageLimitReached, "usage_limit_reached", 429),
@@ -197,6 +224,10 @@ impl Code {
         (Code::PayloadTooLarge, "payload_too_large", 413),
         (Code::InternalError, "internal_error", 500),
         (Code::StoreUnavailable, "store_unavailable", 503),
+        // Sent, no answer in time: the outcome is unknown (a distinct code,
+        // so a caller never takes it for "not applied").
+        (Code::StoreTimeout, "store_timeout", 503),
+        (Code::StoreFull, "store_full", 507),
     ];
 
     fn row(self) -> &'static (Code, &'static str, u16) {

@@ -18,6 +18,8 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Recorder, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::error::Code;
+
 /// Latency bucket bounds, in seconds.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -42,6 +44,10 @@ const RESETS_APPLIED: &str = "creditgate_resets_applied_total";
 const SWEEP_SECONDS: &str = "creditgate_sweep_duration_seconds_total";
 const LAST_SWEEP_SECONDS: &str = "creditgate_last_sweep_duration_seconds";
 const SHADOW_DENIALS: &str = "creditgate_shadow_denials_total";
+const STORE_ERROR_ALLOWED: &str = "creditgate_store_error_allowed_total";
+
+/// The store failures `on_store_error = "allow"` answers allowed.
+const STORE_FAILURES: [Code; 3] = [Code::StoreUnavailable, Code::StoreTimeout, Code::StoreFull];
 
 const META: metrics::Metadata<'static> =
     metrics::Metadata::new("creditgate", Level::INFO, Some(module_path!()));
@@ -83,6 +89,7 @@ pub struct Metrics {
     routes: HashMap<&'static str, RouteMetrics>,
     unmatched: RouteMetrics,
     store_errors: Counter,
+    store_error_allowed: [Counter; STORE_FAILURES.len()],
     sweeps: Counter,
     customers_swept: Counter,
     resets_applied: Counter,
@@ -126,6 +133,10 @@ impl Metrics {
         describe(SWEEP_SECONDS, "Time spent sweeping.");
         describe(LAST_SWEEP_SECONDS, "How long the last sweep took.");
         describe(
+            STORE_ERROR_ALLOWED,
+            "Decisions allowed unrecorded because the store failed (on_store_error = allow), by code.",
+        );
+        describe(
             SHADOW_DENIALS,
             "Requests a shadow limit would have denied, by limit id.",
         );
@@ -155,6 +166,12 @@ impl Metrics {
             routes: routes.iter().map(|r| (*r, route(r))).collect(),
             unmatched: route(UNMATCHED),
             store_errors: counter(STORE_ERRORS),
+            store_error_allowed: STORE_FAILURES.map(|code| {
+                recorder.register_counter(
+                    &Key::from_parts(STORE_ERROR_ALLOWED, vec![Label::new("code", code.as_str())]),
+                    &META,
+                )
+            }),
             sweeps: counter(SWEEPS),
             customers_swept: counter(CUSTOMERS_SWEPT),
             resets_applied: counter(RESETS_APPLIED),
@@ -194,6 +211,13 @@ impl Metrics {
 
     pub fn store_error(&self) {
         self.store_errors.increment(1);
+    }
+
+    /// Counts one decision allowed because the store failed with `code`.
+    pub fn store_error_allowed(&self, code: Code) {
+        if let Some(i) = STORE_FAILURES.iter().position(|c| *c == code) {
+            self.store_error_allowed[i].increment(1);
+        }
     }
 
     /// Folds the histograms' pending samples into their buckets (a render

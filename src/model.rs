@@ -71,6 +71,22 @@ pub struct FeatureDef {
     pub kind: FeatureType,
     #[serde(default)]
     pub credit_schema: Vec<CreditSchemaItem>,
+    /// What a decision on this feature answers when the store fails; `None`:
+    /// the top-level `on_store_error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_store_error: Option<StoreErrorPolicy>,
+}
+
+/// What a decision answers when the store fails (unavailable, timed out,
+/// circuit open, out of memory).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreErrorPolicy {
+    /// Refuse: 503/507 with the store's code (fail closed).
+    #[default]
+    Deny,
+    /// Allow, unrecorded, and say so in a header (Autumn's fail-open).
+    Allow,
 }
 
 /// A pool that can pay for a feature, with the cost of one unit in that pool.

@@ -94,6 +94,7 @@ fn redis_options(config: &Config) -> Result<Option<(&'static str, RedisOptions)>
         accept_eviction: config.accept_eviction,
         retention,
         timeout: Duration::from_millis(config.redis_timeout_ms),
+        safety_interval: Duration::from_millis(config.redis_safety_check_ms),
         tls: Tls {
             ca_bundle: match &config.redis_ca_file {
                 None => None,

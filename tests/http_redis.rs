@@ -1,6 +1,6 @@
 //! The sidecar on a real Redis, wired from configuration as `serve` wires it:
 //! it serves, reports ready, and when Redis goes away it answers 503
-//! `store_unavailable` within a few times the configured timeout, and says
+//! (`store_unavailable` or `store_timeout`) within the timeout, and says
 //! so on `/readyz` and `/metrics`. A Redis that cannot be reached at startup
 //! is a configuration error naming the key.
 
@@ -75,7 +75,13 @@ async fn serves_on_redis_and_answers_503_quickly_when_it_goes_away() {
     let (status, body) = (a.status, a.json);
     let took = started.elapsed();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(body["code"], json!("store_unavailable"));
+    // A debit on a connection that just died may have been sent: unknown
+    // (`store_timeout`) is the honest answer then; refused is "not applied".
+    // tests/store_faults.rs tells the two apart.
+    assert!(
+        body["code"] == json!("store_unavailable") || body["code"] == json!("store_timeout"),
+        "{body}"
+    );
     // The bound is the feature: an answer within a few times the timeout.
     assert!(
         took < Duration::from_millis(6 * timeout_ms),

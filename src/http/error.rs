@@ -41,8 +41,12 @@ pub enum ApiError {
     PayloadTooLarge,
     /// 500 `internal_error`; the detail is logged, never sent.
     Internal(Cause),
-    /// 503 `store_unavailable`; the detail is logged, never sent.
+    /// 503 `store_unavailable`: not applied; the detail is logged, never sent.
     StoreUnavailable(Cause),
+    /// 503 `store_timeout`: sent, no answer in time, the outcome unknown.
+    StoreTimeout(Cause),
+    /// 507 `store_full`: Redis out of memory, not applied.
+    StoreFull(Cause),
 }
 
 /// The body of every error answer.
@@ -86,6 +90,8 @@ impl ApiError {
             ApiError::PayloadTooLarge => Code::PayloadTooLarge,
             ApiError::Internal(_) => Code::InternalError,
             ApiError::StoreUnavailable(_) => Code::StoreUnavailable,
+            ApiError::StoreTimeout(_) => Code::StoreTimeout,
+            ApiError::StoreFull(_) => Code::StoreFull,
         }
     }
 
@@ -104,7 +110,16 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method not allowed".into(),
             ApiError::PayloadTooLarge => format!("request body over {} bytes", MAX_BODY_BYTES),
             ApiError::Internal(_) => "internal error".into(),
-            ApiError::StoreUnavailable(_) => "store unavailable".into(),
+            ApiError::StoreUnavailable(_) => {
+                "store unavailable: the request was not applied; retrying is safe".into()
+            }
+            ApiError::StoreTimeout(_) => "store timeout: the outcome is unknown (the request \
+                may have been applied); retry with the same Idempotency-Key to settle it: \
+                it replays if the first attempt ran and applies if it did not"
+                .into(),
+            ApiError::StoreFull(_) => {
+                "store full: Redis is out of memory; the request was not applied".into()
+            }
         }
     }
 
@@ -154,6 +169,8 @@ impl From<EngineError> for ApiError {
             },
             EngineError::LimitsUnsupported => ApiError::LimitsUnsupported,
             EngineError::StoreUnavailable(d) => ApiError::StoreUnavailable(d),
+            EngineError::StoreTimeout(d) => ApiError::StoreTimeout(d),
+            EngineError::StoreFull(d) => ApiError::StoreFull(d),
             EngineError::Internal(d) => ApiError::Internal(d),
         }
     }
@@ -162,13 +179,19 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let store = matches!(self, ApiError::Internal(_) | ApiError::StoreUnavailable(_));
+        let store = matches!(
+            self,
+            ApiError::Internal(_)
+                | ApiError::StoreUnavailable(_)
+                | ApiError::StoreTimeout(_)
+                | ApiError::StoreFull(_)
+        );
         match &self {
-            ApiError::Internal(d) => {
+            ApiError::Internal(d) | ApiError::StoreFull(d) => {
                 let detail = chain(d);
                 tracing::error!(code = self.code().as_str(), detail = %detail, "request failed")
             }
-            ApiError::StoreUnavailable(d) => {
+            ApiError::StoreUnavailable(d) | ApiError::StoreTimeout(d) => {
                 let detail = chain(d);
                 tracing::warn!(code = self.code().as_str(), detail = %detail, "request failed")
             }

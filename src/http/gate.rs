@@ -239,6 +239,15 @@ pub async fn gate(
             limits(&s, &ask, &costs, None).apply(resp.headers_mut());
             return Ok(resp);
         }
+        Err(e) if super::store_error::fails_open(&s, &ask.feature, &e) => {
+            let body = GateAllowed {
+                allowed: true,
+                customer_id: ask.customer.clone(),
+                feature_id: ask.feature.clone(),
+                cost: ask.cost,
+            };
+            return Ok(super::store_error::mark(&s, &e, Json(body).into_response()));
+        }
         Err(e) => return Err(e.into()),
     };
     let lim = limits(&s, &ask, &costs, Some(&out));

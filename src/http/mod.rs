@@ -9,6 +9,7 @@ pub mod json;
 pub mod openapi;
 pub mod routes;
 pub mod serve;
+pub mod store_error;
 pub mod views;
 
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::config::{Config, DeployEnv, GateConfig};
 use crate::engine::{AlwaysReady, Engine, LockIndex, Readiness};
 use crate::error::Code;
 use crate::metrics::Metrics;
-use crate::model::{Catalog, Plan};
+use crate::model::{Catalog, Plan, StoreErrorPolicy};
 use crate::service::Service;
 
 pub use error::ApiError;
@@ -100,6 +101,8 @@ pub struct Shared {
     pub env: DeployEnv,
     /// The forward-auth gate's settings.
     pub gate: Arc<GateConfig>,
+    /// What decisions answer when the store fails (a feature may override).
+    pub on_store_error: StoreErrorPolicy,
 }
 
 impl AppState {
@@ -113,6 +116,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new(ROUTES)),
             env: DeployEnv::Live,
             gate: Arc::new(GateConfig::default()),
+            on_store_error: StoreErrorPolicy::Deny,
         }))
     }
 
@@ -136,6 +140,7 @@ impl AppState {
         });
         self.parts_mut().env = config.env;
         self.parts_mut().gate = Arc::new(config.gate.clone());
+        self.parts_mut().on_store_error = config.on_store_error;
         self
     }
 

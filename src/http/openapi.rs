@@ -61,7 +61,7 @@ pub struct ApiDoc;
 
 /// The error statuses every `/v1` route may answer, with the codes behind
 /// them (see `Code::TABLE`).
-const ERRORS: [(&str, &str); 8] = [
+const ERRORS: [(&str, &str); 9] = [
     (
         "400",
         "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits: the Redis engine, for now)",
@@ -81,7 +81,14 @@ const ERRORS: [(&str, &str); 8] = [
     ),
     ("413", "payload_too_large (a body over 64 KiB)"),
     ("500", "internal_error (never a detail)"),
-    ("503", "store_unavailable"),
+    (
+        "503",
+        "store_unavailable (not applied: retrying is safe), store_timeout (sent, no answer in time: the outcome is unknown; a retry with the same Idempotency-Key settles it)",
+    ),
+    (
+        "507",
+        "store_full (Redis out of memory under noeviction: not applied)",
+    ),
 ];
 
 /// The routes only admin keys may use (403 `forbidden` for an api key).

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::json::{ApiJson, Count, Millis, Obj};
+use super::store_error;
 use super::views::{self, BalanceView, CustomerView, DeductionView};
 use super::AppState;
 use crate::calendar::Interval;
@@ -544,6 +545,27 @@ pub struct CheckResponse {
     pub limits: Vec<views::LimitStatusView>,
 }
 
+impl CheckResponse {
+    /// The answer under `on_store_error = "allow"` when the store failed:
+    /// allowed, no balance known.
+    fn unrecorded(customer_id: String, required: Amount) -> CheckResponse {
+        CheckResponse {
+            allowed: true,
+            customer_id,
+            entity_id: None,
+            required_balance: required,
+            balance: None,
+            balances: BTreeMap::new(),
+            flag: None,
+            code: None,
+            limit_id: None,
+            retry_at: None,
+            shadow_denied: vec![],
+            limits: vec![],
+        }
+    }
+}
+
 /// The `Idempotency-Key` header, checked whether or not the request uses it
 /// (as the OpenAPI document states it): 1 to 256 visible ASCII characters,
 /// spaces only inside.
@@ -629,14 +651,24 @@ pub async fn check(
                 key.as_deref(),
             )
             .await?
-    } else if b.send_event.unwrap_or(false) {
-        s.engine()
-            .consume(&b.customer_id, &b.feature_id, required, key.as_deref())
-            .await?
     } else {
-        s.engine()
-            .check(&b.customer_id, &b.feature_id, required)
-            .await?
+        let decided = if b.send_event.unwrap_or(false) {
+            s.engine()
+                .consume(&b.customer_id, &b.feature_id, required, key.as_deref())
+                .await
+        } else {
+            s.engine()
+                .check(&b.customer_id, &b.feature_id, required)
+                .await
+        };
+        match decided {
+            Ok(out) => out,
+            Err(e) if store_error::fails_open(&s, &b.feature_id, &e) => {
+                let body = CheckResponse::unrecorded(b.customer_id, required);
+                return Ok(store_error::mark(&s, &e, Json(body).into_response()));
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
     // Coverage is judged on the balances before this request took its part.
     let spent = if applies && !out.replayed {
@@ -746,10 +778,21 @@ pub async fn track(
         units: value,
         behavior: b.overage_behavior.unwrap_or_default(),
     };
-    let out = s
-        .engine()
-        .apply(&b.customer_id, &op, key.as_deref())
-        .await?;
+    let out = match s.engine().apply(&b.customer_id, &op, key.as_deref()).await {
+        Ok(out) => out,
+        Err(e) if store_error::fails_open(&s, &b.feature_id, &e) => {
+            let body = TrackResponse {
+                customer_id: b.customer_id,
+                value,
+                balance: None,
+                balances: BTreeMap::new(),
+                deductions: vec![],
+                shadow_denied: vec![],
+            };
+            return Ok(store_error::mark(&s, &e, Json(body).into_response()));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if !out.replayed {
         for id in &out.shadow_denied {
             s.metrics.shadow_denial(id);

@@ -67,9 +67,13 @@ pub struct RedisOptions {
     /// evicted silently).
     pub accept_eviction: bool,
     pub retention: Retention,
-    /// Bound on connecting and on each reply; past it a call answers
-    /// `StoreUnavailable` rather than hanging.
+    /// Bound on every call, reconnecting included: past it a call that may
+    /// write answers `StoreTimeout` (outcome unknown), a read
+    /// `StoreUnavailable`; see [`super::guard`].
     pub timeout: Duration,
+    /// How often the safety check runs (eviction, the library, the
+    /// deadline's clock offset).
+    pub safety_interval: Duration,
     /// TLS for `rediss://` targets.
     pub tls: Tls,
 }
@@ -82,6 +86,7 @@ impl RedisOptions {
             accept_eviction: false,
             retention: Retention::default(),
             timeout: Duration::from_secs(2),
+            safety_interval: Duration::from_secs(5),
             tls: Tls::default(),
         }
     }

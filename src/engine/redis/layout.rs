@@ -167,7 +167,7 @@ fn fingerprint_feature(fp: &str) -> Option<&str> {
 /// sidecar stopped; running it again resumes or finds nothing to do.
 pub async fn migrate(opts: RedisOptions, catalog: &Catalog) -> Result<MigrateReport, EngineError> {
     let c = conn::open(&opts.target, opts.timeout, &opts.tls).await?;
-    let library = Library::new(c);
+    let library = Library::new(c, opts.timeout, opts.accept_eviction);
     library.load().await?;
     let ns = &opts.namespace;
     let want = layout_name(LAYOUT);

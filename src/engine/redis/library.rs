@@ -9,6 +9,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{RedisError, Value};
 
 use super::conn::{unavailable, Conn};
+use super::guard::{is_transport, mono_ms, Guard, PROBE_EVERY};
 use crate::engine::Readiness;
 use crate::error::{Cause, EngineError};
 
@@ -23,7 +24,7 @@ pub const LIBRARY_NAME: &str = library_name(LIBRARY);
 pub const LAYOUT: &str = layout(LIBRARY_NAME);
 
 /// The prefix of every function name (`<layout>_<version>_`, e.g.
-/// `cg2_v2_`): line 2 of the file spells it out, a test holds the two equal.
+/// `cg2_v3_`): line 2 of the file spells it out, a test holds the two equal.
 pub const FUNCTION_PREFIX: &str = function_prefix(LIBRARY_NAME);
 
 /// Redis Functions and `PEXPIRE … NX` need this version.
@@ -53,7 +54,7 @@ const fn library_name(src: &'static str) -> &'static str {
     }
 }
 
-/// `creditgate_cg2_v2` → `cg2_v2_`'s parts: what follows `creditgate_`.
+/// `creditgate_cg2_v3` → `cg2_v3_`'s parts: what follows `creditgate_`.
 const fn tail(name: &'static str) -> &'static [u8] {
     let (_, t) = name.as_bytes().split_at("creditgate_".len());
     t
@@ -190,11 +191,12 @@ pub(crate) enum Node {
     SlotOf(String),
 }
 
-/// The library on one connection.
+/// The library on one connection, every call through its [`Guard`].
 #[derive(Clone)]
 pub struct Library {
     pub(crate) conn: Conn,
     pub(crate) functions: std::sync::Arc<Functions>,
+    pub(crate) guard: std::sync::Arc<Guard>,
 }
 
 fn internal(msg: String) -> EngineError {
@@ -210,14 +212,33 @@ pub fn is_function_not_found(e: &RedisError) -> bool {
 }
 
 impl Library {
-    pub fn new(conn: Conn) -> Library {
+    /// The library on `conn`; every call bounded by `timeout`.
+    /// `accept_eviction`: a server that may evict is served from anyway
+    /// (see [`Library::safety_check`]).
+    pub fn new(conn: Conn, timeout: std::time::Duration, accept_eviction: bool) -> Library {
         Library {
             conn,
             functions: std::sync::Arc::new(Functions::new()),
+            guard: Guard::new(timeout, accept_eviction),
         }
     }
 
+    /// The guard every call goes through (the breaker's state, the deadline).
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// One command on `node`, within the bound and the breaker.
     pub(crate) async fn query(&self, node: &Node, cmd: redis::Cmd) -> Result<Value, RedisError> {
+        self.guard.call(false, self.send(node, cmd)).await
+    }
+
+    /// One command on `node` past an open breaker (its probes).
+    async fn probe(&self, node: &Node, cmd: redis::Cmd) -> Result<Value, RedisError> {
+        self.guard.call(true, self.send(node, cmd)).await
+    }
+
+    async fn send(&self, node: &Node, cmd: redis::Cmd) -> Result<Value, RedisError> {
         let mut conn = self.conn.clone();
         match (&mut conn, node) {
             (Conn::Cluster(c), Node::Address(host, port)) => {
@@ -399,10 +420,36 @@ impl Library {
         Ok(())
     }
 
-    /// `FCALL function numkeys keys… args…`; after "function not found" the
-    /// library is loaded (on the node serving the first key, on a cluster)
-    /// and the call is sent once more.
+    /// `FCALL function numkeys keys… args…` within the bound and the
+    /// breaker; after "function not found" the library is loaded (on the
+    /// node serving the first key, on a cluster) and the call is sent once
+    /// more.
     pub async fn fcall(
+        &self,
+        function: &str,
+        keys: &[&str],
+        args: &[String],
+    ) -> Result<Value, RedisError> {
+        self.guard
+            .call(false, self.fcall_once(function, keys, args))
+            .await
+    }
+
+    /// [`Library::fcall`] of a function on a customer, whose `ARGV[1]` (the
+    /// header's `now`) gains the deadline of a call sent now.
+    pub async fn fcall_with_deadline(
+        &self,
+        function: &str,
+        keys: &[&str],
+        mut args: Vec<String>,
+    ) -> Result<Value, RedisError> {
+        if let Some(now) = args.first_mut() {
+            *now = self.guard.with_deadline(std::mem::take(now));
+        }
+        self.fcall(function, keys, &args).await
+    }
+
+    async fn fcall_once(
         &self,
         function: &str,
         keys: &[&str],
@@ -420,37 +467,167 @@ impl Library {
                     (Conn::Cluster(_), Some(k)) => Node::SlotOf(k.to_string()),
                     _ => Node::Routed,
                 };
-                if self.load_on(&node).await.is_err() {
-                    return Err(e);
+                let mut load = redis::cmd("FUNCTION");
+                load.arg("LOAD").arg(LIBRARY);
+                match self.send(&node, load).await {
+                    Ok(_) => {}
+                    Err(l) if l.to_string().contains("already exists") => {}
+                    Err(_) => return Err(e),
                 }
                 cmd().query_async::<Value>(&mut conn).await
             }
             r => r,
         }
     }
+
+    /// The safety check every primary gets at connect and every few seconds
+    /// after (and `/readyz` on each probe): a `TIME` round trip (the
+    /// deadline's offset), `maxmemory-policy` (eviction turned on while
+    /// serving makes the store unsafe unless `accept_eviction`), and the
+    /// library's presence (loaded again where lost). Its `TIME` and
+    /// `CONFIG` are sent past an open breaker. `Err`: why the store is not
+    /// ready.
+    pub async fn safety_check(&self) -> Result<(), String> {
+        let nodes = match self.primaries_probe().await {
+            Ok(n) => n,
+            Err(e) => return Err(format!("Redis does not answer: {e}")),
+        };
+        let mut samples = vec![];
+        let mut evicting = vec![];
+        for node in &nodes {
+            let sent = mono_ms();
+            let t = self
+                .probe(node, redis::cmd("TIME"))
+                .await
+                .map_err(|e| format!("Redis does not answer: {e}"))?;
+            let received = mono_ms();
+            if let Some(redis_ms) = time_ms(&t) {
+                samples.push((sent, redis_ms, received));
+            }
+            let mut get = redis::cmd("CONFIG");
+            get.arg("GET").arg("maxmemory-policy");
+            match self.probe(node, get).await {
+                Ok(v) => {
+                    let policy = policy_of(&v);
+                    if policy != "noeviction" {
+                        evicting.push(policy);
+                    }
+                }
+                // CONFIG renamed or refused (some managed services): what
+                // startup could not read either; not a reason to stop.
+                Err(e) if !is_transport(&e) => {}
+                Err(e) => return Err(format!("Redis does not answer: {e}")),
+            }
+            match self.listed(node, false).await {
+                Ok(Some(_)) => {}
+                Ok(None) => self
+                    .load_on(node)
+                    .await
+                    .map_err(|e| format!("cannot load the library: {e}"))?,
+                Err(e) => return Err(format!("Redis does not answer: {e}")),
+            }
+        }
+        self.guard.offsets(&samples);
+        let reason = (!evicting.is_empty() && !self.guard.accept_eviction).then(|| {
+            format!(
+                "maxmemory-policy is {} (not noeviction): Redis may silently delete balances; \
+                 set `maxmemory-policy noeviction`",
+                evicting.join(", ")
+            )
+        });
+        if let Ok(mut r) = self.guard.unsafe_reason.lock() {
+            *r = reason.clone();
+        }
+        match reason {
+            Some(r) => Err(r),
+            None => Ok(()),
+        }
+    }
+
+    async fn primaries_probe(&self) -> Result<Vec<Node>, RedisError> {
+        if let Conn::Single(_) = &self.conn {
+            return Ok(vec![Node::Routed]);
+        }
+        self.probe(&Node::Routed, redis::cmd("PING")).await?;
+        self.primaries()
+            .await
+            .map_err(|e| RedisError::from(std::io::Error::other(e.to_string())))
+    }
 }
 
-/// Ready when every primary answers and holds the library: one short
-/// `FUNCTION LIST LIBRARYNAME` per primary (no code sent); a node that lost
-/// it (`FUNCTION FLUSH`, a restart without persistence) gets it again.
+/// `TIME`'s reply in ms.
+fn time_ms(v: &Value) -> Option<i64> {
+    let Value::Array(parts) = v else { return None };
+    let num = |v: &Value| -> Option<i64> {
+        match v {
+            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    };
+    Some(num(parts.first()?)? * 1000 + num(parts.get(1)?)? / 1000)
+}
+
+/// `CONFIG GET maxmemory-policy`'s value (RESP2 array or RESP3 map).
+pub(crate) fn policy_of(v: &Value) -> String {
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    };
+    match v {
+        Value::Array(items) => items.get(1).map(text).unwrap_or_default(),
+        Value::Map(items) => items.first().map(|(_, v)| text(v)).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Runs [`Library::safety_check`] every `every` while the library's guard
+/// lives, and probes an open breaker every [`PROBE_EVERY`] until Redis
+/// answers. Logs an error on every check that finds the store unsafe.
+pub fn spawn_safety_task(library: &Library, every: std::time::Duration) {
+    let weak = std::sync::Arc::downgrade(&library.guard);
+    let conn = library.conn.clone();
+    let functions = library.functions.clone();
+    tokio::spawn(async move {
+        loop {
+            let wait = {
+                let Some(guard) = weak.upgrade() else { return };
+                if guard.is_open() {
+                    tokio::time::sleep(PROBE_EVERY).await;
+                } else {
+                    let opened = guard.opened.notified();
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = opened => {}
+                    }
+                }
+                guard
+            };
+            let library = Library {
+                conn: conn.clone(),
+                functions: functions.clone(),
+                guard: wait,
+            };
+            if library.guard.is_open() {
+                let _ = library.probe(&Node::Routed, redis::cmd("PING")).await;
+                continue;
+            }
+            if let Err(reason) = library.safety_check().await {
+                tracing::error!(%reason, "Redis is not safe to serve from: /readyz answers 503");
+            }
+        }
+    });
+}
+
+/// Ready when the breaker is closed and the safety check passes now on
+/// every primary ([`Library::safety_check`]: Redis answers, holds the
+/// library, does not evict, and the deadline's offset is measured again).
+/// Every command within the store timeout, so the probe answers within it.
 #[async_trait]
 impl Readiness for Library {
     async fn ready(&self) -> bool {
-        let Ok(nodes) = self.primaries().await else {
-            return false;
-        };
-        for node in nodes {
-            match self.listed(&node, false).await {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    if self.load_on(&node).await.is_err() {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            }
-        }
-        true
+        !self.guard.is_open() && self.safety_check().await.is_ok()
     }
 }
 

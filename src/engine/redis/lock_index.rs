@@ -54,7 +54,11 @@ impl LockIndex for RedisLockIndex {
         if let Some(k) = keep_until {
             cmd.arg("PX").arg(k.saturating_sub(now).max(1));
         }
-        cmd.query_async::<()>(&mut conn).await.map_err(unavailable)
+        self.library
+            .guard
+            .call(false, cmd.query_async::<()>(&mut conn))
+            .await
+            .map_err(unavailable)
     }
 
     async fn claim(
@@ -87,9 +91,12 @@ impl LockIndex for RedisLockIndex {
 
     async fn lookup(&self, lock_id: &str, now: i64) -> Result<Option<String>, EngineError> {
         let mut conn = self.library.conn.clone();
-        let v: Option<String> = redis::cmd("GET")
-            .arg(self.key(lock_id))
-            .query_async(&mut conn)
+        let mut get = redis::cmd("GET");
+        get.arg(self.key(lock_id));
+        let v: Option<String> = self
+            .library
+            .guard
+            .call(false, get.query_async(&mut conn))
             .await
             .map_err(unavailable)?;
         Ok(v.and_then(|v| {

@@ -6,6 +6,7 @@
 //! engine gives.
 //!
 //! One module per idea: [`conn`] (targets and the shared connection),
+//! [`guard`] (the bound on every call, the breaker, the deadline),
 //! [`library`] (loading, `FCALL`, readiness), [`args`] (requests into
 //! arguments at named positions), [`reply`] (replies and errors into
 //! answers), [`sweep`] (the due index under leases), [`keys`] (the layout),
@@ -14,6 +15,7 @@
 
 pub mod args;
 pub mod conn;
+pub mod guard;
 pub mod keys;
 pub mod layout;
 pub mod library;
@@ -25,11 +27,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redis::{RedisError, Value};
+use redis::Value;
 
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, SweepReport};
-use crate::error::{invalid, EngineError};
+use crate::error::{invalid, Cause, EngineError};
 use crate::model::*;
 use crate::money::Amount;
 use crate::rules;
@@ -76,9 +78,12 @@ impl RedisEngine {
         }
         let conn = conn::open(&opts.target, opts.timeout, &opts.tls).await?;
         conn::check_eviction(&conn, opts.accept_eviction).await?;
-        let library = Library::new(conn.clone());
+        let library = Library::new(conn.clone(), opts.timeout, opts.accept_eviction);
         library.load().await?;
         layout::check(&library, &opts.namespace).await?;
+        // The first deadline offset, then the check every few seconds.
+        let _ = library.safety_check().await;
+        library::spawn_safety_task(&library, opts.safety_interval);
         Ok(RedisEngine {
             conn,
             library,
@@ -153,11 +158,13 @@ impl RedisEngine {
     /// The store's clock, for a refusal decided before any function call
     /// whose order depends on the instant (see [`RedisEngine::refuse_at`]).
     async fn store_time(&self) -> Result<i64, EngineError> {
-        let mut conn = self.conn.clone();
-        let (secs, micros): (i64, i64) = redis::cmd("TIME")
-            .query_async(&mut conn)
+        let v = self
+            .library
+            .query(&library::Node::Routed, redis::cmd("TIME"))
             .await
             .map_err(unavailable)?;
+        let (secs, micros): (i64, i64) =
+            redis::from_redis_value(v).map_err(|e| EngineError::Internal(Cause::new(e)))?;
         let t = secs * 1000 + micros / 1000;
         self.note(t);
         Ok(t)
@@ -178,7 +185,7 @@ impl RedisEngine {
     ) -> Result<Value, EngineError> {
         let k = self.keys(customer_id);
         self.library
-            .fcall(function, &[&k.customer, &k.due], &args.into_vec())
+            .fcall_with_deadline(function, &[&k.customer, &k.due], args.into_vec())
             .await
             .map_err(|e| {
                 if let Some(at) = error_instant(&e) {
@@ -199,13 +206,10 @@ impl RedisEngine {
     /// The error for input refused before the function: `CustomerNotFound`
     /// first, as the in-process engine checks the customer before the input.
     async fn refuse(&self, customer_id: &str, err: EngineError) -> EngineError {
-        let mut conn = self.conn.clone();
-        let exists: Result<i64, RedisError> = redis::cmd("EXISTS")
-            .arg(self.keys(customer_id).customer)
-            .query_async(&mut conn)
-            .await;
-        match exists {
-            Ok(0) => EngineError::CustomerNotFound,
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(self.keys(customer_id).customer);
+        match self.library.query(&library::Node::Routed, exists).await {
+            Ok(Value::Int(0)) => EngineError::CustomerNotFound,
             Ok(_) => err,
             Err(e) => unavailable(e),
         }
@@ -240,9 +244,9 @@ impl Engine for RedisEngine {
         let k = self.keys(customer_id);
         let v = self
             .library
-            .fcall(&self.functions().create_customer, &[&k.customer], &[now])
+            .fcall_with_deadline(&self.functions().create_customer, &[&k.customer], vec![now])
             .await
-            .map_err(|e| map_error(e, &Ctx::default()))?;
+            .map_err(|e| map_error(e, &Ctx::writing()))?;
         Ok(int(&self.pair(v)?)? == 1)
     }
 
@@ -265,7 +269,7 @@ impl Engine for RedisEngine {
         let ctx = Ctx {
             feature: &g.pool,
             balance_id: g.balance_id.as_deref().unwrap_or(""),
-            ..Ctx::default()
+            ..Ctx::writing()
         };
         let v = self
             .run(&self.functions().grant, customer_id, a, &ctx)
@@ -288,7 +292,7 @@ impl Engine for RedisEngine {
         let a = args::update_bucket(self.argv(args::update_bucket::AMOUNT, now), u);
         let ctx = Ctx {
             feature: &u.pool,
-            ..Ctx::default()
+            ..Ctx::writing()
         };
         let v = self
             .run(&self.functions().update_bucket, customer_id, a, &ctx)
@@ -370,7 +374,7 @@ impl Engine for RedisEngine {
         let ctx = Ctx {
             feature: op.feature_id().unwrap_or(""),
             lock_id,
-            ..Ctx::default()
+            ..Ctx::writing()
         };
         let v = self.run(function, customer_id, a, &ctx).await?;
         let out = decode_outcome(v)?;
@@ -407,7 +411,7 @@ impl Engine for RedisEngine {
         let (_, now) = self.now();
         let a = self.argv(args::header::RETENTION, now);
         let v = self
-            .run(&self.functions().reset_due, customer_id, a, &Ctx::default())
+            .run(&self.functions().reset_due, customer_id, a, &Ctx::writing())
             .await?;
         Ok(int(&self.pair(v)?)? as u32)
     }

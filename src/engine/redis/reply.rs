@@ -229,9 +229,22 @@ pub(crate) fn decode_balances(v: Value) -> Result<(i64, i64, Vec<Bucket>), Engin
 /// What a request named, to fill typed errors' details.
 #[derive(Default)]
 pub(crate) struct Ctx<'a> {
+    /// The function may change state: a transport failure after sending is
+    /// an unknown outcome ([`EngineError::StoreTimeout`]), not "unavailable".
+    pub writes: bool,
     pub feature: &'a str,
     pub balance_id: &'a str,
     pub lock_id: &'a str,
+}
+
+impl Ctx<'_> {
+    /// The context of a function that may change state.
+    pub fn writing() -> Self {
+        Ctx {
+            writes: true,
+            ..Ctx::default()
+        }
+    }
 }
 
 /// The fields a function's `invalid_inputs` may name (its first word).
@@ -276,6 +289,9 @@ pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
             Some(Code::LockNotFound) => EngineError::LockNotFound(ctx.lock_id.to_string()),
             Some(Code::IdempotencyKeyReused) => EngineError::IdempotencyKeyReused,
             Some(Code::AmountOutOfRange) => EngineError::AmountOutOfRange,
+            Some(Code::StoreUnavailable) => EngineError::StoreUnavailable(Cause::msg(
+                "the call reached Redis after its deadline and applied nothing",
+            )),
             Some(Code::InvalidInputs) => {
                 let (field, reason) = rest.split_once(' ').unwrap_or((rest, ""));
                 let field = INVALID_FIELDS
@@ -287,10 +303,27 @@ pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
             _ => EngineError::Internal(Cause::msg(format!("function error: {detail}"))),
         };
     }
+    store_failure(e, ctx.writes)
+}
+
+/// A reply or transport error that is not a function's own, by what it
+/// says about the call's effect: refused before running (unsent, loading, a
+/// replica, the cluster reconfiguring) is "not applied"; `-OOM` is
+/// [`EngineError::StoreFull`]; a call that `writes`, sent with no answer in
+/// time (or its connection dropped), is an unknown outcome.
+pub(crate) fn store_failure(e: RedisError, writes: bool) -> EngineError {
+    use redis::ServerErrorKind as S;
+    if e.code() == Some("OOM") {
+        return EngineError::StoreFull(Cause::new(e));
+    }
     match e.kind() {
+        ErrorKind::Server(
+            S::BusyLoading | S::ReadOnly | S::ClusterDown | S::MasterDown | S::TryAgain,
+        ) => unavailable(e),
         ErrorKind::Server(_) | ErrorKind::UnexpectedReturnType | ErrorKind::Parse => {
             EngineError::Internal(Cause::new(e))
         }
+        _ if writes && !e.is_connection_refusal() => EngineError::StoreTimeout(Cause::new(e)),
         _ => unavailable(e),
     }
 }

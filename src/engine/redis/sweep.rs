@@ -141,7 +141,12 @@ impl RedisEngine {
         for k in keys {
             pipe.add_command(query(k));
         }
-        let found: Vec<Vec<String>> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let found: Vec<Vec<String>> = self
+            .library
+            .guard
+            .call(false, pipe.query_async(&mut conn))
+            .await
+            .map_err(unavailable)?;
         Ok(keys
             .iter()
             .zip(found)
