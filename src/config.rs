@@ -147,6 +147,10 @@ struct RawConfig {
     redis_timeout_ms: u64,
     #[serde(deserialize_with = "env_int")]
     redis_safety_check_ms: u64,
+    #[serde(deserialize_with = "env_int")]
+    redis_wait_replicas: u64,
+    #[serde(deserialize_with = "env_int")]
+    redis_wait_pool: u64,
     on_store_error: StoreErrorPolicy,
     #[serde(deserialize_with = "env_int")]
     http_header_timeout_ms: u64,
@@ -175,6 +179,8 @@ impl Default for RawConfig {
             accept_eviction: false,
             redis_timeout_ms: 2000,
             redis_safety_check_ms: 5000,
+            redis_wait_replicas: 0,
+            redis_wait_pool: 32,
             on_store_error: StoreErrorPolicy::Deny,
             http_header_timeout_ms: 10_000,
             http_idle_timeout_ms: 75_000,
@@ -463,6 +469,11 @@ pub struct Config {
     /// How often the Redis safety check runs (eviction policy, the
     /// library, the deadline's clock offset).
     pub redis_safety_check_ms: u64,
+    /// Writes wait for this many replicas' acknowledgement (0: never);
+    /// docs/store-failures.md.
+    pub redis_wait_replicas: u32,
+    /// Connections waiting writes take (each waits on its own).
+    pub redis_wait_pool: usize,
     /// What decisions answer when the store fails; a feature's own
     /// `on_store_error` overrides it.
     pub on_store_error: StoreErrorPolicy,
@@ -575,6 +586,21 @@ impl Config {
                 "must be between 1 and 60000",
             ));
         }
+        if raw.redis_wait_replicas > 16 {
+            return Err(ConfigError::new("redis_wait_replicas", "must be 0 to 16"));
+        }
+        if raw.redis_wait_pool == 0 || raw.redis_wait_pool > 1024 {
+            return Err(ConfigError::new(
+                "redis_wait_pool",
+                "must be between 1 and 1024",
+            ));
+        }
+        if raw.redis_wait_replicas > 0 && raw.redis_ca_file.is_some() {
+            return Err(ConfigError::new(
+                "redis_wait_replicas",
+                "is not supported with redis_ca_file (its connection pool trusts the system's roots only)",
+            ));
+        }
         if raw.redis_safety_check_ms < 10 || raw.redis_safety_check_ms > 3_600_000 {
             return Err(ConfigError::new(
                 "redis_safety_check_ms",
@@ -661,6 +687,8 @@ impl Config {
             accept_eviction: raw.accept_eviction,
             redis_timeout_ms: raw.redis_timeout_ms,
             redis_safety_check_ms: raw.redis_safety_check_ms,
+            redis_wait_replicas: raw.redis_wait_replicas as u32,
+            redis_wait_pool: raw.redis_wait_pool as usize,
             on_store_error: raw.on_store_error,
             http_header_timeout_ms: raw.http_header_timeout_ms,
             http_idle_timeout_ms: raw.http_idle_timeout_ms,

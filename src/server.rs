@@ -95,6 +95,8 @@ fn redis_options(config: &Config) -> Result<Option<(&'static str, RedisOptions)>
         retention,
         timeout: Duration::from_millis(config.redis_timeout_ms),
         safety_interval: Duration::from_millis(config.redis_safety_check_ms),
+        wait_replicas: config.redis_wait_replicas,
+        wait_pool: config.redis_wait_pool,
         tls: Tls {
             ca_bundle: match &config.redis_ca_file {
                 None => None,

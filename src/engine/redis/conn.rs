@@ -74,6 +74,11 @@ pub struct RedisOptions {
     /// How often the safety check runs (eviction, the library, the
     /// deadline's clock offset).
     pub safety_interval: Duration,
+    /// Writes wait for this many replicas' acknowledgement (`WAIT`, on a
+    /// pooled connection of their own; [`super::replicas`]); 0: never.
+    pub wait_replicas: u32,
+    /// Connections in that pool.
+    pub wait_pool: usize,
     /// TLS for `rediss://` targets.
     pub tls: Tls,
 }
@@ -87,6 +92,8 @@ impl RedisOptions {
             retention: Retention::default(),
             timeout: Duration::from_secs(2),
             safety_interval: Duration::from_secs(5),
+            wait_replicas: 0,
+            wait_pool: 32,
             tls: Tls::default(),
         }
     }
@@ -106,7 +113,7 @@ pub struct Tls {
 }
 
 impl Tls {
-    fn certificates(&self) -> redis::TlsCertificates {
+    pub(crate) fn certificates(&self) -> redis::TlsCertificates {
         redis::TlsCertificates {
             client_tls: None,
             root_cert: self.ca_bundle.clone(),
@@ -148,9 +155,17 @@ pub async fn open(target: &RedisTarget, timeout: Duration, tls: &Tls) -> Result<
             ))
         }
         RedisTarget::Cluster(urls) => {
+            // The client retries a failing node (16 times by default, with
+            // backoff) and rebuilds its slot map under a lock every request
+            // waits on: its own bounds must be well inside ours, or one dead
+            // primary stalls every shard's requests past the timeout
+            // (tests/redis_failover.rs).
             let mut builder = redis::cluster::ClusterClientBuilder::new(urls.clone())
-                .connection_timeout(timeout)
-                .response_timeout(timeout);
+                .connection_timeout(timeout / 4)
+                .response_timeout(timeout / 2)
+                .retries(4)
+                .min_retry_wait(5)
+                .max_retry_wait(timeout.as_millis() as u64 / 8);
             if tls.ca_bundle.is_some() {
                 builder = builder.certs(tls.certificates());
             }

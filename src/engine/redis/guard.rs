@@ -10,7 +10,9 @@
 //!   open it: calls are refused at once, unsent (an honest "not applied"),
 //!   and the background task probes Redis every [`PROBE_EVERY`] until one
 //!   answers, then closes it. Function errors and `-OOM` are answers, not
-//!   failures: they never trip it.
+//!   failures: they never trip it. On a standalone server there is one
+//!   breaker; on a cluster one per hash slot, so a primary that fails (and
+//!   its customers) never stops the other shards' customers.
 //! - **The deadline.** A call that Redis starts after the client stopped
 //!   waiting must not apply: the header's `now` carries `@<deadline>`, on
 //!   Redis `TIME` (lua/README.md § 5). The offset between this process's
@@ -22,7 +24,7 @@
 //!   away), no deadline is sent: a timed-out call's outcome then stays
 //!   unknown until its retry settles it.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,16 @@ pub const NO_REPLY: &str = "no reply within redis_timeout_ms";
 
 const UNKNOWN: i64 = i64::MIN;
 
+/// Hash slots of a cluster.
+const SLOTS: usize = 16384;
+
+/// One breaker: transport failures in a row, and whether it is open.
+#[derive(Default)]
+struct Breaker {
+    failures: AtomicU32,
+    open: AtomicBool,
+}
+
 /// Milliseconds on this process's monotonic clock.
 pub fn mono_ms() -> i64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -55,8 +67,10 @@ pub struct Guard {
     /// Serve from a server that may evict (startup and the safety check
     /// then only warn).
     pub accept_eviction: bool,
-    failures: AtomicU32,
-    open: AtomicBool,
+    /// One on a standalone server, one per hash slot on a cluster.
+    breakers: Box<[Breaker]>,
+    /// How many breakers are open.
+    open: AtomicUsize,
     /// Wakes the background task when the breaker opens.
     pub(crate) opened: Notify,
     /// Lower bound of (Redis `TIME` − [`mono_ms`]), min over the primaries;
@@ -64,60 +78,99 @@ pub struct Guard {
     offset: AtomicI64,
     /// Why the store is unsafe to serve from (eviction turned on), if it is.
     pub(crate) unsafe_reason: Mutex<Option<String>>,
+    /// When the probe last made the cluster client reread the topology.
+    pub(crate) last_nudge: AtomicI64,
 }
 
 impl Guard {
-    pub fn new(timeout: Duration, accept_eviction: bool) -> Arc<Guard> {
+    /// `cluster`: one breaker per hash slot.
+    pub fn new(timeout: Duration, accept_eviction: bool, cluster: bool) -> Arc<Guard> {
+        let n = if cluster { SLOTS } else { 1 };
         Arc::new(Guard {
             timeout,
             accept_eviction,
-            failures: AtomicU32::new(0),
-            open: AtomicBool::new(false),
+            breakers: (0..n).map(|_| Breaker::default()).collect(),
+            open: AtomicUsize::new(0),
             opened: Notify::new(),
             offset: AtomicI64::new(UNKNOWN),
             unsafe_reason: Mutex::new(None),
+            last_nudge: AtomicI64::new(i64::MIN / 2),
         })
     }
 
+    /// Whether any breaker is open.
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Relaxed)
+        self.open.load(Ordering::Relaxed) > 0
     }
 
-    /// Runs one call within the bound and the breaker. `probe`: the
-    /// breaker's own probe, sent while it is open.
+    /// The cluster's slots whose breakers are open (`[0]` on a standalone
+    /// server when its breaker is).
+    pub fn open_slots(&self) -> Vec<u16> {
+        if !self.is_open() {
+            return vec![];
+        }
+        (0..self.breakers.len())
+            .filter(|&i| self.breakers[i].open.load(Ordering::Relaxed))
+            .map(|i| i as u16)
+            .collect()
+    }
+
+    /// The breaker a call on `slot` goes through: the one on a standalone
+    /// server; on a cluster the slot's, none for a call on no slot (a
+    /// command to a named node).
+    fn breaker(&self, slot: Option<u16>) -> Option<&Breaker> {
+        match self.breakers.len() {
+            1 => self.breakers.first(),
+            _ => slot.and_then(|s| self.breakers.get(s as usize)),
+        }
+    }
+
+    /// Runs one call on `slot` within the bound and that slot's breaker.
+    /// `probe`: the breaker's own probe, sent while it is open.
     pub(crate) async fn call<T>(
         &self,
+        slot: Option<u16>,
         probe: bool,
         fut: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> Result<T, RedisError> {
-        if !probe && self.is_open() {
+        let breaker = self.breaker(slot);
+        if !probe && breaker.is_some_and(|b| b.open.load(Ordering::Relaxed)) {
             return Err(refused(CIRCUIT_OPEN));
         }
         let r = match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(timed_out()),
         };
-        match &r {
-            Err(e) if is_transport(e) => self.failed(),
-            _ => self.succeeded(),
+        if let Some(b) = breaker {
+            match &r {
+                Err(e) if is_transport(e) => self.failed(b),
+                _ => self.succeeded(b),
+            }
         }
         r
     }
 
-    fn failed(&self) {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= BREAKER_THRESHOLD && !self.open.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                failures = n,
-                "Redis failed {n} times in a row: circuit open, requests refused unsent until a probe succeeds"
-            );
+    fn failed(&self, b: &Breaker) {
+        let n = b.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= BREAKER_THRESHOLD && !b.open.swap(true, Ordering::Relaxed) {
+            if self.open.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::error!(
+                    failures = n,
+                    "Redis failed {n} times in a row: circuit open, requests refused unsent until a probe succeeds"
+                );
+            }
             self.opened.notify_one();
         }
     }
 
-    fn succeeded(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        if self.open.swap(false, Ordering::Relaxed) {
+    fn succeeded(&self, b: &Breaker) {
+        if b.failures.load(Ordering::Relaxed) != 0 {
+            b.failures.store(0, Ordering::Relaxed);
+        }
+        if b.open.load(Ordering::Relaxed)
+            && b.open.swap(false, Ordering::Relaxed)
+            && self.open.fetch_sub(1, Ordering::Relaxed) == 1
+        {
             tracing::warn!("Redis answers again: circuit closed");
         }
     }
@@ -186,31 +239,49 @@ mod tests {
 
     #[tokio::test]
     async fn the_breaker_opens_after_the_threshold_and_refuses_unsent() {
-        let g = Guard::new(Duration::from_millis(50), false);
+        let g = Guard::new(Duration::from_millis(50), false, false);
         for _ in 0..BREAKER_THRESHOLD {
-            let r: Result<(), _> = g.call(false, async { Err(timed_out()) }).await;
+            let r: Result<(), _> = g.call(None, false, async { Err(timed_out()) }).await;
             assert!(r.unwrap_err().is_timeout());
         }
         assert!(g.is_open());
+        assert_eq!(g.open_slots(), vec![0]);
         let sent = std::cell::Cell::new(false);
         let r: Result<(), _> = g
-            .call(false, async {
+            .call(Some(7), false, async {
                 sent.set(true);
                 Ok(())
             })
             .await;
         assert!(r.unwrap_err().is_connection_refusal());
         assert!(!sent.get(), "an open breaker sends nothing");
-        let r: Result<(), _> = g.call(true, async { Ok(()) }).await;
+        let r: Result<(), _> = g.call(None, true, async { Ok(()) }).await;
         assert!(r.is_ok());
         assert!(!g.is_open(), "a successful probe closes it");
     }
 
+    #[tokio::test]
+    async fn on_a_cluster_a_failing_slot_opens_only_its_own_breaker() {
+        let g = Guard::new(Duration::from_millis(50), false, true);
+        for _ in 0..BREAKER_THRESHOLD {
+            let _: Result<(), _> = g.call(Some(5), false, async { Err(timed_out()) }).await;
+        }
+        assert_eq!(g.open_slots(), vec![5]);
+        let r: Result<(), _> = g.call(Some(5), false, async { Ok(()) }).await;
+        assert!(r.unwrap_err().is_connection_refusal());
+        let r: Result<(), _> = g.call(Some(6), false, async { Ok(()) }).await;
+        assert!(r.is_ok(), "another slot's calls go through");
+        let r: Result<(), _> = g.call(None, false, async { Ok(()) }).await;
+        assert!(r.is_ok(), "a command on no slot has no breaker");
+        let _: Result<(), _> = g.call(Some(5), true, async { Ok(()) }).await;
+        assert!(!g.is_open());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_call_is_bounded_by_the_timeout() {
-        let g = Guard::new(Duration::from_millis(300), false);
+        let g = Guard::new(Duration::from_millis(300), false, false);
         let r: Result<(), _> = g
-            .call(false, async {
+            .call(None, false, async {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 Ok(())
             })
@@ -221,7 +292,7 @@ mod tests {
 
     #[test]
     fn the_deadline_is_the_lower_bound_of_the_offset_plus_four_fifths_of_the_timeout() {
-        let g = Guard::new(Duration::from_millis(300), false);
+        let g = Guard::new(Duration::from_millis(300), false, false);
         assert_eq!(
             g.with_deadline("5".into()),
             "5",

@@ -10,6 +10,7 @@ use redis::{RedisError, Value};
 
 use super::conn::{unavailable, Conn};
 use super::guard::{is_transport, mono_ms, Guard, PROBE_EVERY};
+use super::primaries::Primaries;
 use crate::engine::Readiness;
 use crate::error::{Cause, EngineError};
 
@@ -189,6 +190,19 @@ pub(crate) enum Node {
     Address(String, u16),
     /// The primary serving this key's slot.
     SlotOf(String),
+    /// The primary serving this slot.
+    Slot(u16),
+}
+
+impl Node {
+    /// The hash slot a command to this node is about, if any.
+    fn slot(&self) -> Option<u16> {
+        match self {
+            Node::SlotOf(key) => Some(super::keys::key_slot(key) as u16),
+            Node::Slot(s) => Some(*s),
+            Node::Routed | Node::Address(..) => None,
+        }
+    }
 }
 
 /// The library on one connection, every call through its [`Guard`].
@@ -197,6 +211,9 @@ pub struct Library {
     pub(crate) conn: Conn,
     pub(crate) functions: std::sync::Arc<Functions>,
     pub(crate) guard: std::sync::Arc<Guard>,
+    /// On a cluster: the functions on customers go straight to the slot's
+    /// primary ([`Primaries`]), not through the cluster client.
+    pub(crate) primaries: Option<std::sync::Arc<Primaries>>,
 }
 
 fn internal(msg: String) -> EngineError {
@@ -217,10 +234,17 @@ impl Library {
     /// (see [`Library::safety_check`]).
     pub fn new(conn: Conn, timeout: std::time::Duration, accept_eviction: bool) -> Library {
         Library {
-            conn,
+            conn: conn.clone(),
             functions: std::sync::Arc::new(Functions::new()),
-            guard: Guard::new(timeout, accept_eviction),
+            guard: Guard::new(timeout, accept_eviction, matches!(conn, Conn::Cluster(_))),
+            primaries: None,
         }
+    }
+
+    /// Sends the functions on customers through `primaries`.
+    pub fn deciding_through(mut self, primaries: std::sync::Arc<Primaries>) -> Library {
+        self.primaries = Some(primaries);
+        self
     }
 
     /// The guard every call goes through (the breaker's state, the deadline).
@@ -230,12 +254,25 @@ impl Library {
 
     /// One command on `node`, within the bound and the breaker.
     pub(crate) async fn query(&self, node: &Node, cmd: redis::Cmd) -> Result<Value, RedisError> {
-        self.guard.call(false, self.send(node, cmd)).await
+        self.guard
+            .call(node.slot(), false, self.send(node, cmd))
+            .await
     }
 
     /// One command on `node` past an open breaker (its probes).
     async fn probe(&self, node: &Node, cmd: redis::Cmd) -> Result<Value, RedisError> {
-        self.guard.call(true, self.send(node, cmd)).await
+        self.guard
+            .call(node.slot(), true, self.send(node, cmd))
+            .await
+    }
+
+    /// The hash slot of `key` on a cluster (`None` on a standalone server,
+    /// where there is one breaker).
+    pub(crate) fn slot_of(&self, key: &str) -> Option<u16> {
+        match self.conn {
+            Conn::Cluster(_) => Some(super::keys::key_slot(key) as u16),
+            Conn::Single(_) => None,
+        }
     }
 
     async fn send(&self, node: &Node, cmd: redis::Cmd) -> Result<Value, RedisError> {
@@ -251,8 +288,8 @@ impl Library {
                 )
                 .await
             }
-            (Conn::Cluster(c), Node::SlotOf(key)) => {
-                let slot = super::keys::key_slot(key) as u16;
+            (Conn::Cluster(c), Node::SlotOf(_) | Node::Slot(_)) => {
+                let slot = node.slot().unwrap_or(0);
                 c.route_command(
                     cmd,
                     RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
@@ -399,6 +436,21 @@ impl Library {
         }
     }
 
+    /// Loads the library on the node serving `keys[0]` (after "function not
+    /// found" on a connection of its own).
+    pub(crate) async fn load_for(&self, keys: &[&str]) -> Result<(), RedisError> {
+        let node = match (&self.conn, keys.first()) {
+            (Conn::Cluster(_), Some(k)) => Node::SlotOf(k.to_string()),
+            _ => Node::Routed,
+        };
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg(LIBRARY);
+        match self.send(&node, load).await {
+            Err(e) if !e.to_string().contains("already exists") => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// At startup, on every primary: refuses Redis < 7.0, loads the library
     /// when absent, and refuses a library of this name whose code differs
     /// (a build changed the library without bumping its version).
@@ -430,8 +482,9 @@ impl Library {
         keys: &[&str],
         args: &[String],
     ) -> Result<Value, RedisError> {
+        let slot = keys.first().and_then(|k| self.slot_of(k));
         self.guard
-            .call(false, self.fcall_once(function, keys, args))
+            .call(slot, false, self.fcall_once(function, keys, args))
             .await
     }
 
@@ -460,19 +513,23 @@ impl Library {
             c.arg(function).arg(keys.len()).arg(keys).arg(args);
             c
         };
+        if let (Some(p), Some(k)) = (&self.primaries, keys.first()) {
+            let slot = super::keys::key_slot(k) as u16;
+            return match p.query(slot, &cmd()).await {
+                Err(e) if is_function_not_found(&e) => {
+                    if self.load_for(keys).await.is_err() {
+                        return Err(e);
+                    }
+                    p.query(slot, &cmd()).await
+                }
+                r => r,
+            };
+        }
         let mut conn = self.conn.clone();
         match cmd().query_async::<Value>(&mut conn).await {
             Err(e) if is_function_not_found(&e) => {
-                let node = match (&self.conn, keys.first()) {
-                    (Conn::Cluster(_), Some(k)) => Node::SlotOf(k.to_string()),
-                    _ => Node::Routed,
-                };
-                let mut load = redis::cmd("FUNCTION");
-                load.arg("LOAD").arg(LIBRARY);
-                match self.send(&node, load).await {
-                    Ok(_) => {}
-                    Err(l) if l.to_string().contains("already exists") => {}
-                    Err(_) => return Err(e),
+                if self.load_for(keys).await.is_err() {
+                    return Err(e);
                 }
                 cmd().query_async::<Value>(&mut conn).await
             }
@@ -544,6 +601,68 @@ impl Library {
         }
     }
 
+    /// Probes every open breaker once: a `PING` to the server, or on a
+    /// cluster to each open slot's primary (whose answer closes that
+    /// slot's breaker; the cluster client finds a promoted replica).
+    async fn probe_open(&self) {
+        use futures_util::StreamExt;
+        let slots = self.guard.open_slots();
+        if let Conn::Single(_) = &self.conn {
+            let _ = self.probe(&Node::Routed, redis::cmd("PING")).await;
+            return;
+        }
+        if let Some(&s) = slots.first() {
+            let now = mono_ms();
+            if now
+                - self
+                    .guard
+                    .last_nudge
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1000
+            {
+                self.guard
+                    .last_nudge
+                    .store(now, std::sync::atomic::Ordering::Relaxed);
+                self.nudge_topology(s).await;
+            }
+        }
+        futures_util::stream::iter(slots)
+            .map(|s| async move {
+                let ping = redis::cmd("PING");
+                let _ = match &self.primaries {
+                    Some(p) => self.guard.call(Some(s), true, p.query(s, &ping)).await,
+                    None => self.probe(&Node::Slot(s), ping).await,
+                };
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    /// Makes the cluster client learn the cluster's topology again. It
+    /// reconnects to a node that stopped answering, but only a `MOVED`
+    /// makes it read the slots again, and a dead primary sends none: after
+    /// its replica took over, the client would keep calling the dead
+    /// address. So a keyed read of `slot` goes to every primary
+    /// `CLUSTER SLOTS` names now: those not serving the slot answer
+    /// `MOVED`, and the client rebuilds its slot map.
+    async fn nudge_topology(&self, slot: u16) {
+        let tag = super::keys::slot_tags()
+            .get(slot as usize)
+            .cloned()
+            .unwrap_or_default();
+        let key = format!("cg2:probe:{{{tag}}}");
+        let Ok(nodes) = self.primaries().await else {
+            return;
+        };
+        let reads = nodes.iter().map(|node| {
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(&key);
+            self.probe(node, exists)
+        });
+        futures_util::future::join_all(reads).await;
+    }
+
     async fn primaries_probe(&self) -> Result<Vec<Node>, RedisError> {
         if let Conn::Single(_) = &self.conn {
             return Ok(vec![Node::Routed]);
@@ -589,6 +708,7 @@ pub fn spawn_safety_task(library: &Library, every: std::time::Duration) {
     let weak = std::sync::Arc::downgrade(&library.guard);
     let conn = library.conn.clone();
     let functions = library.functions.clone();
+    let primaries = library.primaries.clone();
     tokio::spawn(async move {
         loop {
             let wait = {
@@ -608,9 +728,10 @@ pub fn spawn_safety_task(library: &Library, every: std::time::Duration) {
                 conn: conn.clone(),
                 functions: functions.clone(),
                 guard: wait,
+                primaries: primaries.clone(),
             };
             if library.guard.is_open() {
-                let _ = library.probe(&Node::Routed, redis::cmd("PING")).await;
+                library.probe_open().await;
                 continue;
             }
             if let Err(reason) = library.safety_check().await {

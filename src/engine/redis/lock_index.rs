@@ -56,7 +56,11 @@ impl LockIndex for RedisLockIndex {
         }
         self.library
             .guard
-            .call(false, cmd.query_async::<()>(&mut conn))
+            .call(
+                self.library.slot_of(&self.key(lock_id)),
+                false,
+                cmd.query_async::<()>(&mut conn),
+            )
             .await
             .map_err(unavailable)
     }
@@ -96,7 +100,11 @@ impl LockIndex for RedisLockIndex {
         let v: Option<String> = self
             .library
             .guard
-            .call(false, get.query_async(&mut conn))
+            .call(
+                self.library.slot_of(&self.key(lock_id)),
+                false,
+                get.query_async(&mut conn),
+            )
             .await
             .map_err(unavailable)?;
         Ok(v.and_then(|v| {

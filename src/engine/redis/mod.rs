@@ -20,6 +20,8 @@ pub mod keys;
 pub mod layout;
 pub mod library;
 pub mod lock_index;
+pub mod primaries;
+pub mod replicas;
 pub mod reply;
 pub mod sweep;
 
@@ -63,6 +65,8 @@ pub struct RedisEngine {
     sweeper_id: String,
     /// The instant the store used for the last call answered.
     last_instant: AtomicI64,
+    /// Writes wait for replicas (`redis_wait_replicas`), when set.
+    replica_wait: Option<replicas::ReplicaWait>,
 }
 
 impl RedisEngine {
@@ -78,12 +82,27 @@ impl RedisEngine {
         }
         let conn = conn::open(&opts.target, opts.timeout, &opts.tls).await?;
         conn::check_eviction(&conn, opts.accept_eviction).await?;
-        let library = Library::new(conn.clone(), opts.timeout, opts.accept_eviction);
+        let mut library = Library::new(conn.clone(), opts.timeout, opts.accept_eviction);
+        if let RedisTarget::Cluster(seeds) = &opts.target {
+            let p = primaries::Primaries::connect(seeds.clone(), opts.timeout, opts.tls.clone())
+                .await
+                .map_err(unavailable)?;
+            library = library.deciding_through(p);
+        }
         library.load().await?;
         layout::check(&library, &opts.namespace).await?;
         // The first deadline offset, then the check every few seconds.
         let _ = library.safety_check().await;
         library::spawn_safety_task(&library, opts.safety_interval);
+        let replica_wait = match opts.wait_replicas {
+            0 => None,
+            n => Some(replicas::ReplicaWait::new(
+                &opts.target,
+                n,
+                (opts.timeout.as_millis() as u64 / 2).max(1),
+                opts.wait_pool,
+            )?),
+        };
         Ok(RedisEngine {
             conn,
             library,
@@ -93,6 +112,7 @@ impl RedisEngine {
             namespace: opts.namespace,
             sweeper_id: format!("{:016x}", rand::random::<u64>()),
             last_instant: AtomicI64::new(NO_INSTANT),
+            replica_wait,
         })
     }
 
@@ -184,15 +204,24 @@ impl RedisEngine {
         ctx: &Ctx<'_>,
     ) -> Result<Value, EngineError> {
         let k = self.keys(customer_id);
-        self.library
-            .fcall_with_deadline(function, &[&k.customer, &k.due], args.into_vec())
-            .await
-            .map_err(|e| {
-                if let Some(at) = error_instant(&e) {
-                    self.note(at);
-                }
-                map_error(e, ctx)
-            })
+        let keys = [k.customer.as_str(), k.due.as_str()];
+        let reply = match &self.replica_wait {
+            Some(wait) if ctx.writes => {
+                wait.fcall(&self.library, function, &keys, args.into_vec())
+                    .await
+            }
+            _ => {
+                self.library
+                    .fcall_with_deadline(function, &keys, args.into_vec())
+                    .await
+            }
+        };
+        reply.map_err(|e| {
+            if let Some(at) = error_instant(&e) {
+                self.note(at);
+            }
+            map_error(e, ctx)
+        })
     }
 
     /// A `{value, now}` reply: the value, the instant noted.

@@ -317,8 +317,16 @@ pub(crate) fn store_failure(e: RedisError, writes: bool) -> EngineError {
         return EngineError::StoreFull(Cause::new(e));
     }
     match e.kind() {
+        // Refusals before running: loading, a replica, the cluster down or
+        // moving the slot (a redirect the client did not follow in time).
         ErrorKind::Server(
-            S::BusyLoading | S::ReadOnly | S::ClusterDown | S::MasterDown | S::TryAgain,
+            S::BusyLoading
+            | S::ReadOnly
+            | S::ClusterDown
+            | S::MasterDown
+            | S::TryAgain
+            | S::Moved
+            | S::Ask,
         ) => unavailable(e),
         ErrorKind::Server(_) | ErrorKind::UnexpectedReturnType | ErrorKind::Parse => {
             EngineError::Internal(Cause::new(e))

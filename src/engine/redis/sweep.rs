@@ -144,7 +144,7 @@ impl RedisEngine {
         let found: Vec<Vec<String>> = self
             .library
             .guard
-            .call(false, pipe.query_async(&mut conn))
+            .call(None, false, pipe.query_async(&mut conn))
             .await
             .map_err(unavailable)?;
         Ok(keys
