@@ -128,6 +128,7 @@ pub struct Functions {
     pub claim: String,
     pub migrate: String,
     pub migrate_key: String,
+    pub set_limits: String,
 }
 
 impl Functions {
@@ -150,10 +151,11 @@ impl Functions {
             claim: f("claim"),
             migrate: f("migrate"),
             migrate_key: f("migrate_key"),
+            set_limits: f("set_limits"),
         }
     }
 
-    pub fn all(&self) -> [&str; 16] {
+    pub fn all(&self) -> [&str; 17] {
         [
             &self.create_customer,
             &self.grant,
@@ -171,6 +173,7 @@ impl Functions {
             &self.claim,
             &self.migrate,
             &self.migrate_key,
+            &self.set_limits,
         ]
     }
 }
@@ -666,6 +669,6 @@ mod tests {
                 "{op} not registered"
             );
         }
-        assert_eq!(LIBRARY.matches("\nregister('").count(), 16);
+        assert_eq!(LIBRARY.matches("\nregister('").count(), 17);
     }
 }
