@@ -2037,6 +2037,10 @@ function LIM.take(l, v, amount)
     if F >= l.q then
       T, F = T + 1, F - l.q
     end
+    -- limits.rs: never past MAX_INSTANT + 1 (only a shadow limit gets there).
+    if T > MAX_INSTANT + 1 or (T == MAX_INSTANT + 1 and F > 0) then
+      T, F = MAX_INSTANT + 1, 0
+    end
     l.c1, l.c2 = T, F
     return
   end
@@ -2325,7 +2329,7 @@ end
 -- for each applicable limit (rules::limit_statuses), decimal.
 -- Appends the limits element to an outcome reply when the customer holds limits.
 function LIM.with_reply(C, r, o, feature, pools)
-  if C.has_limits then
+  if C.has_limits or o.limit or (o.shadow and o.shadow[1]) then
     r[#r + 1] = LIMITS_FIELD
     r[#r + 1] = LIM.reply(C, o, feature, pools)
   end
@@ -2603,7 +2607,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         out[2 * i - 1] = args[at + 2 * i - 1]
         out[2 * i] = v[i + 1] or ''
       end
-      return outcome_reply(now, found.outcome, true, feature, out)
+      return LIM.with_reply(C, outcome_reply(now, found.outcome, true, feature, out), found.outcome, nil, nil)
     end
   end
   -- rules::deduct, first pass (the only one that moves a plain bucket).
