@@ -297,6 +297,12 @@ for L in cg1 cg2; do
   seed "$L" cus_dry '' 0
   seed "$L" cus_trk '' 0
 done
+# The same customer as cus_2b with one window limit armed (issue 13): at most
+# 10^8 units of action1 a minute (never reached here), so every call takes
+# the limit's room and writes its counter.
+seed cg2 cus_lim '' 0
+IFS=$'\t' read -r l1 l2 l3 < <(keys_of cg2 cus_lim)
+cli FCALL cg2_v4_set_limits 2 "$l1" "$l3" '' '' '' "$(printf 'action1:minute\037action1\037f\037\037r\0371\037\037cre66i9s')" >/dev/null
 IFS=$'\t' read -r a1 a2 a3 < <(keys_of cg2 cus_2b)
 IFS=$'\t' read -r b1 b2 b3 < <(keys_of cg2 cus_32b)
 IFS=$'\t' read -r c1 c2 c3 < <(keys_of cg2 cus_dry)
@@ -311,6 +317,7 @@ minimal >/dev/null
 redis-benchmark -p "$port" -n "$N" -c 1 -q FCALL cg2_v4_consume 2 "$w1" "$w3" '' '' '' action1 10000 "${PAIRS[@]}" >/dev/null 2>&1
 
 row "cg2 consuming check, 2 buckets" FCALL cg2_v4_consume 2 "$a1" "$a3" '' '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 consuming check with one window limit, 2 buckets" FCALL cg2_v4_consume 2 "$l1" "$l3" '' '' '' action1 10000 "${PAIRS[@]}"
 row "cg2 consuming check, 2 + 30 untouched buckets" FCALL cg2_v4_consume 2 "$b1" "$b3" '' '' '' action1 10000 "${PAIRS[@]}"
 row "cg2 check (dry run), 2 buckets" FCALL cg2_v4_check 2 "$c1" "$c3" '' '' action1 10000 "${PAIRS[@]}"
 row "cg2 track, fresh 36-char idempotency key, 2 buckets" FCALL cg2_v4_track 2 "$d1" "$d3" '' '' "k-__rand_int__-0123456789abcdefghijklm" action1 10000 cap "${PAIRS[@]}"
