@@ -1,5 +1,5 @@
-#!lua name=creditgate_cg2_v3
-local FN = 'cg2_v3_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
+#!lua name=creditgate_cg2_v4
+local FN = 'cg2_v4_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
 -- creditgate Redis Functions library, storage layout cg2 (contract:
 -- lua/README.md). Load with FUNCTION LOAD, call with FCALL.
 --
@@ -73,12 +73,16 @@ local RECORD_FIELD = '\31' -- the customer record's field; every field starting 
 local COMPLEX = '!'
 local COMPLEX_BYTE = 33
 local NONE = {} -- a shared empty list: never appended to (rows lists are replaced, not grown)
+local LIMITS_FIELD = '\31L' -- the customer's limits and their counters (README § 11)
+local LIM = {} -- the limit rules (a table: a chunk holds at most 200 locals)
 
 -- The customer record: fields of RECORD_FIELD, \31-separated, trailing empty ones dropped.
 local REC_CREATED_AT = 1
 local REC_NEXT_SEQ = 2
 local REC_BUCKET_DUE = 3 -- earliest next reset / bucket expiry / rollover expiry of any bucket
 local REC_LOCK_DUE = 4 -- earliest expiry of a pending lock
+-- field 5: 'L' when the customer holds limits (LIMITS_FIELD); no other
+-- field holds an upper-case letter, so find(rec, 'L') tells.
 
 -- A bucket: fields of its \31-separated string, trailing empty ones dropped.
 local B_REMAINING = 1 -- first, so a new remaining is `e36(r) .. rest` without re-encoding;
@@ -99,14 +103,15 @@ local B_ROLLOVERS = 13 -- rows "expires_at,granted,balance" joined by \29, oldes
 
 -- Positional slots of the msgpack arrays (cold paths only, so tables: a
 -- chunk may hold at most 200 locals).
--- A pending lock (a field of the lock hash).
-local LOCK = { feature = 1, units = 2, expires_at = 3, pools = 4, held = 5 }
+-- A pending lock (a field of the lock hash); limit_held: { limit id, window
+-- start, amount } per limit it holds room of (absent: none).
+local LOCK = { feature = 1, units = 2, expires_at = 3, pools = 4, held = 5, limit_held = 6 }
 -- A held entry of a lock; marker = the bucket's next_reset_at when held.
 local HELD = { balance_id = 1, pool = 2, kind = 3, rollover_expires_at = 4, amount = 5, units = 6, marker = 7 }
 -- A finalized lock's receipt (string key, PX).
 local RECEIPT = { forget_at = 1, feature = 2, outcome = 3, pools = 4 }
 -- A packed outcome (inside receipts), and its entries.
-local PACKED = { allowed = 1, uncovered = 2, no_balance = 3, insufficient = 4, entries = 5 }
+local PACKED = { allowed = 1, uncovered = 2, no_balance = 3, insufficient = 4, entries = 5, shadow = 6 }
 local PENTRY = { balance_id = 1, pool = 2, kind = 3, rollover_expires_at = 4, amount = 5, units = 6 }
 
 -- Idempotency records: the first IDEM_FP_BYTES bytes of a record hold the
@@ -425,8 +430,8 @@ local function add_months(t, months)
 end
 
 -- Interval codes as stored: 0 one_off, 1 minute, 2 hour, 3 day, 4 week,
--- 5 month, 6 quarter, 7 semi_annual, 8 year.
-local STEP_MS = { [1] = MINUTE, [2] = HOUR, [3] = DAY, [4] = 7 * DAY }
+-- 5 month, 6 quarter, 7 semi_annual, 8 year, 9 second (limits only).
+local STEP_MS = { [1] = MINUTE, [2] = HOUR, [3] = DAY, [4] = 7 * DAY, [9] = 1000 }
 local STEP_MONTHS = { [5] = 1, [6] = 3, [7] = 6, [8] = 12 }
 
 -- calendar::Period::new: nil for one_off; else { ms = n } or { months = n }.
@@ -817,6 +822,7 @@ local function parse_record(C, rec)
   C.lock_due = d36(r[REC_LOCK_DUE])
   C.lock_due0 = C.lock_due
   C.due0 = opt_min(C.bucket_due, C.lock_due)
+  C.has_limits = find(rec, 'L', 1, true) ~= nil
 end
 
 -- The hot path reads only the two due instants; the record is rewritten
@@ -830,11 +836,14 @@ local function parse_record_dues(C, rec)
   C.lock_due = d36(ld)
   C.lock_due0 = C.lock_due
   C.due0 = opt_min(C.bucket_due, C.lock_due)
+  C.has_limits = find(rec, 'L', 1, true) ~= nil
 end
 
 local function encode_record(C)
   local f = e36(C.created_at) .. US .. e36(C.next_seq)
-  if C.lock_due then
+  if C.has_limits then
+    return f .. US .. o36(C.bucket_due) .. US .. o36(C.lock_due) .. US .. 'L'
+  elseif C.lock_due then
     return f .. US .. o36(C.bucket_due) .. US .. e36(C.lock_due)
   elseif C.bucket_due then
     return f .. US .. e36(C.bucket_due)
@@ -932,6 +941,8 @@ local function load_all(C)
     local f = raw[i]
     if f == RECORD_FIELD then
       rec = raw[i + 1]
+    elseif f == LIMITS_FIELD then
+      C.limits_raw = raw[i + 1]
     elseif sub(f, 1, 1) ~= US then
       add_pool(C, f, raw[i + 1])
     end
@@ -1045,6 +1056,14 @@ local function save(C, shown)
   end
   if C.full then
     C.bucket_due = bd
+  end
+  if C.limits then
+    local ls = LIM.encode(C.limits)
+    if ls ~= C.limits_src then
+      hset = hset or {}
+      hset[#hset + 1] = LIMITS_FIELD
+      hset[#hset + 1] = ls
+    end
   end
   if C.full or C.lock_due ~= C.lock_due0 then
     if C.created_at == nil then
@@ -1494,7 +1513,11 @@ local function pack_outcome(o)
   for i, e in ipairs(o.entries) do
     es[i] = { e.balance_id, e.pool, e.kind, e.rollover_expires_at or false, e.amount, e.units }
   end
-  return { o.allowed and 1 or 0, o.uncovered, o.no_balance and 1 or 0, o.insufficient and 1 or 0, es }
+  local p = { o.allowed and 1 or 0, o.uncovered, o.no_balance and 1 or 0, o.insufficient and 1 or 0, es }
+  if o.shadow and o.shadow[1] then
+    p[PACKED.shadow] = o.shadow
+  end
+  return p
 end
 
 local function unpack_outcome(p)
@@ -1515,6 +1538,7 @@ local function unpack_outcome(p)
     no_balance = p[PACKED.no_balance] == 1,
     insufficient = p[PACKED.insufficient] == 1,
     entries = es,
+    shadow = p[PACKED.shadow],
   }
 end
 
@@ -1547,6 +1571,7 @@ local function prepare(C)
     for _, x in ipairs(expired) do
       local lock = lock_state(C).locks[x.id]
       local o = release_held(C, lock, x.e)
+      LIM.release_expired(C, lock[LOCK.limit_held])
       lock_state(C).receipts[x.id] = { x.e + C.ret_lock, lock[LOCK.feature], pack_outcome(o), lock[LOCK.pools] }
       set_lock(C, x.id, nil)
     end
@@ -1694,15 +1719,34 @@ local function check_rule(C, pools, units, keep)
     restore(order.unlimited)
     return outcome(false, {}, rest)
   end
+  -- rules::judge: every limit on the feature and its paying pools.
+  local J = C.lim and LIM.judge(C, entries)
+  if J and J.blocked then
+    restore(order.buckets)
+    restore(order.unlimited)
+    local o = outcome(false, {}, units)
+    o.limit, o.shadow = J.blocked, J.shadow
+    return o
+  end
   if not keep then
     restore(order.buckets)
     restore(order.unlimited)
   end
-  return outcome(true, entries, 0)
+  local o = outcome(true, entries, 0)
+  if J then
+    o.shadow = J.shadow
+    if keep then
+      o.holds = LIM.take_all(C, J.takes)
+    end
+  end
+  return o
 end
 
 -- rules::track (a negative `units` refunds).
 local function track_rule(C, pools, units, behavior)
+  if C.lim then
+    return LIM.track_rule(C, pools, units, behavior)
+  end
   local owned = owned_pools(C, pools)
   if #owned == 0 then
     return no_balance(units, behavior == 'reject' and units > 0)
@@ -1726,6 +1770,595 @@ local function track_rule(C, pools, units, behavior)
   end
   rest = overflow(order, entries, rest)
   return outcome(rest == 0, entries, rest)
+end
+
+---------------------------------------------------------------------------
+-- Limits (issue 13): the twin of src/limits.rs and of the limit rules of
+-- src/rules.rs (judge, take_limits, refund_limits, release_limits, track's
+-- largest fitting take). A customer's limits and their counters are one
+-- field of its hash, LIMITS_FIELD (README § 11), read only when the record
+-- carries LIMITS_FLAG; a limit's table:
+--   id, feature, kind ('f' fixed window, 's' sliding, 'r' rate), enabled,
+--   shadow, billing (anchor billing_cycle), code, count, q (a window's
+--   limit, a rate's rate), burst, head (the stored definition, verbatim),
+--   c1, c2, c3: window start (nil never), used, previous; a rate's TAT as
+--   c1 * rate + c2 (0 <= c2 < rate): ms x rate_raw without a 2^53 product.
+---------------------------------------------------------------------------
+function LIM.decode(s)
+  local out = {}
+  if s == nil or s == '' then
+    return out
+  end
+  for i, ls in ipairs(split(s, RS)) do
+    local f = split(ls, US)
+    local flags = f[4] or ''
+    local head = {}
+    for k = 1, 9 do
+      head[k] = f[k] or ''
+    end
+    out[i] = {
+      id = f[1],
+      feature = f[2],
+      kind = f[3],
+      enabled = find(flags, 'x', 1, true) == nil,
+      shadow = find(flags, 'h', 1, true) ~= nil,
+      billing = find(flags, 'b', 1, true) ~= nil,
+      code = d36(f[6]) or 0,
+      count = d36(f[7]) or 1,
+      q = d36(f[8]) or 0,
+      burst = d36(f[9]) or 0,
+      head = concat(head, US),
+      c1 = d36(f[10]),
+      c2 = d36(f[11]) or 0,
+      c3 = d36(f[12]) or 0,
+    }
+    if f[3] == 'r' then
+      out[i].c1 = out[i].c1 or 0
+    end
+  end
+  return out
+end
+
+function LIM.encode(list)
+  local parts = {}
+  for i, l in ipairs(list) do
+    local s = l.head .. US .. o36(l.c1) .. US .. (l.c2 ~= 0 and e36(l.c2) or '') .. US .. (l.c3 ~= 0 and e36(l.c3) or '')
+    parts[i] = match(s, '^(.-)\31*$')
+  end
+  return concat(parts, RS)
+end
+
+-- Reads the customer's limits (once): from load_all's HGETALL, or one HGET.
+function LIM.load(C)
+  if C.limits == nil then
+    local s = ''
+    if C.has_limits then
+      s = C.limits_raw or rcall('HGET', C.key, LIMITS_FIELD) or ''
+    end
+    C.limits_src = s
+    C.limits = LIM.decode(s)
+  end
+  return C.limits
+end
+
+-- The quota: a window's limit, a rate's burst.
+function LIM.quota(l)
+  if l.kind == 'r' then
+    return l.burst
+  end
+  return l.q
+end
+
+function LIM.period_ms(l)
+  local p = make_period(l.code, l.count)
+  return p and p.ms
+end
+
+-- limits::window_at
+function LIM.window_at(code, count, anchor, t)
+  local p = make_period(code, count)
+  if not p then
+    return -HUGE, HUGE
+  end
+  local i = last_index_at_or_before(p, anchor, t)
+  return boundary(p, anchor, i), boundary(p, anchor, i + 1)
+end
+
+-- rules::billing_anchor: the anchor of the first resetting bucket (stored
+-- order: pool by pool) of the pools that pay for the limit's feature: the
+-- request's pools when the limit is on the requested feature, else the
+-- limit's own pool (a credit system: Catalog::pools_for gives it alone).
+function LIM.anchor(C, l)
+  if l.kind == 'r' then
+    return 0
+  end
+  local utc = l.code == 4 and 4 * DAY or 0 -- weeks from Monday 1970-01-05
+  if not l.billing then
+    return utc
+  end
+  local names
+  if l.feature == C.lim_feature and C.lim_pools then
+    names = C.lim_pools
+  else
+    names = { { pool = l.feature } }
+  end
+  for _, p in ipairs(names) do
+    local P = C.pools[p.pool]
+    if P then
+      for _, b in ipairs(P.buckets) do
+        if b.period then
+          return b.anchor
+        end
+      end
+    end
+  end
+  return utc
+end
+
+-- ArmedLimit::view: the counter rolled to now's window (not stored).
+function LIM.view(l, anchor, now)
+  if l.kind == 'r' then
+    return { start = now, stop = now, now = now, anchor = anchor, T = l.c1, F = l.c2 }
+  end
+  local s, e = LIM.window_at(l.code, l.count, anchor, now)
+  local used, prev = l.c2, l.c3
+  if l.c1 ~= s then
+    local stored_end = nil
+    if l.c1 ~= nil then
+      local _, se = LIM.window_at(l.code, l.count, anchor, l.c1)
+      stored_end = se
+    end
+    if stored_end == s and l.c1 < s then
+      prev = used
+    else
+      prev = 0
+    end
+    used = 0
+  end
+  return { start = s, stop = e, now = now, anchor = anchor, used = used, prev = prev }
+end
+
+function LIM.bn_add(a, b)
+  local r, carry = {}, 0
+  for i = 1, max(#a, #b) do
+    local v = (a[i] or 0) + (b[i] or 0) + carry
+    if v >= BASE then
+      r[i], carry = v - BASE, 1
+    else
+      r[i], carry = v, 0
+    end
+  end
+  if carry > 0 then
+    r[#r + 1] = carry
+  end
+  return r
+end
+
+function LIM.bn_sub(a, b) -- a >= b
+  local r, borrow = {}, 0
+  for i = 1, #a do
+    local v = a[i] - (b[i] or 0) - borrow
+    if v < 0 then
+      r[i], borrow = v + BASE, 1
+    else
+      r[i], borrow = v, 0
+    end
+  end
+  return r
+end
+
+function LIM.bn_num(t)
+  local n = 0
+  for i = #t, 1, -1 do
+    n = n * BASE + t[i]
+  end
+  return n
+end
+
+-- floor((a*b + c) / d) exactly (a, b, c >= 0, d > 0, all below 2^53), and
+-- whether the division is exact.
+function LIM.floor_lin(a, b, c, d)
+  local x = a * b
+  if x + c < 9.0e15 then
+    local n = x + c
+    local q = floor(n / d)
+    return q, q * d == n
+  end
+  local q = floor((x + c) / d)
+  if q >= HUGE - 8 then
+    return q, false
+  end
+  local N = LIM.bn_add(bn_mul(bn(a), bn(b)), bn(c))
+  local D = bn(d)
+  while q > 0 and bn_cmp(bn_mul(bn(q), D), N) > 0 do
+    q = q - 1
+  end
+  while bn_cmp(bn_mul(bn(q + 1), D), N) <= 0 do
+    q = q + 1
+  end
+  return q, bn_cmp(bn_mul(bn(q), D), N) == 0
+end
+
+-- a*b = q*c + r, 0 <= r < c.
+function LIM.divmod(a, b, c)
+  local x = a * b
+  if x < 9.0e15 then
+    local q = floor(x / c)
+    return q, x - q * c
+  end
+  local q = LIM.floor_lin(a, b, 0, c)
+  return q, LIM.bn_num(LIM.bn_sub(bn_mul(bn(a), bn(b)), bn_mul(bn(q), bn(c))))
+end
+
+-- max(tat, now x rate) as (T, F).
+function LIM.rate_m(v)
+  if v.T >= v.now then
+    return v.T, v.F
+  end
+  return v.now, 0
+end
+
+-- ArmedLimit::used
+function LIM.used(l, v)
+  if l.kind == 'r' then
+    local p = LIM.period_ms(l)
+    if not p then
+      return 0
+    end
+    local T, F = LIM.rate_m(v)
+    local q, exact = LIM.floor_lin(T - v.now, l.q, F, p)
+    return exact and q or q + 1
+  end
+  if l.kind ~= 's' or v.prev == 0 then
+    return v.used
+  end
+  local q, exact = muldiv(v.prev, v.stop - v.now, v.stop - v.start)
+  return v.used + (exact and q or q + 1)
+end
+
+-- ArmedLimit::room
+function LIM.room(l, v)
+  if l.kind == 'r' and not LIM.period_ms(l) then
+    return 0
+  end
+  return max(LIM.quota(l) - LIM.used(l, v), 0)
+end
+
+-- ArmedLimit::take (stored).
+function LIM.take(l, v, amount)
+  if l.kind == 'r' then
+    local p = LIM.period_ms(l)
+    if not p then
+      return
+    end
+    local T, F = LIM.rate_m(v)
+    local q, rem = LIM.divmod(amount, p, l.q)
+    T, F = T + q, F + rem
+    if F >= l.q then
+      T, F = T + 1, F - l.q
+    end
+    -- limits.rs: never past MAX_INSTANT + 1 (only a shadow limit gets there).
+    if T > MAX_INSTANT + 1 or (T == MAX_INSTANT + 1 and F > 0) then
+      T, F = MAX_INSTANT + 1, 0
+    end
+    l.c1, l.c2 = T, F
+    return
+  end
+  l.c1, l.c2, l.c3 = v.start, v.used + amount, v.prev
+end
+
+-- ArmedLimit::give_back (stored).
+function LIM.give_back(l, v, amount, window_start, rate_too)
+  if l.kind == 'r' then
+    local p = LIM.period_ms(l)
+    if not p or not rate_too then
+      return
+    end
+    local T, F = v.T, v.F
+    local q, rem = LIM.divmod(amount, p, l.q)
+    local T2, F2 = T - q, F - rem
+    if F2 < 0 then
+      T2, F2 = T2 - 1, F2 + l.q
+    end
+    if T2 < v.now then
+      T2, F2 = v.now, 0
+    end
+    if T2 < T or (T2 == T and F2 < F) then
+      l.c1, l.c2 = T2, F2
+    end
+    return
+  end
+  if v.start == window_start then
+    l.c1, l.c2, l.c3 = v.start, v.used - max(min(amount, v.used), 0), v.prev
+  end
+end
+
+-- ArmedLimit::frees_at: nil = never (more than the quota).
+function LIM.frees_at(l, v, amount)
+  if amount > LIM.quota(l) then
+    return nil
+  end
+  if amount <= LIM.room(l, v) then
+    return v.now
+  end
+  if l.kind == 'r' then
+    local p = LIM.period_ms(l)
+    if not p then
+      return nil
+    end
+    local qk, rk = LIM.divmod(l.burst - amount, p, l.q)
+    local t = v.T - qk + ((v.F > rk) and 1 or 0)
+    return max(t, v.now)
+  elseif l.kind == 'f' then
+    return v.stop
+  end
+  local r = l.q - amount
+  local function earliest(x, rr, lo, stop, len)
+    if rr < 0 then
+      return nil
+    end
+    if x == 0 then
+      return lo
+    end
+    local t = stop - muldiv(rr, len, x)
+    if t < lo then
+      return lo
+    elseif t > stop then
+      return stop
+    end
+    return t
+  end
+  local t = earliest(v.prev, r - v.used, v.now, v.stop, v.stop - v.start)
+  if t and t < v.stop then
+    return t
+  end
+  local ns, ne = LIM.window_at(l.code, l.count, v.anchor, v.stop)
+  return earliest(v.used, r, ns, ne, ne - ns)
+end
+
+-- rules::applicable_limits for the request (C.lim_feature, C.lim_pools):
+-- sets C.lim (nil when none applies).
+function LIM.setup(C, feature, pools)
+  C.lim = nil
+  if not C.has_limits then
+    return
+  end
+  C.lim_feature, C.lim_pools = feature, pools
+  local app = {}
+  for _, l in ipairs(LIM.load(C)) do
+    local on = l.enabled and l.feature == feature
+    if l.enabled and not on and pools then
+      for _, p in ipairs(pools) do
+        if p.pool == l.feature then
+          on = true
+          break
+        end
+      end
+    end
+    if on then
+      app[#app + 1] = l
+    end
+  end
+  if app[1] then
+    C.lim = app
+  end
+end
+
+-- rules::take_of: units of the requested feature, or credits charged to
+-- the limit's pool.
+function LIM.take_of(C, l, entries)
+  local n = 0
+  if l.feature == C.lim_feature then
+    for _, e in ipairs(entries) do
+      n = n + e.units
+    end
+  else
+    for _, e in ipairs(entries) do
+      if e.pool == l.feature then
+        n = n + e.amount
+      end
+    end
+  end
+  return n
+end
+
+-- rules::judge: { blocked = { id, frees_at } | nil, shadow = { ids }, takes = { { l, amount } } }.
+function LIM.judge(C, entries)
+  local J = { blocked = nil, shadow = {}, takes = {} }
+  for _, l in ipairs(C.lim) do
+    local amount = max(LIM.take_of(C, l, entries), 0)
+    local v = LIM.view(l, LIM.anchor(C, l), C.now)
+    if amount > LIM.room(l, v) then
+      if l.shadow then
+        J.shadow[#J.shadow + 1] = l.id
+      else
+        local d = { id = l.id, frees_at = LIM.frees_at(l, v, amount) }
+        local b = J.blocked
+        local later
+        if b == nil then
+          later = true
+        elseif b.frees_at == nil then
+          later = false
+        elseif d.frees_at == nil then
+          later = true
+        else
+          later = d.frees_at > b.frees_at
+        end
+        if later then
+          J.blocked = d
+        end
+      end
+    end
+    J.takes[#J.takes + 1] = { l, amount }
+  end
+  return J
+end
+
+-- rules::take_limits: returns the holds { id, window start, amount }.
+function LIM.take_all(C, takes)
+  local holds = {}
+  for _, t in ipairs(takes) do
+    local l, amount = t[1], t[2]
+    local v = LIM.view(l, LIM.anchor(C, l), C.now)
+    LIM.take(l, v, amount)
+    if amount > 0 then
+      holds[#holds + 1] = { l.id, v.start, amount }
+    end
+  end
+  return holds
+end
+
+-- rules::refund_limits
+function LIM.refund(C, entries)
+  for _, l in ipairs(C.lim) do
+    local back = -LIM.take_of(C, l, entries)
+    if back > 0 then
+      local v = LIM.view(l, LIM.anchor(C, l), C.now)
+      LIM.give_back(l, v, back, v.start, false)
+    end
+  end
+end
+
+function LIM.by_id(C, id)
+  for _, l in ipairs(LIM.load(C)) do
+    if l.id == id then
+      return l
+    end
+  end
+  return nil
+end
+
+-- rules::release_limits (a finalize's release): windows anchored as the
+-- request would anchor them.
+function LIM.release(C, holds)
+  for _, h in ipairs(holds or NONE) do
+    local l = LIM.by_id(C, h[1])
+    if l then
+      local v = LIM.view(l, LIM.anchor(C, l), C.now)
+      LIM.give_back(l, v, h[3], h[2], true)
+    end
+  end
+end
+
+-- rules::release_expired_holds (prepare): the hold's window start is the anchor.
+function LIM.release_expired(C, holds)
+  if not C.has_limits then
+    return
+  end
+  for _, h in ipairs(holds or NONE) do
+    local l = LIM.by_id(C, h[1])
+    if l then
+      local v = LIM.view(l, h[2], C.now)
+      LIM.give_back(l, v, h[3], h[2], true)
+    end
+  end
+end
+
+-- rules::track with limits on the feature (C.lim set).
+function LIM.track_rule(C, pools, units, behavior)
+  local owned = owned_pools(C, pools)
+  if #owned == 0 then
+    return no_balance(units, behavior == 'reject' and units > 0)
+  end
+  local order = deduction_order(C, owned)
+  if units < 0 then
+    local entries, rest = refund(order, -units)
+    LIM.refund(C, entries)
+    return outcome(rest == 0, entries, rest)
+  end
+  snapshot(order.buckets)
+  snapshot(order.unlimited)
+  local function attempt(u)
+    restore(order.buckets)
+    restore(order.unlimited)
+    local entries, rest = deduct(order, u)
+    if behavior == 'overflow' and rest > 0 then
+      rest = overflow(order, entries, rest)
+    end
+    return entries, rest
+  end
+  local first, rest = attempt(units)
+  if behavior == 'reject' and rest > 0 then
+    restore(order.buckets)
+    restore(order.unlimited)
+    local o = outcome(false, {}, rest)
+    o.insufficient = true
+    return o
+  end
+  local J = LIM.judge(C, first)
+  local take = units
+  if J.blocked then
+    if behavior == 'reject' then
+      restore(order.buckets)
+      restore(order.unlimited)
+      local o = outcome(false, {}, units)
+      o.limit, o.shadow = J.blocked, J.shadow
+      return o
+    end
+    local function fits(u)
+      return LIM.judge(C, (attempt(u))).blocked == nil
+    end
+    local hi = units - rest
+    if hi <= 0 or fits(hi) then
+      take = max(hi, 0)
+    else
+      local lo = 0
+      while hi - lo > 1 do
+        local mid = lo + floor((hi - lo) / 2)
+        if fits(mid) then
+          lo = mid
+        else
+          hi = mid
+        end
+      end
+      take = lo
+    end
+  end
+  local entries, rest2 = attempt(take)
+  local J2 = LIM.judge(C, entries)
+  local dropped = units - take + rest2
+  local o = outcome(dropped == 0, entries, dropped)
+  o.shadow = J2.shadow
+  LIM.take_all(C, J2.takes)
+  return o
+end
+
+-- The reply's limits element (after the pools, under the name
+-- LIMITS_FIELD): `<denying id>\31<frees_at>` \30 `<shadow ids, \31>` then
+-- \30 `id\31feature\31quota\31remaining\31window_ms\31resets_at\31shadow`
+-- for each applicable limit (rules::limit_statuses), decimal.
+-- Appends the limits element to an outcome reply when the customer holds limits.
+function LIM.with_reply(C, r, o, feature, pools)
+  if C.has_limits or o.limit or (o.shadow and o.shadow[1]) then
+    r[#r + 1] = LIMITS_FIELD
+    r[#r + 1] = LIM.reply(C, o, feature, pools)
+  end
+  return r
+end
+
+function LIM.reply(C, o, feature, pools)
+  local parts = { '', concat(o.shadow or NONE, US) }
+  if o.limit then
+    parts[1] = o.limit.id .. US .. opt(o.limit.frees_at)
+  end
+  if feature and feature ~= '' then
+    LIM.setup(C, feature, pools)
+  else
+    C.lim = nil
+  end
+  for _, l in ipairs(C.lim or NONE) do
+    local v = LIM.view(l, LIM.anchor(C, l), C.now)
+    local resets
+    if l.kind == 'r' then
+      resets = LIM.frees_at(l, v, LIM.quota(l))
+    else
+      resets = v.stop
+    end
+    local p = make_period(l.code, l.count)
+    parts[#parts + 1] = l.id .. US .. l.feature .. US .. fmt(LIM.quota(l)) .. US .. fmt(LIM.room(l, v)) .. US
+      .. fmt(p and nominal_ms(p) or 0) .. US .. opt(resets) .. US .. (l.shadow and '1' or '')
+  end
+  return concat(parts, RS)
 end
 
 ---------------------------------------------------------------------------
@@ -1804,6 +2437,11 @@ local function idem_encode(o, expires_off, pools)
     end
     parts[i + 1] = (ref or ('=' .. e.pool)) .. US .. e.balance_id .. US .. kind .. US .. e36(e.amount) .. US .. e36(e.units)
   end
+  -- Limits: `!<denying id>\31<frees_at>\31<shadow ids joined by \29>`.
+  if o.limit or (o.shadow and o.shadow[1]) then
+    local l = o.limit
+    parts[#parts + 1] = '!' .. (l and l.id or '') .. US .. (l and o36(l.frees_at) or '') .. US .. concat(o.shadow or NONE, GS)
+  end
   return concat(parts, RS)
 end
 
@@ -1818,6 +2456,15 @@ local function idem_decode(v, start, pools)
   o.insufficient = floor(flags / OF_INSUFFICIENT) % 2 == 1
   for i = 2, #parts do
     local f = split(parts[i], US)
+    if sub(f[1], 1, 1) == '!' then
+      if f[1] ~= '!' then
+        o.limit = { id = sub(f[1], 2), frees_at = d36(f[2]) }
+      end
+      if f[3] and f[3] ~= '' then
+        o.shadow = split(f[3], GS)
+      end
+      break
+    end
     local pool
     if sub(f[1], 1, 1) == '=' then
       pool = sub(f[1], 2)
@@ -1912,6 +2559,10 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   if not rec then
     fail('customer_not_found')
   end
+  -- A customer with limits takes the general path (LIM).
+  if find(rec, 'L', 1, true) then
+    return nil, v
+  end
   local due = record_due(rec)
   if due and due <= now then
     return nil, v
@@ -1956,7 +2607,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         out[2 * i - 1] = args[at + 2 * i - 1]
         out[2 * i] = v[i + 1] or ''
       end
-      return outcome_reply(now, found.outcome, true, feature, out)
+      return LIM.with_reply(C, outcome_reply(now, found.outcome, true, feature, out), found.outcome, nil, nil)
     end
   end
   -- rules::deduct, first pass (the only one that moves a plain bucket).
@@ -2278,8 +2929,10 @@ function FNS.check(keys, args)
   end
   local pools = read_pools(args, 5)
   local C = open(keys, args, pools or {}, now, v)
+  LIM.setup(C, args[3], pools)
   local o = check_rule(C, pools, units, false)
-  return outcome_reply(C.now, o, false, args[3], save(C, pools))
+  local r = outcome_reply(C.now, o, false, args[3], save(C, pools))
+  return LIM.with_reply(C, r, o, args[3], pools)
 end
 
 -- consume, track, reserve, finalize (rules::apply). `at`: where the pools
@@ -2346,6 +2999,7 @@ local function apply_op(keys, args, op, key, feature, units, mode, lock_id, expi
       end
     end
   end
+  LIM.setup(C, shown, shown_pools)
   if not o then
     replayed = false
     if op == 'consume' then
@@ -2373,7 +3027,11 @@ local function apply_op(keys, args, op, key, feature, units, mode, lock_id, expi
         for i, p in ipairs(pools) do
           ps[i] = { p.pool, p.cost }
         end
-        set_lock(C, lock_id, { feature, units, expires or false, ps, held })
+        local lock = { feature, units, expires or false, ps, held }
+        if o.holds and o.holds[1] then
+          lock[LOCK.limit_held] = o.holds
+        end
+        set_lock(C, lock_id, lock)
         if expires then
           C.lock_due = opt_min(C.lock_due, expires)
         end
@@ -2391,6 +3049,9 @@ local function apply_op(keys, args, op, key, feature, units, mode, lock_id, expi
       else
         if mode == 'release' then
           o = release_held(C, lock, now)
+          if C.has_limits then
+            LIM.release(C, lock[LOCK.limit_held])
+          end
         elseif units == nil then
           o = outcome(true, {}, 0)
         else
@@ -2418,7 +3079,8 @@ local function apply_op(keys, args, op, key, feature, units, mode, lock_id, expi
   if ifield and not replayed then
     idem_put(C, ifield, ifp, o, pools)
   end
-  return outcome_reply(C.now, o, replayed, shown, strings)
+  local r = outcome_reply(C.now, o, replayed, shown, strings)
+  return LIM.with_reply(C, r, o, shown, shown_pools)
 end
 
 -- consume (rules::apply of Op::Consume): all of `units` or nothing.
@@ -2480,6 +3142,8 @@ function FNS.balances(keys, args)
     local f = raw[i]
     if f == RECORD_FIELD then
       rec = raw[i + 1]
+    elseif f == LIMITS_FIELD then
+      C.limits_raw = raw[i + 1]
     elseif sub(f, 1, 1) ~= US then
       out[#out + 1] = f
       out[#out + 1] = raw[i + 1]
@@ -2515,7 +3179,43 @@ function FNS.balances(keys, args)
   for i, x in ipairs(out) do
     r[2 + i] = x
   end
+  if C.has_limits then
+    r[#r + 1] = LIMITS_FIELD
+    r[#r + 1] = C.limits and LIM.encode(C.limits) or C.limits_raw or ''
+  end
   return r
+end
+
+-- set_limits: replaces the customer's limits (definitions and counters, as
+-- the Rust computed them from the list it read: rules::set_limits) if the
+-- stored list is still `expected`; sets or clears the record's flag.
+-- Reply { 1 replaced | 0 changed since read (read again), now }.
+-- ARGV[3] expected: the stored limits (field \31L) the update was computed from, '' none
+-- ARGV[4] limits: the new limits (README § 11), '' none
+function FNS.set_limits(keys, args)
+  local now = clock(args[1])
+  local v = rcall('HMGET', keys[1], RECORD_FIELD, LIMITS_FIELD)
+  if not v[1] then
+    fail('customer_not_found')
+  end
+  if (v[2] or '') ~= args[3] then
+    return { 0, now }
+  end
+  local new = args[4] or ''
+  if new == '' then
+    if v[2] then
+      rcall('HDEL', keys[1], LIMITS_FIELD)
+    end
+  elseif new ~= v[2] then
+    rcall('HSET', keys[1], LIMITS_FIELD, new)
+  end
+  local C = new_customer(keys, args, now)
+  parse_record(C, v[1])
+  if C.has_limits ~= (new ~= '') then
+    C.has_limits = new ~= ''
+    rcall('HSET', keys[1], RECORD_FIELD, encode_record(C))
+  end
+  return { 1, now }
 end
 
 function FNS.reset_due(keys, args)
@@ -2783,3 +3483,4 @@ register('release', FNS.release)
 register('claim', FNS.claim)
 register('migrate', FNS.migrate)
 register('migrate_key', FNS.migrate_key)
+register('set_limits', FNS.set_limits)

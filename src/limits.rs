@@ -383,8 +383,12 @@ impl ArmedLimit {
                     return;
                 };
                 let now_s = v.now as i128 * r;
+                // Never past the last instant (+1): only a shadow limit,
+                // which takes what it would refuse, gets there; the Lua
+                // twin keeps the TAT below 2^53 ms this way.
+                let cap = (crate::calendar::MAX_INSTANT_MS as i128 + 1) * r;
                 Counter::Rate {
-                    tat: tat.max(now_s) + amount as i128 * p,
+                    tat: (tat.max(now_s) + amount as i128 * p).min(cap),
                 }
             }
         };

@@ -53,15 +53,6 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
         .await
         .map_err(|e| ConfigError::new(key, format!("cannot use this Redis: {e}")))?;
     let engine = Arc::new(engine);
-    // Limits live in the in-process engine only, for now (docs/limits.md):
-    // say so once at startup; attaching such a plan answers
-    // `limits_unsupported` and stores nothing.
-    for plan in config.plans.iter().filter(|p| !p.limits.is_empty()) {
-        tracing::warn!(
-            plan = %plan.id,
-            "plan has limits, which the Redis engine does not keep yet: attaching it answers limits_unsupported"
-        );
-    }
     Ok(Backend {
         lock_index: Arc::new(engine.lock_index()),
         readiness: Arc::new(engine.readiness()),

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use common::{catalog, start};
 use creditgate::calendar::{Interval, DAY_MS, HOUR_MS, MINUTE_MS};
 use creditgate::engine::redis::RedisEngine;
+use creditgate::limits::LimitSpec;
 use creditgate::model::Op;
 use creditgate::model::*;
 use creditgate::{Amount, Clock, Engine, EngineError, ManualClock, MemoryEngine};
@@ -63,6 +64,57 @@ enum Step {
     ResetDue(usize),
     /// Repeats the last `Apply` with the same idempotency key (k1 if none).
     Repeat,
+    /// Replaces the customer's `rate_limits` list (issue 13).
+    Limits(usize, Vec<LimitSpec>),
+}
+
+/// A limit on a feature or credit system the workload uses: fixed or
+/// sliding windows (UTC or billing-cycle anchored) and rates, some shadow,
+/// some disabled.
+fn limit_spec() -> impl Strategy<Value = LimitSpec> {
+    let feature =
+        prop::sample::select(&["api_call", "action1", "ai_credits", "action2", "third"][..]);
+    let window = (
+        prop::sample::select(&["second", "minute", "hour", "day", "week", "month"][..]),
+        prop_oneof![3 => Just(1u32), 1 => 2u32..4],
+        prop::bool::weighted(0.3),
+        prop::bool::weighted(0.3),
+        1i64..3_000_000,
+    )
+        .prop_map(|(i, n, billing, sliding, limit)| LimitSpec {
+            interval: Some(i.into()),
+            interval_count: Some(n),
+            anchor: Some(if billing { "billing_cycle" } else { "utc" }.into()),
+            window: Some(if sliding { "sliding" } else { "fixed" }.into()),
+            limit: Amount::from_raw(limit),
+            ..LimitSpec::default()
+        });
+    let rate = (
+        prop::sample::select(&["second", "minute", "hour"][..]),
+        1i64..500_000,
+        10_000i64..3_000_000,
+    )
+        .prop_map(|(i, r, b)| LimitSpec {
+            kind: Some("rate".into()),
+            interval: Some(i.into()),
+            rate: Amount::from_raw(r),
+            burst: Amount::from_raw(b),
+            ..LimitSpec::default()
+        });
+    (
+        feature,
+        prop_oneof![2 => window, 1 => rate],
+        prop::bool::weighted(0.15),
+        prop::bool::weighted(0.1),
+        prop::option::weighted(0.5, prop::sample::select(&["l1", "l2", "l3"][..])),
+    )
+        .prop_map(|(f, spec, shadow, off, id)| LimitSpec {
+            feature_id: f.into(),
+            shadow: Some(shadow),
+            enabled: Some(!off),
+            id: id.map(String::from),
+            ..spec
+        })
 }
 
 fn raw_amount() -> impl Strategy<Value = i64> {
@@ -239,8 +291,9 @@ fn step() -> impl Strategy<Value = Step> {
             2 => 1i64..40 * DAY_MS,
             1 => 1i64..3 * 365 * DAY_MS,
         ].prop_map(Step::Advance),
-        1 => c.prop_map(Step::ResetDue),
+        1 => c.clone().prop_map(Step::ResetDue),
         2 => Just(Step::Repeat),
+        2 => (c, prop::collection::vec(limit_spec(), 0..4)).prop_map(|(c, l)| Step::Limits(c, l)),
     ]
 }
 
@@ -285,6 +338,7 @@ enum Answer {
     Updated(Result<(), EngineError>),
     Outcome(Result<Outcome, EngineError>),
     Resets(Result<u32, EngineError>),
+    Limits(Result<Vec<creditgate::limits::LimitDef>, EngineError>),
     Moved,
 }
 
@@ -333,6 +387,23 @@ async fn run(e: &dyn Engine, clock: &ManualClock, step: &Step) -> Answer {
         Step::Apply(c, op, k) => Answer::Outcome(e.apply(CUSTOMERS[*c], op, *k).await),
         Step::ResetDue(c) => Answer::Resets(e.reset_due(CUSTOMERS[*c]).await),
         Step::Repeat => Answer::Moved,
+        Step::Limits(c, specs) => {
+            use creditgate::limits::{LimitList, LimitSource, LimitsUpdate};
+            let defs: Result<Vec<_>, _> = specs
+                .iter()
+                .map(|s| s.build(LimitList::RateLimits, LimitSource::RateLimits, &catalog()))
+                .collect();
+            match defs {
+                Ok(defs) => {
+                    let u = LimitsUpdate {
+                        rate_limits: Some(defs),
+                        ..LimitsUpdate::default()
+                    };
+                    Answer::Limits(e.set_limits(CUSTOMERS[*c], &u).await)
+                }
+                Err(_) => Answer::Moved,
+            }
+        }
         Step::Advance(ms) => {
             clock.advance(*ms);
             Answer::Moved
@@ -460,6 +531,17 @@ fn tally_name(k: &str) {
 }
 
 fn tally(a: &Answer) {
+    if let Answer::Outcome(Ok(o)) = a {
+        if o.limit.is_some() {
+            tally_name("outcome refused by a limit");
+        }
+        if !o.shadow_denied.is_empty() {
+            tally_name("outcome with shadow denials");
+        }
+        if !o.limits.is_empty() {
+            tally_name("outcome with limit statuses");
+        }
+    }
     let k = match a {
         Answer::Outcome(Ok(o)) if !o.entries.is_empty() => format!(
             "outcome entries={} replayed={}",

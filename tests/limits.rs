@@ -3,11 +3,9 @@
 //! GCRA against its definition, bad input over HTTP (nothing stored), the
 //! HTTP shapes (customers.update, check, track 429, gate headers).
 //!
-//! Engines: the scenarios run on the in-process engine. The Redis library
-//! (`lua/creditgate.lua`) has no limits yet, so the Redis engine refuses
-//! every limit with `limits_unsupported` (tested below on a real
-//! redis-server) instead of ignoring it; the redis and cluster variants of
-//! these scenarios join `on_every_engine!` when the Lua twin lands.
+//! Engines: every scenario runs on the in-process engine, the Redis engine
+//! (the Lua twin, `lua/creditgate.lua`) and a Redis Cluster
+//! (`on_every_engine!`).
 
 mod common;
 
@@ -418,93 +416,51 @@ async fn replays_expiry_and_confirm_keep_the_counters_exact(fx: Fx) {
     assert!(!fx.consume("c", "basic_message", "1").await.allowed);
 }
 
-mod memory_engine {
-    use super::*;
-    macro_rules! on_memory {
-        ($($name:ident),* $(,)?) => {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(Fx::memory()).await
-                }
-            )*
-        };
-    }
-    on_memory!(
-        ten_a_minute_on_200_credits,
-        a_window_on_a_credit_system_counts_credits,
-        a_rate_of_5_a_second_with_burst_10,
-        the_tighter_of_two_limits_denies,
-        a_refund_gives_room_back_in_its_window_only,
-        a_reservation_holds_room_and_release_gives_it_back,
-        track_cap_takes_what_the_limit_leaves,
-        shadow_mode_never_denies_and_counts,
-        a_balance_denial_leaves_the_window_untouched,
-        billing_cycle_windows_follow_the_bucket_across_a_month_end,
-        disabled_limits_are_ignored_and_lists_replace,
-        replays_expiry_and_confirm_keep_the_counters_exact,
-    );
-}
+on_every_engine!(
+    ten_a_minute_on_200_credits,
+    a_window_on_a_credit_system_counts_credits,
+    a_rate_of_5_a_second_with_burst_10,
+    the_tighter_of_two_limits_denies,
+    a_refund_gives_room_back_in_its_window_only,
+    a_reservation_holds_room_and_release_gives_it_back,
+    track_cap_takes_what_the_limit_leaves,
+    shadow_mode_never_denies_and_counts,
+    a_balance_denial_leaves_the_window_untouched,
+    billing_cycle_windows_follow_the_bucket_across_a_month_end,
+    disabled_limits_are_ignored_and_lists_replace,
+    replays_expiry_and_confirm_keep_the_counters_exact,
+    check_is_the_exact_dry_run_of_consume_under_limits,
+    a_plan_with_limits_attaches_them,
+);
 
-/// The Redis engine keeps no limits yet: it says so, typed, and stores
-/// nothing — a limit is never silently ignored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_redis_engine_refuses_limits_typed() {
-    let fx = Fx::redis().await;
-    fx.customer("c").await;
-    assert!(!fx.engine.supports_limits());
-    let catalog = common::catalog();
-    let def = window("basic_message", "10", "minute")
-        .build(LimitList::RateLimits, LimitSource::RateLimits, &catalog)
-        .unwrap();
-    let update = LimitsUpdate {
-        rate_limits: Some(vec![def]),
-        ..LimitsUpdate::default()
-    };
-    let err = fx.engine.set_limits("c", &update).await.unwrap_err();
-    assert_eq!(err, EngineError::LimitsUnsupported);
-    assert_eq!(err.code().as_str(), "limits_unsupported");
-    assert_eq!(err.code().status(), 400);
-    // A plan with limits is refused before anything is stored.
+/// A plan's limits are granted on attach, on every engine (the Redis
+/// engine once refused them with `limits_unsupported`).
+async fn a_plan_with_limits_attaches_them(fx: Fx) {
+    assert!(fx.engine.supports_limits());
     let config = common::http::config();
     let mut service =
-        creditgate::service::Service::new(fx.engine.clone(), catalog, fx.clock.clone());
+        creditgate::service::Service::new(fx.engine.clone(), common::catalog(), fx.clock.clone());
     service.plans = std::sync::Arc::new(config.plans.clone());
-    let err = service.attach("d", "gated").await.unwrap_err();
-    assert_eq!(err, EngineError::LimitsUnsupported);
+    service.attach("d", "gated").await.unwrap();
+    let b = fx.engine.balances("d").await.unwrap();
+    assert!(!b.limits.is_empty());
+    assert!(b
+        .limits
+        .iter()
+        .all(|l| l.source == LimitSource::Plan("gated".into())));
     assert_eq!(
-        fx.engine.balances("d").await.unwrap_err(),
-        EngineError::CustomerNotFound
+        fx.engine
+            .set_limits("nobody", &LimitsUpdate::default())
+            .await,
+        Err(EngineError::CustomerNotFound)
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cluster_engine_refuses_limits_typed() {
-    let fx = Fx::cluster().await;
-    fx.customer("c").await;
-    let def = window("basic_message", "10", "minute")
-        .build(
-            LimitList::RateLimits,
-            LimitSource::RateLimits,
-            &common::catalog(),
-        )
-        .unwrap();
-    let update = LimitsUpdate {
-        usage_limits: Some(vec![def]),
-        ..LimitsUpdate::default()
-    };
-    let err = fx.engine.set_limits("c", &update).await.unwrap_err();
-    assert_eq!(err, EngineError::LimitsUnsupported);
-    assert!(fx.engine.balances("c").await.unwrap().limits.is_empty());
 }
 
 /// On random traffic against every kind at once (fixed, sliding, a window
 /// on a credit system, a rate, a shadow limit): `check` answers exactly what
 /// the `consume` right after it does, and a refused request moves no
 /// counter and no balance.
-#[tokio::test]
-async fn check_is_the_exact_dry_run_of_consume_under_limits() {
-    let fx = Fx::memory();
+async fn check_is_the_exact_dry_run_of_consume_under_limits(fx: Fx) {
     fx.customer("c").await;
     fx.monthly("c", "credits", "5000").await;
     arm(

@@ -119,7 +119,7 @@ fn the_header_equals_its_positions() {
 
 #[test]
 fn function_blocks_equal_the_argument_positions() {
-    use args::{check, consume, finalize, grant, reserve, track, update_bucket};
+    use args::{check, consume, finalize, grant, reserve, set_limits, track, update_bucket};
     let cases = [
         (
             "grant",
@@ -194,6 +194,13 @@ fn function_blocks_equal_the_argument_positions() {
                 ("lock_id", finalize::LOCK_ID),
                 ("action", finalize::ACTION),
                 ("override_units", finalize::OVERRIDE_UNITS),
+            ]),
+        ),
+        (
+            "set_limits",
+            positions(&[
+                ("expected", set_limits::EXPECTED),
+                ("limits", set_limits::LIMITS),
             ]),
         ),
         ("balances", positions(&[])),

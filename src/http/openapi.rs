@@ -64,7 +64,7 @@ pub struct ApiDoc;
 const ERRORS: [(&str, &str); 9] = [
     (
         "400",
-        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits: the Redis engine, for now)",
+        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits; every engine of this build keeps them)",
     ),
     (
         "429",

@@ -1,9 +1,8 @@
 """Limits (issue 13) through the official Python SDK (autumn-sdk 1.2.0):
 the SDK's own models must parse a customer whose `billing_controls` holds
 both lists filled — Autumn's `usage_limits` and creditgate's `rate_limits`
-— and a check refused by a limit. On the Redis engine (no limits yet) the
-update is refused with `limits_unsupported` and nothing is stored.
-Run by tests/sdk/run.sh on each engine."""
+— and a check refused by a limit, on every engine (the Redis engine keeps
+limits since library v4). Run by tests/sdk/run.sh on each engine."""
 
 import json
 import os
@@ -15,7 +14,6 @@ import pytest
 from autumn_sdk import Autumn
 
 URL = os.environ["CREDITGATE_URL"]
-ON_REDIS = bool(os.environ.get("CREDITGATE_TEST_REDIS_URL"))
 
 
 @pytest.fixture
@@ -63,12 +61,6 @@ def test_billing_controls_parse_in_the_sdk_models(admin, app):
     admin.customers.get_or_create(customer_id=cid)
     admin.billing.attach(customer_id=cid, plan_id="pro")
     status, answer = post_raw("/v1/customers.update", {"customer_id": cid, "billing_controls": BOTH})
-    if ON_REDIS:
-        assert status == 400, answer
-        assert answer["code"] == "limits_unsupported"
-        got = admin.customers.get(customer_id=cid)
-        assert got.billing_controls.usage_limits == []
-        return
     assert status == 200, answer
     assert len(answer["billing_controls"]["rate_limits"]) == 2
 

@@ -81,6 +81,13 @@ pub mod finalize {
     pub const OVERRIDE_UNITS: usize = 6;
 }
 
+pub mod set_limits {
+    /// The stored limits the update was computed from (`''` none).
+    pub const EXPECTED: usize = 3;
+    /// The new stored limits (`''` none).
+    pub const LIMITS: usize = 4;
+}
+
 /// The retention argument: `''` for the default (24 h both), else as
 /// [`header::RETENTION`] says.
 pub fn retention(r: Retention) -> String {

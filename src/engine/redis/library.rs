@@ -25,7 +25,7 @@ pub const LIBRARY_NAME: &str = library_name(LIBRARY);
 pub const LAYOUT: &str = layout(LIBRARY_NAME);
 
 /// The prefix of every function name (`<layout>_<version>_`, e.g.
-/// `cg2_v3_`): line 2 of the file spells it out, a test holds the two equal.
+/// `cg2_v4_`): line 2 of the file spells it out, a test holds the two equal.
 pub const FUNCTION_PREFIX: &str = function_prefix(LIBRARY_NAME);
 
 /// Redis Functions and `PEXPIRE … NX` need this version.
@@ -55,7 +55,7 @@ const fn library_name(src: &'static str) -> &'static str {
     }
 }
 
-/// `creditgate_cg2_v3` → `cg2_v3_`'s parts: what follows `creditgate_`.
+/// `creditgate_cg2_v4` → `cg2_v4_`'s parts: what follows `creditgate_`.
 const fn tail(name: &'static str) -> &'static [u8] {
     let (_, t) = name.as_bytes().split_at("creditgate_".len());
     t
@@ -129,6 +129,7 @@ pub struct Functions {
     pub claim: String,
     pub migrate: String,
     pub migrate_key: String,
+    pub set_limits: String,
 }
 
 impl Functions {
@@ -151,10 +152,11 @@ impl Functions {
             claim: f("claim"),
             migrate: f("migrate"),
             migrate_key: f("migrate_key"),
+            set_limits: f("set_limits"),
         }
     }
 
-    pub fn all(&self) -> [&str; 16] {
+    pub fn all(&self) -> [&str; 17] {
         [
             &self.create_customer,
             &self.grant,
@@ -172,6 +174,7 @@ impl Functions {
             &self.claim,
             &self.migrate,
             &self.migrate_key,
+            &self.set_limits,
         ]
     }
 }
@@ -787,6 +790,6 @@ mod tests {
                 "{op} not registered"
             );
         }
-        assert_eq!(LIBRARY.matches("\nregister('").count(), 16);
+        assert_eq!(LIBRARY.matches("\nregister('").count(), 17);
     }
 }

@@ -19,6 +19,7 @@ pub mod guard;
 pub mod keys;
 pub mod layout;
 pub mod library;
+pub mod limits;
 pub mod lock_index;
 pub mod primaries;
 pub mod replicas;
@@ -34,6 +35,7 @@ use redis::Value;
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, SweepReport};
 use crate::error::{invalid, Cause, EngineError};
+use crate::limits::{LimitDef, LimitsUpdate};
 use crate::model::*;
 use crate::money::Amount;
 use crate::rules;
@@ -50,6 +52,9 @@ pub use lock_index::RedisLockIndex;
 pub use sweep::{SWEEP_BATCH, SWEEP_LEASE_MS, SWEEP_SHARDS};
 
 const NO_INSTANT: i64 = i64::MIN;
+
+/// The customer record's field of the customer hash (lua/README.md § 5.1).
+const RECORD_FIELD: &str = "\x1f";
 
 /// Balances kept in Redis.
 pub struct RedisEngine {
@@ -418,7 +423,7 @@ impl Engine for RedisEngine {
         let v = self
             .run(&self.functions().balances, customer_id, a, &Ctx::default())
             .await?;
-        let (created_at, at, buckets) = decode_balances(v)?;
+        let (created_at, at, buckets, limits) = decode_balances(v)?;
         self.note(at);
         let pools = self
             .catalog
@@ -431,8 +436,62 @@ impl Engine for RedisEngine {
             customer_id: customer_id.to_string(),
             created_at,
             pools,
-            limits: vec![],
+            limits: limits.into_iter().map(|l| l.def).collect(),
         })
+    }
+
+    fn supports_limits(&self) -> bool {
+        true
+    }
+
+    /// Reads the customer's limits, computes the new list as the in-process
+    /// engine does ([`crate::limits::update_limits`]: counters kept for a
+    /// limit redefined with the same counting rule), and writes it if the
+    /// stored list has not changed since (a request in between moved a
+    /// counter: read again).
+    async fn set_limits(
+        &self,
+        customer_id: &str,
+        update: &LimitsUpdate,
+    ) -> Result<Vec<LimitDef>, EngineError> {
+        validate_id("customer_id", customer_id)?;
+        let key = self.keys(customer_id).customer;
+        for _ in 0..64 {
+            let mut read = redis::cmd("HMGET");
+            read.arg(&key).arg(RECORD_FIELD).arg(limits::FIELD);
+            let v = self
+                .library
+                .query(&library::Node::Routed, read)
+                .await
+                .map_err(unavailable)?;
+            let fields = reply::array(v)?;
+            if matches!(fields.first(), None | Some(Value::Nil)) {
+                return Err(EngineError::CustomerNotFound);
+            }
+            let current = match fields.get(1) {
+                Some(Value::Nil) | None => String::new(),
+                Some(v) => string(v)?,
+            };
+            let next = crate::limits::update_limits(&limits::decode(&current)?, update)?;
+            let (_, now) = self.now();
+            let mut a = self.argv(args::set_limits::LIMITS, now);
+            a.set(args::set_limits::EXPECTED, current);
+            a.set(args::set_limits::LIMITS, limits::encode(&next));
+            let v = self
+                .run(
+                    &self.functions().set_limits,
+                    customer_id,
+                    a,
+                    &Ctx::writing(),
+                )
+                .await?;
+            if int(&self.pair(v)?)? == 1 {
+                return Ok(next.into_iter().map(|l| l.def).collect());
+            }
+        }
+        Err(EngineError::StoreUnavailable(Cause::msg(
+            "the customer's limits kept changing while being replaced",
+        )))
     }
 
     async fn reset_due(&self, customer_id: &str) -> Result<u32, EngineError> {

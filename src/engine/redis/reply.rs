@@ -45,8 +45,14 @@ pub(crate) fn decode_outcome(v: Value) -> Result<Outcome, EngineError> {
     let at = int(&items[NOW])?;
     let entries = decode_entries(&string(&items[ENTRIES])?)?;
     let mut pools = vec![];
+    let mut lim = super::limits::ReplyLimits::default();
     for pair in items[POOLS..].chunks(2) {
         let pool = string(&pair[0])?;
+        if pool == super::limits::FIELD {
+            // A customer with limits: the denial, shadow denials, statuses.
+            lim = super::limits::decode_reply(&string(&pair[1])?)?;
+            continue;
+        }
         let buckets = decode_pool(&pool, &bytes(&pair[1])?)?;
         pools.push(rules::pool_balance(&buckets, &pool));
     }
@@ -59,11 +65,9 @@ pub(crate) fn decode_outcome(v: Value) -> Result<Outcome, EngineError> {
         replayed: flags & REPLAYED != 0,
         pools,
         at,
-        // The library keeps no limits yet: customers with limits are refused
-        // before any call (`EngineError::LimitsUnsupported`).
-        limit: None,
-        shadow_denied: vec![],
-        limits: vec![],
+        limit: lim.limit,
+        shadow_denied: lim.shadow_denied,
+        limits: lim.limits,
     })
 }
 
@@ -210,9 +214,13 @@ pub(crate) fn decode_pool(pool: &str, s: &[u8]) -> Result<Vec<Bucket>, EngineErr
     Ok(out)
 }
 
-/// Decodes a balances reply `{created_at, now, pool, pool string, …}` into
-/// the creation instant, the instant used and every owned pool's buckets.
-pub(crate) fn decode_balances(v: Value) -> Result<(i64, i64, Vec<Bucket>), EngineError> {
+/// A balances reply decoded: creation instant, the instant used, every
+/// owned pool's buckets, the customer's limits.
+pub(crate) type Balances = (i64, i64, Vec<Bucket>, Vec<crate::limits::ArmedLimit>);
+
+/// Decodes a balances reply `{created_at, now, pool, pool string, …}` (and
+/// the limits, under the name `\x1fL`, for a customer holding some).
+pub(crate) fn decode_balances(v: Value) -> Result<Balances, EngineError> {
     let items = array(v)?;
     if items.len() < 2 || !items.len().is_multiple_of(2) {
         return Err(bad_reply("balances"));
@@ -220,10 +228,16 @@ pub(crate) fn decode_balances(v: Value) -> Result<(i64, i64, Vec<Bucket>), Engin
     let created_at = int(&items[0])?;
     let at = int(&items[1])?;
     let mut buckets = vec![];
+    let mut limits = vec![];
     for pair in items[2..].chunks(2) {
-        buckets.extend(decode_pool(&string(&pair[0])?, &bytes(&pair[1])?)?);
+        let name = string(&pair[0])?;
+        if name == super::limits::FIELD {
+            limits = super::limits::decode(&string(&pair[1])?)?;
+            continue;
+        }
+        buckets.extend(decode_pool(&name, &bytes(&pair[1])?)?);
     }
-    Ok((created_at, at, buckets))
+    Ok((created_at, at, buckets, limits))
 }
 
 /// What a request named, to fill typed errors' details.
