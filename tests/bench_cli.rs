@@ -409,6 +409,43 @@ fn baseline_mode_runs_alone() {
 }
 
 #[test]
+fn soak_mode_restarts_its_redis_and_still_balances_its_books() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("soak.json");
+    let out = bench(&[
+        "soak",
+        "--duration",
+        "5s",
+        "--restart-every",
+        "2s",
+        "--warmup",
+        "1s",
+        "--sample-every",
+        "1s",
+        "--customers",
+        "20",
+        "--concurrency",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&json);
+    assert_eq!(r["books_ok"], true, "{text}");
+    assert!(r["restarts"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["applied"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(
+        r["balances_spent"].as_i64().unwrap(),
+        (r["applied"].as_u64().unwrap() + r["unknown_settled_applied"].as_u64().unwrap()) as i64
+    );
+}
+
+#[test]
 fn bad_arguments_are_refused_before_any_load() {
     let out = bench(&[
         "redis",

@@ -17,6 +17,7 @@ pub mod naive;
 pub mod progress;
 pub mod redis_side;
 pub mod report;
+pub mod soak;
 pub mod sweep;
 
 use std::collections::BTreeMap;
@@ -81,6 +82,9 @@ pub enum Mode {
     /// The reset sweep at scale: due customers swept while the consuming
     /// check runs at a fixed rate, with SLOWLOG and the p99 ratio.
     Sweep(sweep::SweepArgs),
+    /// A long mixed load with Redis killed (`kill -9`) and started again on
+    /// a schedule: no acknowledged debit lost, memory flat (issue 12).
+    Soak(soak::SoakArgs),
     /// The naive baseline sidecar (started by `baseline` and `suite`).
     #[command(hide = true)]
     NaiveSidecar {
@@ -290,6 +294,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         Mode::Baseline(a) => baseline_mode(a).await,
         Mode::Suite(a) => suite_mode(a).await,
         Mode::Sweep(a) => sweep::sweep_mode(a).await,
+        Mode::Soak(a) => soak::soak_mode(a).await,
         Mode::NaiveSidecar { listen, redis_url } => {
             naive::serve(listen, &redis_url).await.map(|_| true)
         }

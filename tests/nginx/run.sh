@@ -273,34 +273,27 @@ check "metrics: gate allowed" matches "$metrics" "creditgate_decisions_total\\{r
 check "metrics: gate denied" matches "$metrics" 'creditgate_decisions_total\{route="/v1/gate",outcome="denied"\} 2'
 
 # --- a per-minute limit beside credits (issue 13) ---------------------------
-# The Redis engine keeps no limits yet (docs/limits.md), so this part swaps
-# the sidecar behind nginx for one on the in-process engine, on the same
-# port: alice gets 200 fresh credits and at most 3 basic messages a minute.
-stop "$gate_pid"
-grep -v '^redis_url' "$tmp/creditgate.toml" > "$tmp/creditgate-memory.toml"
-RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --config "$tmp/creditgate-memory.toml" > "$tmp/creditgate.log" 2>&1 &
-gate_pid=$!
-wait_for "creditgate (in-process engine)" "$gate_pid" 'curl -sf -o /dev/null "$gate_url/readyz"' "$tmp/creditgate.log"
-admin customers.get_or_create '{"customer_id":"alice"}' > /dev/null
-admin billing.attach '{"customer_id":"alice","plan_id":"pro"}' > /dev/null
-limited="$(admin customers.update '{"customer_id":"alice","billing_controls":{"rate_limits":[{"feature_id":"basic_message","limit":3,"interval":"minute"}]}}')"
+# On the same Redis-backed sidecar: bob (200 credits, untouched so far) may
+# send at most 3 basic messages a minute, whatever his balance.
+limited="$(admin customers.update '{"customer_id":"bob","billing_controls":{"rate_limits":[{"feature_id":"basic_message","limit":3,"interval":"minute"}]}}')"
 check "limit: set by customers.update" matches "$limited" '"id":"basic_message:minute"'
 count_before="$(upstream_count)"
 ok=0
 for _ in 1 2 3; do
-  req /chat/basic -H 'X-Api-Key: key-alice'
+  req /chat/basic -H 'X-Api-Key: key-bob'
   [ "$status" = 200 ] && ok=$((ok + 1))
 done
 check "limit: 3 basic allowed" eq "$ok" 3
 check "limit: policies for credits and the limit" eq "$(hval RateLimit-Policy)" '"credits";q=200;w=2592000, "basic_message:minute";q=3;w=60'
 check "limit: RateLimit is the tightest (the limit)" matches "$(hval RateLimit)" '^"basic_message:minute";r=0;t=[0-9]+$'
-req /chat/basic -H 'X-Api-Key: key-alice'
+req /chat/basic -H 'X-Api-Key: key-bob'
 check "limit: the 4th in the minute is 429" eq "$status" 429
 retry="$(hval Retry-After)"
 check "limit: Retry-After within the minute" matches "$retry" '^([1-9]|[1-5][0-9]|60)$'
 check "limit: RateLimit names the limit" matches "$(hval RateLimit)" '^"basic_message:minute";r=0;t=[0-9]+$'
-check "limit: credits remain (197)" eq "$(balance alice)" 197
+check "limit: credits remain (197)" eq "$(balance bob)" 197
 check "limit: the upstream counted exactly the 3 allowed" eq "$(upstream_count)" "$((count_before + 3))"
+check "limit: kept in Redis" eq "$(redis-cli -p "$redis_port" EXISTS 'cg2:{bob}')" 1
 
 echo "--- one allowed answer (through nginx) ---"
 echo "$allowed_headers"
