@@ -241,7 +241,12 @@ async fn a_paused_redis_under_keyed_load_leaves_every_debit_settled_exactly_once
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let key = format!("w{w}-{i}");
+                let started = Instant::now();
                 let a = track(&router, "paused", &key).await;
+                let took = started.elapsed();
+                // Hung Redis: every answer still within the timeout (300 ms)
+                // and a margin.
+                assert!(took < Duration::from_millis(700), "{key} took {took:?}");
                 let c = claim(&a);
                 answers.push((key, c));
                 if c != Claim::Applied {

@@ -6,8 +6,9 @@
 //! `--restart-every` it kills Redis (`kill -9`) and starts it again on the
 //! same port and directory. Every answer is sorted: applied (200),
 //! not applied (`store_unavailable`, `store_full`), unknown
-//! (`store_timeout`, a dropped connection); after the load each unknown key
-//! is retried until it settles. The books then must balance exactly: what
+//! (`store_timeout`, a dropped connection), and each unknown key is retried
+//! at once until it settles (within its retention: a retry after the
+//! idempotency record expired would charge again). The books then must balance exactly: what
 //! every customer's balance shows spent equals its acknowledged debits plus
 //! its settled unknown ones — less means an acknowledged debit was lost,
 //! more that a "not applied" answer was not true. Redis's `used_memory` and
@@ -91,6 +92,9 @@ pub struct SoakReport {
     pub dry_checks_refused: u64,
     pub other_errors: u64,
     pub unknown_settled_applied: u64,
+    /// Unknown outcomes still unsettled when their key's retention ran out
+    /// (then the books cannot tell; a failure).
+    pub unsettled: u64,
     pub expected_spent: i64,
     pub balances_spent: i64,
     pub customers_off: usize,
@@ -250,11 +254,45 @@ struct Tally {
     other: AtomicU64,
     /// Per customer: acknowledged debits.
     acked: Vec<AtomicU64>,
-    /// (customer, key) of every unknown outcome.
+    /// Per customer: unknown outcomes settled by a retry of their key.
+    settled: Vec<AtomicU64>,
+    /// (customer, key) of unknown outcomes that did not settle in time.
     unknown_keys: Mutex<Vec<(usize, String)>>,
     /// Set on each restart; the first applied debit after it takes it.
     restarted_at: Mutex<Option<Instant>>,
     recoveries: Mutex<Vec<f64>>,
+}
+
+/// Retries an unknown outcome's key until an answer settles it (it
+/// replays if the first attempt ran, applies if it did not): at once, as a
+/// client must, within the key's retention — a retry after the record
+/// expired would charge again.
+async fn settle(
+    client: &Client,
+    conn: &mut http::Conn,
+    ids: &Ids,
+    tally: &Tally,
+    customer: usize,
+    key: &str,
+    ttl: Duration,
+) {
+    let deadline = Instant::now() + ttl / 2;
+    while Instant::now() < deadline {
+        if client
+            .post(conn, "/v1/track", None, track_body(ids, customer, key))
+            .await
+            .is_ok()
+        {
+            tally.settled[customer].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tally
+        .unknown_keys
+        .lock()
+        .unwrap()
+        .push((customer, key.to_string()));
 }
 
 fn track_body(ids: &Ids, customer: usize, key: &str) -> String {
@@ -316,6 +354,7 @@ pub async fn soak_mode(a: SoakArgs) -> Result<bool, String> {
 
     let tally = Arc::new(Tally {
         acked: (0..a.customers).map(|_| AtomicU64::new(0)).collect(),
+        settled: (0..a.customers).map(|_| AtomicU64::new(0)).collect(),
         ..Tally::default()
     });
     let stop = Arc::new(AtomicBool::new(false));
@@ -324,6 +363,7 @@ pub async fn soak_mode(a: SoakArgs) -> Result<bool, String> {
     for w in 0..a.concurrency {
         let (client, ids, tally, stop) = (client.clone(), ids.clone(), tally.clone(), stop.clone());
         let customers = a.customers;
+        let ttl = Duration::from_secs(a.idempotency_ttl);
         workers.spawn(async move {
             let mut conn = client.conn();
             let mut n: u64 = 0;
@@ -369,11 +409,11 @@ pub async fn soak_mode(a: SoakArgs) -> Result<bool, String> {
                         }
                         Err(Fail::Status(503, c)) if c == "store_timeout" => {
                             tally.unknown.fetch_add(1, Ordering::Relaxed);
-                            tally.unknown_keys.lock().unwrap().push((customer, key));
+                            settle(&client, &mut conn, &ids, &tally, customer, &key, ttl).await;
                         }
                         Err(Fail::Transport(_)) | Err(Fail::Timeout) => {
                             tally.unknown.fetch_add(1, Ordering::Relaxed);
-                            tally.unknown_keys.lock().unwrap().push((customer, key));
+                            settle(&client, &mut conn, &ids, &tally, customer, &key, ttl).await;
                         }
                         Err(_) => {
                             tally.other.fetch_add(1, Ordering::Relaxed);
@@ -426,31 +466,12 @@ pub async fn soak_mode(a: SoakArgs) -> Result<bool, String> {
     while workers.join_next().await.is_some() {}
     let seconds = started.elapsed().as_secs_f64();
 
-    // Settle every unknown outcome with its own key.
-    let unknown_keys = std::mem::take(&mut *tally.unknown_keys.lock().unwrap());
-    let mut conn = client.conn();
-    let mut settled = vec![0u64; a.customers];
-    for (customer, key) in &unknown_keys {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match client
-                .post(
-                    &mut conn,
-                    "/v1/track",
-                    None,
-                    track_body(&ids, *customer, key),
-                )
-                .await
-            {
-                Ok(_) => break,
-                Err(f) if Instant::now() > deadline => {
-                    return Err(format!("{key} did not settle: {}", f.kind()))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        settled[*customer] += 1;
-    }
+    let settled: Vec<u64> = tally
+        .settled
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
+    let unsettled = std::mem::take(&mut *tally.unknown_keys.lock().unwrap());
     let balances = http::read_back(
         &client,
         None,
@@ -494,11 +515,12 @@ pub async fn soak_mode(a: SoakArgs) -> Result<bool, String> {
         dry_checks: tally.dry.load(Ordering::Relaxed),
         dry_checks_refused: tally.dry_refused.load(Ordering::Relaxed),
         other_errors: tally.other.load(Ordering::Relaxed),
-        unknown_settled_applied: unknown_keys.len() as u64,
+        unknown_settled_applied: settled.iter().sum(),
+        unsettled: unsettled.len() as u64,
         expected_spent: expected / unit,
         balances_spent: spent / unit,
         customers_off: off,
-        books_ok: off == 0,
+        books_ok: off == 0 && unsettled.is_empty(),
         redis_memory_after_warmup: span(|s| s.redis_used_memory),
         sidecar_rss_after_warmup: span(|s| s.sidecar_rss),
         samples,
@@ -535,11 +557,12 @@ fn print_report(r: &SoakReport, a: &SoakArgs) {
         mib(r.sidecar_rss_after_warmup.1)
     );
     println!(
-        "books: {} — spent {} = acknowledged {} + settled unknown {}{}",
+        "books: {} — spent {} = acknowledged {} + settled unknown {} ({} unsettled){}",
         if r.books_ok { "OK" } else { "MISMATCH" },
         r.balances_spent,
         r.applied,
         r.unknown_settled_applied,
+        r.unsettled,
         if r.books_ok {
             String::new()
         } else {
