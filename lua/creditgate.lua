@@ -1,5 +1,5 @@
-#!lua name=creditgate_cg2_v4
-local FN = 'cg2_v4_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
+#!lua name=creditgate_cg2_v5
+local FN = 'cg2_v5_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
 -- creditgate Redis Functions library, storage layout cg2 (contract:
 -- lua/README.md). Load with FUNCTION LOAD, call with FCALL.
 --
