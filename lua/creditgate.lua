@@ -1636,6 +1636,10 @@ local function open(keys, args, pools, now, v)
       fail('customer_not_found')
     end
     parse_record_dues(C, rec)
+    -- The hot path's HMGET carries the limits' field after the pools'.
+    if C.has_limits and v[#pools + 2] ~= nil then
+      C.limits_raw = v[#pools + 2] or ''
+    end
     if C.due0 == nil or C.due0 > C.now then
       for i, p in ipairs(pools) do
         local s = v[i + 1]
@@ -1784,46 +1788,64 @@ end
 --   c1, c2, c3: window start (nil never), used, previous; a rate's TAT as
 --   c1 * rate + c2 (0 <= c2 < rate): ms x rate_raw without a 2^53 product.
 ---------------------------------------------------------------------------
+-- One stored limit (a \30-separated part of the field).
+function LIM.decode_one(ls)
+  local f = split(ls, US)
+  local flags = f[4] or ''
+  local head = {}
+  for k = 1, 9 do
+    head[k] = f[k] or ''
+  end
+  local l = {
+    id = f[1],
+    feature = f[2],
+    kind = f[3],
+    enabled = find(flags, 'x', 1, true) == nil,
+    shadow = find(flags, 'h', 1, true) ~= nil,
+    billing = find(flags, 'b', 1, true) ~= nil,
+    code = d36(f[6]) or 0,
+    count = d36(f[7]) or 1,
+    q = d36(f[8]) or 0,
+    burst = d36(f[9]) or 0,
+    head = concat(head, US),
+    c1 = d36(f[10]),
+    c2 = d36(f[11]) or 0,
+    c3 = d36(f[12]) or 0,
+  }
+  if f[3] == 'r' then
+    l.c1 = l.c1 or 0
+  end
+  return l
+end
+
 function LIM.decode(s)
   local out = {}
   if s == nil or s == '' then
     return out
   end
   for i, ls in ipairs(split(s, RS)) do
-    local f = split(ls, US)
-    local flags = f[4] or ''
-    local head = {}
-    for k = 1, 9 do
-      head[k] = f[k] or ''
-    end
-    out[i] = {
-      id = f[1],
-      feature = f[2],
-      kind = f[3],
-      enabled = find(flags, 'x', 1, true) == nil,
-      shadow = find(flags, 'h', 1, true) ~= nil,
-      billing = find(flags, 'b', 1, true) ~= nil,
-      code = d36(f[6]) or 0,
-      count = d36(f[7]) or 1,
-      q = d36(f[8]) or 0,
-      burst = d36(f[9]) or 0,
-      head = concat(head, US),
-      c1 = d36(f[10]),
-      c2 = d36(f[11]) or 0,
-      c3 = d36(f[12]) or 0,
-    }
-    if f[3] == 'r' then
-      out[i].c1 = out[i].c1 or 0
-    end
+    out[i] = LIM.decode_one(ls)
   end
   return out
+end
+
+-- c1s: the stored form of l.c1 when the caller has it.
+function LIM.encode_one(l, c1s)
+  local s = l.head .. US .. (c1s or o36(l.c1)) .. US .. (l.c2 ~= 0 and e36(l.c2) or '') .. US .. (l.c3 ~= 0 and e36(l.c3) or '')
+  local n = #s
+  while byte(s, n) == 31 do -- trailing empty fields dropped
+    n = n - 1
+  end
+  if n < #s then
+    return sub(s, 1, n)
+  end
+  return s
 end
 
 function LIM.encode(list)
   local parts = {}
   for i, l in ipairs(list) do
-    local s = l.head .. US .. o36(l.c1) .. US .. (l.c2 ~= 0 and e36(l.c2) or '') .. US .. (l.c3 ~= 0 and e36(l.c3) or '')
-    parts[i] = match(s, '^(.-)\31*$')
+    parts[i] = LIM.encode_one(l)
   end
   return concat(parts, RS)
 end
@@ -1900,7 +1922,21 @@ function LIM.view(l, anchor, now)
   if l.kind == 'r' then
     return { start = now, stop = now, now = now, anchor = anchor, T = l.c1, F = l.c2 }
   end
-  local s, e = LIM.window_at(l.code, l.count, anchor, now)
+  local p = make_period(l.code, l.count)
+  local ms = p and p.ms
+  local s, e
+  if ms then -- window_at inline: boundary(i) = anchor + i * ms
+    local i = floor((now - anchor) / ms)
+    while anchor + (i + 1) * ms <= now do
+      i = i + 1
+    end
+    while anchor + i * ms > now do
+      i = i - 1
+    end
+    s, e = anchor + i * ms, anchor + (i + 1) * ms
+  else
+    s, e = LIM.window_at(l.code, l.count, anchor, now)
+  end
   local used, prev = l.c2, l.c3
   if l.c1 ~= s then
     local stored_end = nil
@@ -2347,18 +2383,104 @@ function LIM.reply(C, o, feature, pools)
     C.lim = nil
   end
   for _, l in ipairs(C.lim or NONE) do
-    local v = LIM.view(l, LIM.anchor(C, l), C.now)
-    local resets
-    if l.kind == 'r' then
-      resets = LIM.frees_at(l, v, LIM.quota(l))
-    else
-      resets = v.stop
-    end
-    local p = make_period(l.code, l.count)
-    parts[#parts + 1] = l.id .. US .. l.feature .. US .. fmt(LIM.quota(l)) .. US .. fmt(LIM.room(l, v)) .. US
-      .. fmt(p and nominal_ms(p) or 0) .. US .. opt(resets) .. US .. (l.shadow and '1' or '')
+    parts[#parts + 1] = LIM.status(l, LIM.anchor(C, l), C.now)
   end
   return concat(parts, RS)
+end
+
+-- Definitions met on the hot path, by their stored fields 1-9 (only
+-- set_limits changes a definition, so the same bytes are the same limit),
+-- decoded once per Lua state with the constant parts of their reply
+-- status; emptied past 512. A request's limit is a table of its counters
+-- whose other fields come from its definition (metatable).
+LIM.defs, LIM.ndefs = {}, 0
+LIM.HEAD = '^[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*()\31?[^\30\31]*()' -- after field 8, after field 9
+LIM.COUNTERS = '^\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)' -- fields 10-12
+
+function LIM.def(hk)
+  local d = LIM.decode_one(hk)
+  d.c1, d.c2, d.c3 = nil, nil, nil
+  if not d.billing or d.kind == 'r' then
+    d.anchor = LIM.anchor(nil, d)
+  end
+  local p = make_period(d.code, d.count)
+  d.mt = { __index = d }
+  d.pre = d.id .. US .. d.feature .. US .. fmt(LIM.quota(d)) .. US
+  d.mid = US .. fmt(p and nominal_ms(p) or 0) .. US
+  d.suf = US .. (d.shadow and '1' or '')
+  if LIM.ndefs >= 512 then
+    LIM.defs, LIM.ndefs = {}, 0
+  end
+  LIM.defs[hk] = d
+  LIM.ndefs = LIM.ndefs + 1
+  return d
+end
+
+-- rules::applicable_limits for the hot path: LIM.setup's choice (enabled,
+-- on the feature or one of the request's pools), in stored order, each
+-- { limit, first byte, last byte (its part of ls), anchor, [5] view,
+-- [6] amount (set by the judge), [7] stored c1, [8] its string }; only
+-- those are decoded. false when the general path must judge: a
+-- billing_cycle window (its anchor is a bucket's), a malformed part.
+function LIM.fast_setup(ls, feature, args, at, np)
+  local app, n, pos, len = NONE, 0, 1, #ls
+  while pos <= len do
+    local e = find(ls, RS, pos, true)
+    local i1 = find(ls, US, pos, true)
+    local i2 = i1 and find(ls, US, i1 + 1, true)
+    if not i2 or (e and i2 > e) then
+      return false
+    end
+    local f = sub(ls, i1 + 1, i2 - 1)
+    local on = f == feature
+    if not on then
+      for pi = 1, np do
+        if args[at + 2 * pi - 1] == f then
+          on = true
+          break
+        end
+      end
+    end
+    if on then
+      local _, h9 = match(ls, LIM.HEAD, pos)
+      local hk = sub(ls, pos, h9 - 1)
+      local d = LIM.defs[hk] or LIM.def(hk)
+      if d.enabled then
+        if d.billing and d.kind ~= 'r' then
+          return false
+        end
+        local c1s, c2s, c3s = match(ls, LIM.COUNTERS, h9)
+        local c1 = d36(c1s)
+        if d.kind == 'r' then
+          c1 = c1 or 0
+        end
+        if n == 0 then
+          app = {}
+        end
+        n = n + 1
+        app[n] = { setmetatable({ c1 = c1, c2 = d36(c2s) or 0, c3 = d36(c3s) or 0 }, d.mt), pos, (e or len + 1) - 1, d.anchor, nil, nil, c1, c1s }
+      end
+    end
+    if not e then
+      break
+    end
+    pos = e + 1
+  end
+  return app
+end
+
+-- rules::limit_status of one limit after the operation, as the reply carries it.
+function LIM.status(l, anchor, now)
+  local v = LIM.view(l, anchor, now)
+  local resets
+  if l.kind == 'r' then
+    resets = LIM.frees_at(l, v, LIM.quota(l))
+  else
+    resets = v.stop
+  end
+  local p = make_period(l.code, l.count)
+  return l.id .. US .. l.feature .. US .. fmt(LIM.quota(l)) .. US .. fmt(LIM.room(l, v)) .. US
+    .. fmt(p and nominal_ms(p) or 0) .. US .. opt(resets) .. US .. (l.shadow and '1' or '')
 end
 
 ---------------------------------------------------------------------------
@@ -2537,7 +2659,9 @@ local function record_due(rec)
   if not k then
     return d36(sub(rec, j + 1))
   end
-  return opt_min(d36(sub(rec, j + 1, k - 1)), d36(sub(rec, k + 1)))
+  -- A customer with limits has a 5th field (the flag).
+  local m = find(rec, US, k + 1, true)
+  return opt_min(d36(sub(rec, j + 1, k - 1)), d36(sub(rec, k + 1, (m or 0) - 1)))
 end
 
 -- op: 'check' | 'consume' | 'track'; key: idempotency key or ''; the
@@ -2547,21 +2671,23 @@ end
 local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   at = at - 1 -- pool i is args[at + 2i - 1], its cost args[at + 2i]
   local np = (#args - at) / 2
+  -- The record, the pools' fields, and the limits' field last (v[np + 2]).
   local v
   if np == 2 then
-    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], args[at + 3])
+    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], args[at + 3], LIMITS_FIELD)
   elseif np == 1 then
-    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1])
+    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], LIMITS_FIELD)
   else
-    v = read_fields(keys[1], read_pools(args, at + 1))
+    local fields = { RECORD_FIELD }
+    for i, p in ipairs(read_pools(args, at + 1)) do
+      fields[i + 1] = p.pool
+    end
+    fields[np + 2] = LIMITS_FIELD
+    v = rcall('HMGET', keys[1], unpack(fields))
   end
   local rec = v[1]
   if not rec then
     fail('customer_not_found')
-  end
-  -- A customer with limits takes the general path (LIM).
-  if find(rec, 'L', 1, true) then
-    return nil, v
   end
   local due = record_due(rec)
   if due and due <= now then
@@ -2583,6 +2709,20 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         end
       end
       owned = true
+    end
+  end
+  -- A customer with limits (the record's flag): the limits on the feature
+  -- and its paying pools, decoded from the field read with the record. An
+  -- idempotency key or no feature: the general path.
+  local lims, ls = nil, nil
+  if find(rec, 'L', 1, true) then
+    if key ~= '' or feature == '' then
+      return nil, v
+    end
+    ls = v[np + 2] or ''
+    lims = LIM.fast_setup(ls, feature, args, at, np)
+    if not lims then
+      return nil, v
     end
   end
   local C, ifield, ifp = nil, nil, nil
@@ -2707,8 +2847,71 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       end
     end
   end
+  -- rules::judge (LIM.judge on the entries es): whenever the general rules
+  -- judge (a covered check or consume; a track, but a refused reject);
+  -- then take_limits when the deduction stays. A track in cap or overflow
+  -- mode that a limit refuses searches for the largest fitting take: the
+  -- general path (nothing is written yet).
+  local blocked, shadow = nil, NONE
+  if lims and owned and (allowed or (op == 'track' and mode ~= 'reject')) then
+    for i = 1, #lims do
+      local a = lims[i]
+      local l = a[1]
+      local amount = 0
+      if l.feature == feature then
+        for k = 1, ne do
+          amount = amount + es[k][4]
+        end
+      else
+        for k = 1, ne do
+          local e = es[k]
+          if e[2] == l.feature then
+            amount = amount + e[3]
+          end
+        end
+      end
+      amount = max(amount, 0)
+      local lv = LIM.view(l, a[4], now)
+      a[5], a[6] = lv, amount
+      if amount > LIM.room(l, lv) then
+        if l.shadow then
+          if shadow == NONE then
+            shadow = {}
+          end
+          shadow[#shadow + 1] = l.id
+        else
+          local d = { id = l.id, frees_at = LIM.frees_at(l, lv, amount) }
+          local later
+          if blocked == nil then
+            later = true
+          elseif blocked.frees_at == nil then
+            later = false
+          elseif d.frees_at == nil then
+            later = true
+          else
+            later = d.frees_at > blocked.frees_at
+          end
+          if later then
+            blocked = d
+          end
+        end
+      end
+    end
+    if blocked then
+      if op == 'track' and mode ~= 'reject' then
+        return nil, v
+      end
+      allowed, uncovered, keep, es, ne = false, units, false, NONE, 0
+    elseif keep then
+      for i = 1, #lims do
+        local a = lims[i]
+        LIM.take(a[1], a[5], a[6])
+      end
+    end
+  end
   -- Write back: each rewritten bucket's new remaining before its unchanged
-  -- rest, spliced from the end of each pool string so positions hold.
+  -- rest, spliced from the end of each pool string so positions hold; the
+  -- limits taken spliced into the limits' field the same way.
   local r = { 0, 0, now, '', feature }
   local hset = nil
   for pi = 1, np do
@@ -2731,6 +2934,21 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       end
       x = x - 4
     end
+  end
+  if keep and lims and lims[1] then
+    local nls = ls
+    for i = #lims, 1, -1 do
+      local a = lims[i]
+      local l = a[1]
+      nls = sub(nls, 1, a[2] - 1) .. LIM.encode_one(l, l.c1 == a[7] and a[8] ~= '' and a[8] or nil) .. sub(nls, a[3] + 1)
+    end
+    if nls ~= ls then
+      hset = hset or {}
+      hset[#hset + 1] = LIMITS_FIELD
+      hset[#hset + 1] = nls
+    end
+  end
+  if hset then
     if hset[3] == nil then
       rcall('HSET', keys[1], hset[1], hset[2])
     else
@@ -2759,6 +2977,29 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       parts[i] = e[2] .. US .. e[1] .. US .. US .. fmt(e[3]) .. US .. fmt(e[4])
     end
     r[4] = concat(parts, RS)
+  end
+  -- The limits element (LIM.reply): the denial, the shadow denials, each
+  -- applicable limit's status after the operation.
+  if lims then
+    local parts = { blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '', concat(shadow, US) }
+    for i = 1, #lims do
+      local a = lims[i]
+      local l, lv = a[1], a[5]
+      if not lv or l.kind == 'r' then
+        lv = LIM.view(l, a[4], now)
+      elseif keep then -- LIM.view after LIM.take: the same window, used + amount
+        lv.used = lv.used + a[6]
+      end
+      local resets
+      if l.kind == 'r' then
+        resets = LIM.frees_at(l, lv, LIM.quota(l))
+      else
+        resets = lv.stop
+      end
+      parts[i + 2] = l.pre .. fmt(LIM.room(l, lv)) .. l.mid .. opt(resets) .. l.suf
+    end
+    r[6 + 2 * np] = LIMITS_FIELD
+    r[7 + 2 * np] = concat(parts, RS)
   end
   return r
 end
