@@ -2391,19 +2391,24 @@ end
 -- Definitions met on the hot path, by their stored fields 1-9 (only
 -- set_limits changes a definition, so the same bytes are the same limit),
 -- decoded once per Lua state with the constant parts of their reply
--- status; emptied past 512. A request's limit is a table of its counters
--- whose other fields come from its definition (metatable).
+-- status; emptied past 512. `ms`: a window of a fixed length (not
+-- billing-anchored), judged inline (LIM.wview); anything else (rates,
+-- calendar windows) through the general functions on a table of its
+-- counters whose other fields come from the definition (metatable).
 LIM.defs, LIM.ndefs = {}, 0
-LIM.HEAD = '^[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*()\31?[^\30\31]*()' -- after field 8, after field 9
-LIM.COUNTERS = '^\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)' -- fields 10-12
+-- After field 9, then fields 10-12 (the counter).
+LIM.HEAD = '^[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31?[^\30\31]*()\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)'
 
 function LIM.def(hk)
   local d = LIM.decode_one(hk)
   d.c1, d.c2, d.c3 = nil, nil, nil
+  local p = make_period(d.code, d.count)
   if not d.billing or d.kind == 'r' then
     d.anchor = LIM.anchor(nil, d)
+    if d.kind ~= 'r' and p and p.ms then
+      d.ms = p.ms
+    end
   end
-  local p = make_period(d.code, d.count)
   d.mt = { __index = d }
   d.pre = d.id .. US .. d.feature .. US .. fmt(LIM.quota(d)) .. US
   d.mid = US .. fmt(p and nominal_ms(p) or 0) .. US
@@ -2416,12 +2421,24 @@ function LIM.def(hk)
   return d
 end
 
+-- A stored counter field: d36 without its nil test for the common case.
+function LIM.c36(x)
+  if x == '' then
+    return nil
+  elseif byte(x, 1) == 45 then
+    return d36(x)
+  end
+  return tonumber(x, 36)
+end
+
 -- rules::applicable_limits for the hot path: LIM.setup's choice (enabled,
 -- on the feature or one of the request's pools), in stored order, each
--- { limit, first byte, last byte (its part of ls), anchor, [5] view,
--- [6] amount (set by the judge), [7] stored c1, [8] its string }; only
--- those are decoded. false when the general path must judge: a
--- billing_cycle window (its anchor is a bucket's), a malformed part.
+-- { [1] definition, [2] first byte, [3] last byte (its part of ls),
+-- [4..6] c1, c2, c3 (the counter), [7] c1 as stored, [8..11] the judge's
+-- view (start, stop, used, prev), [12] amount, [13] the counter table and
+-- [14] its view (LIM.view) when not judged inline }; only those are
+-- decoded. false when the general path must judge: a billing_cycle window
+-- (its anchor is a bucket's), a malformed part.
 function LIM.fast_setup(ls, feature, args, at, np)
   local app, n, pos, len = NONE, 0, 1, #ls
   while pos <= len do
@@ -2442,15 +2459,14 @@ function LIM.fast_setup(ls, feature, args, at, np)
       end
     end
     if on then
-      local _, h9 = match(ls, LIM.HEAD, pos)
+      local h9, c1s, c2s, c3s = match(ls, LIM.HEAD, pos)
       local hk = sub(ls, pos, h9 - 1)
       local d = LIM.defs[hk] or LIM.def(hk)
       if d.enabled then
         if d.billing and d.kind ~= 'r' then
           return false
         end
-        local c1s, c2s, c3s = match(ls, LIM.COUNTERS, h9)
-        local c1 = d36(c1s)
+        local c1 = LIM.c36(c1s)
         if d.kind == 'r' then
           c1 = c1 or 0
         end
@@ -2458,7 +2474,7 @@ function LIM.fast_setup(ls, feature, args, at, np)
           app = {}
         end
         n = n + 1
-        app[n] = { setmetatable({ c1 = c1, c2 = d36(c2s) or 0, c3 = d36(c3s) or 0 }, d.mt), pos, (e or len + 1) - 1, d.anchor, nil, nil, c1, c1s }
+        app[n] = { d, pos, (e or len + 1) - 1, c1, LIM.c36(c2s) or 0, LIM.c36(c3s) or 0, c1s, 0, 0, 0, 0, 0, false, false }
       end
     end
     if not e then
@@ -2467,6 +2483,42 @@ function LIM.fast_setup(ls, feature, args, at, np)
     pos = e + 1
   end
   return app
+end
+
+-- LIM.view of a window of fixed length d.ms, as values: start, stop, used, prev.
+function LIM.wview(d, c1, used, prev, now)
+  local anchor, ms = d.anchor, d.ms
+  local i = floor((now - anchor) / ms)
+  while anchor + (i + 1) * ms <= now do
+    i = i + 1
+  end
+  while anchor + i * ms > now do
+    i = i - 1
+  end
+  local s = anchor + i * ms
+  if c1 ~= s then
+    local stored_end = nil
+    if c1 ~= nil then
+      local _, se = LIM.window_at(d.code, d.count, anchor, c1)
+      stored_end = se
+    end
+    if stored_end == s and c1 < s then
+      prev = used
+    else
+      prev = 0
+    end
+    used = 0
+  end
+  return s, anchor + (i + 1) * ms, used, prev
+end
+
+-- LIM.room of that view.
+function LIM.wroom(d, s, e, used, prev, now)
+  if d.kind == 's' and prev ~= 0 then
+    local q, exact = muldiv(prev, e - now, e - s)
+    used = used + (exact and q or q + 1)
+  end
+  return max(d.q - used, 0)
 end
 
 -- rules::limit_status of one limit after the operation, as the reply carries it.
@@ -2852,47 +2904,64 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   -- then take_limits when the deduction stays. A track in cap or overflow
   -- mode that a limit refuses searches for the largest fitting take: the
   -- general path (nothing is written yet).
-  local blocked, shadow = nil, NONE
+  local blocked, shadow, judged = nil, NONE, false
   if lims and owned and (allowed or (op == 'track' and mode ~= 'reject')) then
+    judged = true
     for i = 1, #lims do
       local a = lims[i]
-      local l = a[1]
+      local d = a[1]
       local amount = 0
-      if l.feature == feature then
+      if d.feature == feature then
         for k = 1, ne do
           amount = amount + es[k][4]
         end
       else
         for k = 1, ne do
           local e = es[k]
-          if e[2] == l.feature then
+          if e[2] == d.feature then
             amount = amount + e[3]
           end
         end
       end
-      amount = max(amount, 0)
-      local lv = LIM.view(l, a[4], now)
-      a[5], a[6] = lv, amount
-      if amount > LIM.room(l, lv) then
-        if l.shadow then
+      if amount < 0 then
+        amount = 0
+      end
+      a[12] = amount
+      local room, l, lv
+      if d.ms then
+        local ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
+        a[8], a[9], a[10], a[11] = ws, we, wu, wp
+        room = LIM.wroom(d, ws, we, wu, wp, now)
+      else
+        l = setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
+        lv = LIM.view(l, d.anchor, now)
+        a[13], a[14] = l, lv
+        room = LIM.room(l, lv)
+      end
+      if amount > room then
+        if d.shadow then
           if shadow == NONE then
             shadow = {}
           end
-          shadow[#shadow + 1] = l.id
+          shadow[#shadow + 1] = d.id
         else
-          local d = { id = l.id, frees_at = LIM.frees_at(l, lv, amount) }
+          if not l then
+            l = setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
+            lv = { start = a[8], stop = a[9], now = now, anchor = d.anchor, used = a[10], prev = a[11] }
+          end
+          local dn = { id = d.id, frees_at = LIM.frees_at(l, lv, amount) }
           local later
           if blocked == nil then
             later = true
           elseif blocked.frees_at == nil then
             later = false
-          elseif d.frees_at == nil then
+          elseif dn.frees_at == nil then
             later = true
           else
-            later = d.frees_at > blocked.frees_at
+            later = dn.frees_at > blocked.frees_at
           end
           if later then
-            blocked = d
+            blocked = dn
           end
         end
       end
@@ -2902,11 +2971,6 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         return nil, v
       end
       allowed, uncovered, keep, es, ne = false, units, false, NONE, 0
-    elseif keep then
-      for i = 1, #lims do
-        local a = lims[i]
-        LIM.take(a[1], a[5], a[6])
-      end
     end
   end
   -- Write back: each rewritten bucket's new remaining before its unchanged
@@ -2935,12 +2999,33 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       x = x - 4
     end
   end
-  if keep and lims and lims[1] then
+  -- take_limits (LIM.take) and the limits' field with each taken limit's
+  -- part re-encoded (LIM.encode_one), the others' bytes unchanged.
+  if keep and judged and lims[1] then
     local nls = ls
     for i = #lims, 1, -1 do
       local a = lims[i]
-      local l = a[1]
-      nls = sub(nls, 1, a[2] - 1) .. LIM.encode_one(l, l.c1 == a[7] and a[8] ~= '' and a[8] or nil) .. sub(nls, a[3] + 1)
+      local d = a[1]
+      local part
+      if d.ms then
+        local c1, c2, c3 = a[8], a[10] + a[12], a[11]
+        part = d.head .. US .. ((c1 == a[4] and a[7] ~= '') and a[7] or e36(c1))
+        if c3 ~= 0 then
+          part = part .. US .. (c2 ~= 0 and e36(c2) or '') .. US .. e36(c3)
+        elseif c2 ~= 0 then
+          part = part .. US .. e36(c2)
+        end
+      else
+        local l = a[13]
+        local c1 = l.c1
+        LIM.take(l, a[14], a[12])
+        part = LIM.encode_one(l, (l.c1 == c1 and a[7] ~= '') and a[7] or nil)
+      end
+      if a[2] == 1 and a[3] == #nls then
+        nls = part
+      else
+        nls = sub(nls, 1, a[2] - 1) .. part .. sub(nls, a[3] + 1)
+      end
     end
     if nls ~= ls then
       hset = hset or {}
@@ -2979,27 +3064,46 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     r[4] = concat(parts, RS)
   end
   -- The limits element (LIM.reply): the denial, the shadow denials, each
-  -- applicable limit's status after the operation.
+  -- applicable limit's status (LIM.status) after the operation.
   if lims then
-    local parts = { blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '', concat(shadow, US) }
+    local taken = keep and judged
+    local head = (blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '') .. RS .. (shadow == NONE and '' or concat(shadow, US))
+    local parts = nil
     for i = 1, #lims do
       local a = lims[i]
-      local l, lv = a[1], a[5]
-      if not lv or l.kind == 'r' then
-        lv = LIM.view(l, a[4], now)
-      elseif keep then -- LIM.view after LIM.take: the same window, used + amount
-        lv.used = lv.used + a[6]
-      end
-      local resets
-      if l.kind == 'r' then
-        resets = LIM.frees_at(l, lv, LIM.quota(l))
+      local d = a[1]
+      local room, resets
+      if d.ms then
+        local ws, we, wu, wp
+        if judged then
+          ws, we, wu, wp = a[8], a[9], a[10], a[11]
+          if taken then
+            wu = wu + a[12]
+          end
+        else
+          ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
+        end
+        room, resets = LIM.wroom(d, ws, we, wu, wp, now), we
       else
-        resets = lv.stop
+        local l = a[13] or setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
+        local lv = LIM.view(l, d.anchor, now)
+        room = LIM.room(l, lv)
+        if d.kind == 'r' then
+          resets = LIM.frees_at(l, lv, LIM.quota(l))
+        else
+          resets = lv.stop
+        end
       end
-      parts[i + 2] = l.pre .. fmt(LIM.room(l, lv)) .. l.mid .. opt(resets) .. l.suf
+      local st = d.pre .. fmt(room) .. d.mid .. opt(resets) .. d.suf
+      if #lims == 1 then
+        head = head .. RS .. st
+      else
+        parts = parts or { head }
+        parts[i + 1] = st
+      end
     end
     r[6 + 2 * np] = LIMITS_FIELD
-    r[7 + 2 * np] = concat(parts, RS)
+    r[7 + 2 * np] = parts and concat(parts, RS) or head
   end
   return r
 end
