@@ -2396,8 +2396,8 @@ end
 -- calendar windows) through the general functions on a table of its
 -- counters whose other fields come from the definition (metatable).
 LIM.defs, LIM.ndefs = {}, 0
--- After field 9, then fields 10-12 (the counter).
-LIM.HEAD = '^[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31?[^\30\31]*()\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)'
+-- Field 2 (the feature), the end of field 9, fields 10-12 (the counter).
+LIM.HEAD = '^[^\30\31]*\31([^\30\31]*)\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31?[^\30\31]*()\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)'
 
 function LIM.def(hk)
   local d = LIM.decode_one(hk)
@@ -2421,16 +2421,6 @@ function LIM.def(hk)
   return d
 end
 
--- A stored counter field: d36 without its nil test for the common case.
-function LIM.c36(x)
-  if x == '' then
-    return nil
-  elseif byte(x, 1) == 45 then
-    return d36(x)
-  end
-  return tonumber(x, 36)
-end
-
 -- rules::applicable_limits for the hot path: LIM.setup's choice (enabled,
 -- on the feature or one of the request's pools), in stored order, each
 -- { [1] definition, [2] first byte, [3] last byte (its part of ls),
@@ -2443,12 +2433,10 @@ function LIM.fast_setup(ls, feature, args, at, np)
   local app, n, pos, len = NONE, 0, 1, #ls
   while pos <= len do
     local e = find(ls, RS, pos, true)
-    local i1 = find(ls, US, pos, true)
-    local i2 = i1 and find(ls, US, i1 + 1, true)
-    if not i2 or (e and i2 > e) then
+    local f, h9, c1s, c2s, c3s = match(ls, LIM.HEAD, pos)
+    if not f then
       return false
     end
-    local f = sub(ls, i1 + 1, i2 - 1)
     local on = f == feature
     if not on then
       for pi = 1, np do
@@ -2459,22 +2447,23 @@ function LIM.fast_setup(ls, feature, args, at, np)
       end
     end
     if on then
-      local h9, c1s, c2s, c3s = match(ls, LIM.HEAD, pos)
       local hk = sub(ls, pos, h9 - 1)
       local d = LIM.defs[hk] or LIM.def(hk)
       if d.enabled then
         if d.billing and d.kind ~= 'r' then
           return false
         end
-        local c1 = LIM.c36(c1s)
-        if d.kind == 'r' then
-          c1 = c1 or 0
+        local c1 = nil
+        if c1s ~= '' then
+          c1 = byte(c1s, 1) == 45 and d36(c1s) or tonumber(c1s, 36)
+        elseif d.kind == 'r' then
+          c1 = 0
         end
         if n == 0 then
           app = {}
         end
         n = n + 1
-        app[n] = { d, pos, (e or len + 1) - 1, c1, LIM.c36(c2s) or 0, LIM.c36(c3s) or 0, c1s, 0, 0, 0, 0, 0, false, false }
+        app[n] = { d, pos, (e or len + 1) - 1, c1, c2s == '' and 0 or d36(c2s), c3s == '' and 0 or d36(c3s), c1s, 0, 0, 0, 0, 0, false, false }
       end
     end
     if not e then
@@ -2928,10 +2917,23 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       end
       a[12] = amount
       local room, l, lv
-      if d.ms then
-        local ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
+      local ms = d.ms
+      if ms then
+        local c1, ws, we, wu, wp = a[4], nil, nil, nil, nil
+        if c1 and c1 <= now and now < c1 + ms and (c1 - d.anchor) % ms == 0 then
+          ws, we, wu, wp = c1, c1 + ms, a[5], a[6] -- the stored window is now's
+        else
+          ws, we, wu, wp = LIM.wview(d, c1, a[5], a[6], now)
+        end
         a[8], a[9], a[10], a[11] = ws, we, wu, wp
-        room = LIM.wroom(d, ws, we, wu, wp, now)
+        if d.kind == 'f' then
+          room = d.q - wu
+          if room < 0 then
+            room = 0
+          end
+        else
+          room = LIM.wroom(d, ws, we, wu, wp, now)
+        end
       else
         l = setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
         lv = LIM.view(l, d.anchor, now)
@@ -3028,9 +3030,14 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       end
     end
     if nls ~= ls then
-      hset = hset or {}
-      hset[#hset + 1] = LIMITS_FIELD
-      hset[#hset + 1] = nls
+      if hset and hset[3] == nil then
+        rcall('HSET', keys[1], hset[1], hset[2], LIMITS_FIELD, nls)
+        hset = nil
+      else
+        hset = hset or {}
+        hset[#hset + 1] = LIMITS_FIELD
+        hset[#hset + 1] = nls
+      end
     end
   end
   if hset then
@@ -3067,7 +3074,10 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   -- applicable limit's status (LIM.status) after the operation.
   if lims then
     local taken = keep and judged
-    local head = (blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '') .. RS .. (shadow == NONE and '' or concat(shadow, US))
+    local head = RS
+    if blocked or shadow ~= NONE then
+      head = (blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '') .. RS .. concat(shadow, US)
+    end
     local parts = nil
     for i = 1, #lims do
       local a = lims[i]
@@ -3083,7 +3093,15 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         else
           ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
         end
-        room, resets = LIM.wroom(d, ws, we, wu, wp, now), we
+        resets = we
+        if d.kind == 'f' then
+          room = d.q - wu
+          if room < 0 then
+            room = 0
+          end
+        else
+          room = LIM.wroom(d, ws, we, wu, wp, now)
+        end
       else
         local l = a[13] or setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
         local lv = LIM.view(l, d.anchor, now)
@@ -3094,12 +3112,11 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
           resets = lv.stop
         end
       end
-      local st = d.pre .. fmt(room) .. d.mid .. opt(resets) .. d.suf
       if #lims == 1 then
-        head = head .. RS .. st
+        head = head .. RS .. d.pre .. fmt(room) .. d.mid .. opt(resets) .. d.suf
       else
         parts = parts or { head }
-        parts[i + 1] = st
+        parts[i + 1] = d.pre .. fmt(room) .. d.mid .. opt(resets) .. d.suf
       end
     end
     r[6 + 2 * np] = LIMITS_FIELD
