@@ -2396,6 +2396,7 @@ end
 -- calendar windows) through the general functions on a table of its
 -- counters whose other fields come from the definition (metatable).
 LIM.defs, LIM.ndefs = {}, 0
+LIM.app = {} -- the hot path's applicable limits, reused from call to call (entries 1..n)
 -- Field 2 (the feature), the end of field 9, fields 10-12 (the counter).
 LIM.HEAD = '^[^\30\31]*\31([^\30\31]*)\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31?[^\30\31]*()\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)'
 
@@ -2422,7 +2423,8 @@ function LIM.def(hk)
 end
 
 -- rules::applicable_limits for the hot path: LIM.setup's choice (enabled,
--- on the feature or one of the request's pools), in stored order, each
+-- on the feature or one of the request's pools), in stored order: their
+-- number n, entries 1..n of LIM.app, each
 -- { [1] definition, [2] first byte, [3] last byte (its part of ls),
 -- [4..6] c1, c2, c3 (the counter), [7] c1 as stored, [8..11] the judge's
 -- view (start, stop, used, prev), [12] amount, [13] the counter table and
@@ -2430,7 +2432,7 @@ end
 -- decoded. false when the general path must judge: a billing_cycle window
 -- (its anchor is a bucket's), a malformed part.
 function LIM.fast_setup(ls, feature, args, at, np)
-  local app, n, pos, len = NONE, 0, 1, #ls
+  local app, n, pos, len = LIM.app, 0, 1, #ls
   while pos <= len do
     local e = find(ls, RS, pos, true)
     local f, h9, c1s, c2s, c3s = match(ls, LIM.HEAD, pos)
@@ -2459,11 +2461,14 @@ function LIM.fast_setup(ls, feature, args, at, np)
         elseif d.kind == 'r' then
           c1 = 0
         end
-        if n == 0 then
-          app = {}
-        end
         n = n + 1
-        app[n] = { d, pos, (e or len + 1) - 1, c1, c2s == '' and 0 or d36(c2s), c3s == '' and 0 or d36(c3s), c1s, 0, 0, 0, 0, 0, false, false }
+        local a = app[n]
+        if not a then
+          a = { false, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, 0, false, false }
+          app[n] = a
+        end
+        a[1], a[2], a[3], a[4], a[5], a[6], a[7] = d, pos, (e or len + 1) - 1, c1, c2s == '' and 0 or d36(c2s), c3s == '' and 0 or d36(c3s), c1s
+        a[13], a[14] = false, false
       end
     end
     if not e then
@@ -2471,7 +2476,7 @@ function LIM.fast_setup(ls, feature, args, at, np)
     end
     pos = e + 1
   end
-  return app
+  return n
 end
 
 -- LIM.view of a window of fixed length d.ms, as values: start, stop, used, prev.
@@ -2755,16 +2760,17 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   -- A customer with limits (the record's flag): the limits on the feature
   -- and its paying pools, decoded from the field read with the record. An
   -- idempotency key or no feature: the general path.
-  local lims, ls = nil, nil
+  local lims, ls, nl = nil, nil, 0
   if find(rec, 'L', 1, true) then
     if key ~= '' or feature == '' then
       return nil, v
     end
     ls = v[np + 2] or ''
-    lims = LIM.fast_setup(ls, feature, args, at, np)
-    if not lims then
+    nl = LIM.fast_setup(ls, feature, args, at, np)
+    if not nl then
       return nil, v
     end
+    lims = LIM.app
   end
   local C, ifield, ifp = nil, nil, nil
   if key ~= '' then
@@ -2896,7 +2902,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   local blocked, shadow, judged = nil, NONE, false
   if lims and owned and (allowed or (op == 'track' and mode ~= 'reject')) then
     judged = true
-    for i = 1, #lims do
+    for i = 1, nl do
       local a = lims[i]
       local d = a[1]
       local amount = 0
@@ -3003,9 +3009,9 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   end
   -- take_limits (LIM.take) and the limits' field with each taken limit's
   -- part re-encoded (LIM.encode_one), the others' bytes unchanged.
-  if keep and judged and lims[1] then
+  if keep and judged and nl > 0 then
     local nls = ls
-    for i = #lims, 1, -1 do
+    for i = nl, 1, -1 do
       local a = lims[i]
       local d = a[1]
       local part
@@ -3079,7 +3085,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       head = (blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '') .. RS .. concat(shadow, US)
     end
     local parts = nil
-    for i = 1, #lims do
+    for i = 1, nl do
       local a = lims[i]
       local d = a[1]
       local room, resets
@@ -3093,7 +3099,10 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         else
           ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
         end
-        resets = we
+        if d.rs_n ~= we then -- the window end's decimal, kept by the definition
+          d.rs_n, d.rs_s = we, fmt(we)
+        end
+        resets = d.rs_s
         if d.kind == 'f' then
           room = d.q - wu
           if room < 0 then
@@ -3112,11 +3121,11 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
           resets = lv.stop
         end
       end
-      if #lims == 1 then
-        head = head .. RS .. d.pre .. fmt(room) .. d.mid .. opt(resets) .. d.suf
+      if nl == 1 then
+        head = head .. RS .. d.pre .. fmt(room) .. d.mid .. (d.ms and resets or opt(resets)) .. d.suf
       else
         parts = parts or { head }
-        parts[i + 1] = d.pre .. fmt(room) .. d.mid .. opt(resets) .. d.suf
+        parts[i + 1] = d.pre .. fmt(room) .. d.mid .. (d.ms and resets or opt(resets)) .. d.suf
       end
     end
     r[6 + 2 * np] = LIMITS_FIELD
