@@ -2467,7 +2467,11 @@ function LIM.fast_setup(ls, feature, args, at, np)
           a = { false, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, 0, false, false }
           app[n] = a
         end
-        a[1], a[2], a[3], a[4], a[5], a[6], a[7] = d, pos, (e or len + 1) - 1, c1, c2s == '' and 0 or d36(c2s), c3s == '' and 0 or d36(c3s), c1s
+        local c2 = 0
+        if c2s ~= '' then
+          c2 = byte(c2s, 1) == 45 and d36(c2s) or tonumber(c2s, 36)
+        end
+        a[1], a[2], a[3], a[4], a[5], a[6], a[7] = d, pos, (e or len + 1) - 1, c1, c2, c3s == '' and 0 or d36(c3s), c1s
         a[13], a[14] = false, false
       end
     end
@@ -3017,7 +3021,10 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       local part
       if d.ms then
         local c1, c2, c3 = a[8], a[10] + a[12], a[11]
-        part = d.head .. US .. ((c1 == a[4] and a[7] ~= '') and a[7] or e36(c1))
+        if d.pc_n ~= c1 then -- fields 1-10 for this window start, kept by the definition
+          d.pc_n, d.pc_s = c1, d.head .. US .. e36(c1)
+        end
+        part = d.pc_s
         if c3 ~= 0 then
           part = part .. US .. (c2 ~= 0 and e36(c2) or '') .. US .. e36(c3)
         elseif c2 ~= 0 then
@@ -3099,10 +3106,10 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         else
           ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
         end
-        if d.rs_n ~= we then -- the window end's decimal, kept by the definition
-          d.rs_n, d.rs_s = we, fmt(we)
+        if d.rs_n ~= we then -- the status after `remaining` for this window, kept by the definition
+          d.rs_n, d.rs_s = we, d.mid .. fmt(we) .. d.suf
         end
-        resets = d.rs_s
+        resets = we
         if d.kind == 'f' then
           room = d.q - wu
           if room < 0 then
@@ -3122,10 +3129,10 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
         end
       end
       if nl == 1 then
-        head = head .. RS .. d.pre .. fmt(room) .. d.mid .. (d.ms and resets or opt(resets)) .. d.suf
+        head = head .. RS .. d.pre .. fmt(room) .. (d.ms and d.rs_s or (d.mid .. opt(resets) .. d.suf))
       else
         parts = parts or { head }
-        parts[i + 1] = d.pre .. fmt(room) .. d.mid .. (d.ms and resets or opt(resets)) .. d.suf
+        parts[i + 1] = d.pre .. fmt(room) .. (d.ms and d.rs_s or (d.mid .. opt(resets) .. d.suf))
       end
     end
     r[6 + 2 * np] = LIMITS_FIELD
