@@ -1,5 +1,5 @@
-#!lua name=creditgate_cg2_v4
-local FN = 'cg2_v4_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
+#!lua name=creditgate_cg2_v5
+local FN = 'cg2_v5_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
 -- creditgate Redis Functions library, storage layout cg2 (contract:
 -- lua/README.md). Load with FUNCTION LOAD, call with FCALL.
 --
@@ -1636,6 +1636,10 @@ local function open(keys, args, pools, now, v)
       fail('customer_not_found')
     end
     parse_record_dues(C, rec)
+    -- The hot path's HMGET carries the limits' field after the pools'.
+    if C.has_limits and v[#pools + 2] ~= nil then
+      C.limits_raw = v[#pools + 2] or ''
+    end
     if C.due0 == nil or C.due0 > C.now then
       for i, p in ipairs(pools) do
         local s = v[i + 1]
@@ -1784,46 +1788,64 @@ end
 --   c1, c2, c3: window start (nil never), used, previous; a rate's TAT as
 --   c1 * rate + c2 (0 <= c2 < rate): ms x rate_raw without a 2^53 product.
 ---------------------------------------------------------------------------
+-- One stored limit (a \30-separated part of the field).
+function LIM.decode_one(ls)
+  local f = split(ls, US)
+  local flags = f[4] or ''
+  local head = {}
+  for k = 1, 9 do
+    head[k] = f[k] or ''
+  end
+  local l = {
+    id = f[1],
+    feature = f[2],
+    kind = f[3],
+    enabled = find(flags, 'x', 1, true) == nil,
+    shadow = find(flags, 'h', 1, true) ~= nil,
+    billing = find(flags, 'b', 1, true) ~= nil,
+    code = d36(f[6]) or 0,
+    count = d36(f[7]) or 1,
+    q = d36(f[8]) or 0,
+    burst = d36(f[9]) or 0,
+    head = concat(head, US),
+    c1 = d36(f[10]),
+    c2 = d36(f[11]) or 0,
+    c3 = d36(f[12]) or 0,
+  }
+  if f[3] == 'r' then
+    l.c1 = l.c1 or 0
+  end
+  return l
+end
+
 function LIM.decode(s)
   local out = {}
   if s == nil or s == '' then
     return out
   end
   for i, ls in ipairs(split(s, RS)) do
-    local f = split(ls, US)
-    local flags = f[4] or ''
-    local head = {}
-    for k = 1, 9 do
-      head[k] = f[k] or ''
-    end
-    out[i] = {
-      id = f[1],
-      feature = f[2],
-      kind = f[3],
-      enabled = find(flags, 'x', 1, true) == nil,
-      shadow = find(flags, 'h', 1, true) ~= nil,
-      billing = find(flags, 'b', 1, true) ~= nil,
-      code = d36(f[6]) or 0,
-      count = d36(f[7]) or 1,
-      q = d36(f[8]) or 0,
-      burst = d36(f[9]) or 0,
-      head = concat(head, US),
-      c1 = d36(f[10]),
-      c2 = d36(f[11]) or 0,
-      c3 = d36(f[12]) or 0,
-    }
-    if f[3] == 'r' then
-      out[i].c1 = out[i].c1 or 0
-    end
+    out[i] = LIM.decode_one(ls)
   end
   return out
+end
+
+-- c1s: the stored form of l.c1 when the caller has it.
+function LIM.encode_one(l, c1s)
+  local s = l.head .. US .. (c1s or o36(l.c1)) .. US .. (l.c2 ~= 0 and e36(l.c2) or '') .. US .. (l.c3 ~= 0 and e36(l.c3) or '')
+  local n = #s
+  while byte(s, n) == 31 do -- trailing empty fields dropped
+    n = n - 1
+  end
+  if n < #s then
+    return sub(s, 1, n)
+  end
+  return s
 end
 
 function LIM.encode(list)
   local parts = {}
   for i, l in ipairs(list) do
-    local s = l.head .. US .. o36(l.c1) .. US .. (l.c2 ~= 0 and e36(l.c2) or '') .. US .. (l.c3 ~= 0 and e36(l.c3) or '')
-    parts[i] = match(s, '^(.-)\31*$')
+    parts[i] = LIM.encode_one(l)
   end
   return concat(parts, RS)
 end
@@ -1900,7 +1922,21 @@ function LIM.view(l, anchor, now)
   if l.kind == 'r' then
     return { start = now, stop = now, now = now, anchor = anchor, T = l.c1, F = l.c2 }
   end
-  local s, e = LIM.window_at(l.code, l.count, anchor, now)
+  local p = make_period(l.code, l.count)
+  local ms = p and p.ms
+  local s, e
+  if ms then -- window_at inline: boundary(i) = anchor + i * ms
+    local i = floor((now - anchor) / ms)
+    while anchor + (i + 1) * ms <= now do
+      i = i + 1
+    end
+    while anchor + i * ms > now do
+      i = i - 1
+    end
+    s, e = anchor + i * ms, anchor + (i + 1) * ms
+  else
+    s, e = LIM.window_at(l.code, l.count, anchor, now)
+  end
   local used, prev = l.c2, l.c3
   if l.c1 ~= s then
     local stored_end = nil
@@ -2347,18 +2383,154 @@ function LIM.reply(C, o, feature, pools)
     C.lim = nil
   end
   for _, l in ipairs(C.lim or NONE) do
-    local v = LIM.view(l, LIM.anchor(C, l), C.now)
-    local resets
-    if l.kind == 'r' then
-      resets = LIM.frees_at(l, v, LIM.quota(l))
-    else
-      resets = v.stop
-    end
-    local p = make_period(l.code, l.count)
-    parts[#parts + 1] = l.id .. US .. l.feature .. US .. fmt(LIM.quota(l)) .. US .. fmt(LIM.room(l, v)) .. US
-      .. fmt(p and nominal_ms(p) or 0) .. US .. opt(resets) .. US .. (l.shadow and '1' or '')
+    parts[#parts + 1] = LIM.status(l, LIM.anchor(C, l), C.now)
   end
   return concat(parts, RS)
+end
+
+-- Definitions met on the hot path, by their stored fields 1-9 (only
+-- set_limits changes a definition, so the same bytes are the same limit),
+-- decoded once per Lua state with the constant parts of their reply
+-- status; emptied past 512. `ms`: a window of a fixed length (not
+-- billing-anchored), judged inline (LIM.wview); anything else (rates,
+-- calendar windows) through the general functions on a table of its
+-- counters whose other fields come from the definition (metatable).
+LIM.defs, LIM.ndefs = {}, 0
+LIM.app = {} -- the hot path's applicable limits, reused from call to call (entries 1..n)
+-- Field 2 (the feature), the end of field 9, fields 10-12 (the counter).
+LIM.HEAD = '^[^\30\31]*\31([^\30\31]*)\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31?[^\30\31]*()\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)'
+
+function LIM.def(hk)
+  local d = LIM.decode_one(hk)
+  d.c1, d.c2, d.c3 = nil, nil, nil
+  local p = make_period(d.code, d.count)
+  if not d.billing or d.kind == 'r' then
+    d.anchor = LIM.anchor(nil, d)
+    if d.kind ~= 'r' and p and p.ms then
+      d.ms = p.ms
+    end
+  end
+  d.mt = { __index = d }
+  d.pre = d.id .. US .. d.feature .. US .. fmt(LIM.quota(d)) .. US
+  d.mid = US .. fmt(p and nominal_ms(p) or 0) .. US
+  d.suf = US .. (d.shadow and '1' or '')
+  if LIM.ndefs >= 512 then
+    LIM.defs, LIM.ndefs = {}, 0
+  end
+  LIM.defs[hk] = d
+  LIM.ndefs = LIM.ndefs + 1
+  return d
+end
+
+-- rules::applicable_limits for the hot path: LIM.setup's choice (enabled,
+-- on the feature or one of the request's pools), in stored order: their
+-- number n, entries 1..n of LIM.app, each
+-- { [1] definition, [2] first byte, [3] last byte (its part of ls),
+-- [4..6] c1, c2, c3 (the counter), [7] c1 as stored, [8..11] the judge's
+-- view (start, stop, used, prev), [12] amount, [13] the counter table and
+-- [14] its view (LIM.view) when not judged inline }; only those are
+-- decoded. false when the general path must judge: a billing_cycle window
+-- (its anchor is a bucket's), a malformed part.
+function LIM.fast_setup(ls, feature, args, at, np)
+  local app, n, pos, len = LIM.app, 0, 1, #ls
+  while pos <= len do
+    local e = find(ls, RS, pos, true)
+    local f, h9, c1s, c2s, c3s = match(ls, LIM.HEAD, pos)
+    if not f then
+      return false
+    end
+    local on = f == feature
+    if not on then
+      for pi = 1, np do
+        if args[at + 2 * pi - 1] == f then
+          on = true
+          break
+        end
+      end
+    end
+    if on then
+      local hk = sub(ls, pos, h9 - 1)
+      local d = LIM.defs[hk] or LIM.def(hk)
+      if d.enabled then
+        if d.billing and d.kind ~= 'r' then
+          return false
+        end
+        local c1 = nil
+        if c1s ~= '' then
+          c1 = byte(c1s, 1) == 45 and d36(c1s) or tonumber(c1s, 36)
+        elseif d.kind == 'r' then
+          c1 = 0
+        end
+        n = n + 1
+        local a = app[n]
+        if not a then
+          a = { false, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, 0, false, false }
+          app[n] = a
+        end
+        local c2 = 0
+        if c2s ~= '' then
+          c2 = byte(c2s, 1) == 45 and d36(c2s) or tonumber(c2s, 36)
+        end
+        a[1], a[2], a[3], a[4], a[5], a[6], a[7] = d, pos, (e or len + 1) - 1, c1, c2, c3s == '' and 0 or d36(c3s), c1s
+        a[13], a[14] = false, false
+      end
+    end
+    if not e then
+      break
+    end
+    pos = e + 1
+  end
+  return n
+end
+
+-- LIM.view of a window of fixed length d.ms, as values: start, stop, used, prev.
+function LIM.wview(d, c1, used, prev, now)
+  local anchor, ms = d.anchor, d.ms
+  local i = floor((now - anchor) / ms)
+  while anchor + (i + 1) * ms <= now do
+    i = i + 1
+  end
+  while anchor + i * ms > now do
+    i = i - 1
+  end
+  local s = anchor + i * ms
+  if c1 ~= s then
+    local stored_end = nil
+    if c1 ~= nil then
+      local _, se = LIM.window_at(d.code, d.count, anchor, c1)
+      stored_end = se
+    end
+    if stored_end == s and c1 < s then
+      prev = used
+    else
+      prev = 0
+    end
+    used = 0
+  end
+  return s, anchor + (i + 1) * ms, used, prev
+end
+
+-- LIM.room of that view.
+function LIM.wroom(d, s, e, used, prev, now)
+  if d.kind == 's' and prev ~= 0 then
+    local q, exact = muldiv(prev, e - now, e - s)
+    used = used + (exact and q or q + 1)
+  end
+  return max(d.q - used, 0)
+end
+
+-- rules::limit_status of one limit after the operation, as the reply carries it.
+function LIM.status(l, anchor, now)
+  local v = LIM.view(l, anchor, now)
+  local resets
+  if l.kind == 'r' then
+    resets = LIM.frees_at(l, v, LIM.quota(l))
+  else
+    resets = v.stop
+  end
+  local p = make_period(l.code, l.count)
+  return l.id .. US .. l.feature .. US .. fmt(LIM.quota(l)) .. US .. fmt(LIM.room(l, v)) .. US
+    .. fmt(p and nominal_ms(p) or 0) .. US .. opt(resets) .. US .. (l.shadow and '1' or '')
 end
 
 ---------------------------------------------------------------------------
@@ -2537,7 +2709,9 @@ local function record_due(rec)
   if not k then
     return d36(sub(rec, j + 1))
   end
-  return opt_min(d36(sub(rec, j + 1, k - 1)), d36(sub(rec, k + 1)))
+  -- A customer with limits has a 5th field (the flag).
+  local m = find(rec, US, k + 1, true)
+  return opt_min(d36(sub(rec, j + 1, k - 1)), d36(sub(rec, k + 1, (m or 0) - 1)))
 end
 
 -- op: 'check' | 'consume' | 'track'; key: idempotency key or ''; the
@@ -2547,21 +2721,23 @@ end
 local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   at = at - 1 -- pool i is args[at + 2i - 1], its cost args[at + 2i]
   local np = (#args - at) / 2
+  -- The record, the pools' fields, and the limits' field last (v[np + 2]).
   local v
   if np == 2 then
-    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], args[at + 3])
+    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], args[at + 3], LIMITS_FIELD)
   elseif np == 1 then
-    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1])
+    v = rcall('HMGET', keys[1], RECORD_FIELD, args[at + 1], LIMITS_FIELD)
   else
-    v = read_fields(keys[1], read_pools(args, at + 1))
+    local fields = { RECORD_FIELD }
+    for i, p in ipairs(read_pools(args, at + 1)) do
+      fields[i + 1] = p.pool
+    end
+    fields[np + 2] = LIMITS_FIELD
+    v = rcall('HMGET', keys[1], unpack(fields))
   end
   local rec = v[1]
   if not rec then
     fail('customer_not_found')
-  end
-  -- A customer with limits takes the general path (LIM).
-  if find(rec, 'L', 1, true) then
-    return nil, v
   end
   local due = record_due(rec)
   if due and due <= now then
@@ -2584,6 +2760,21 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       end
       owned = true
     end
+  end
+  -- A customer with limits (the record's flag): the limits on the feature
+  -- and its paying pools, decoded from the field read with the record. An
+  -- idempotency key or no feature: the general path.
+  local lims, ls, nl = nil, nil, 0
+  if find(rec, 'L', 1, true) then
+    if key ~= '' or feature == '' then
+      return nil, v
+    end
+    ls = v[np + 2] or ''
+    nl = LIM.fast_setup(ls, feature, args, at, np)
+    if not nl then
+      return nil, v
+    end
+    lims = LIM.app
   end
   local C, ifield, ifp = nil, nil, nil
   if key ~= '' then
@@ -2707,8 +2898,96 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       end
     end
   end
+  -- rules::judge (LIM.judge on the entries es): whenever the general rules
+  -- judge (a covered check or consume; a track, but a refused reject);
+  -- then take_limits when the deduction stays. A track in cap or overflow
+  -- mode that a limit refuses searches for the largest fitting take: the
+  -- general path (nothing is written yet).
+  local blocked, shadow, judged = nil, NONE, false
+  if lims and owned and (allowed or (op == 'track' and mode ~= 'reject')) then
+    judged = true
+    for i = 1, nl do
+      local a = lims[i]
+      local d = a[1]
+      local amount = 0
+      if d.feature == feature then
+        for k = 1, ne do
+          amount = amount + es[k][4]
+        end
+      else
+        for k = 1, ne do
+          local e = es[k]
+          if e[2] == d.feature then
+            amount = amount + e[3]
+          end
+        end
+      end
+      if amount < 0 then
+        amount = 0
+      end
+      a[12] = amount
+      local room, l, lv
+      local ms = d.ms
+      if ms then
+        local c1, ws, we, wu, wp = a[4], nil, nil, nil, nil
+        if c1 and c1 <= now and now < c1 + ms and (c1 - d.anchor) % ms == 0 then
+          ws, we, wu, wp = c1, c1 + ms, a[5], a[6] -- the stored window is now's
+        else
+          ws, we, wu, wp = LIM.wview(d, c1, a[5], a[6], now)
+        end
+        a[8], a[9], a[10], a[11] = ws, we, wu, wp
+        if d.kind == 'f' then
+          room = d.q - wu
+          if room < 0 then
+            room = 0
+          end
+        else
+          room = LIM.wroom(d, ws, we, wu, wp, now)
+        end
+      else
+        l = setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
+        lv = LIM.view(l, d.anchor, now)
+        a[13], a[14] = l, lv
+        room = LIM.room(l, lv)
+      end
+      if amount > room then
+        if d.shadow then
+          if shadow == NONE then
+            shadow = {}
+          end
+          shadow[#shadow + 1] = d.id
+        else
+          if not l then
+            l = setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
+            lv = { start = a[8], stop = a[9], now = now, anchor = d.anchor, used = a[10], prev = a[11] }
+          end
+          local dn = { id = d.id, frees_at = LIM.frees_at(l, lv, amount) }
+          local later
+          if blocked == nil then
+            later = true
+          elseif blocked.frees_at == nil then
+            later = false
+          elseif dn.frees_at == nil then
+            later = true
+          else
+            later = dn.frees_at > blocked.frees_at
+          end
+          if later then
+            blocked = dn
+          end
+        end
+      end
+    end
+    if blocked then
+      if op == 'track' and mode ~= 'reject' then
+        return nil, v
+      end
+      allowed, uncovered, keep, es, ne = false, units, false, NONE, 0
+    end
+  end
   -- Write back: each rewritten bucket's new remaining before its unchanged
-  -- rest, spliced from the end of each pool string so positions hold.
+  -- rest, spliced from the end of each pool string so positions hold; the
+  -- limits taken spliced into the limits' field the same way.
   local r = { 0, 0, now, '', feature }
   local hset = nil
   for pi = 1, np do
@@ -2731,6 +3010,50 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       end
       x = x - 4
     end
+  end
+  -- take_limits (LIM.take) and the limits' field with each taken limit's
+  -- part re-encoded (LIM.encode_one), the others' bytes unchanged.
+  if keep and judged and nl > 0 then
+    local nls = ls
+    for i = nl, 1, -1 do
+      local a = lims[i]
+      local d = a[1]
+      local part
+      if d.ms then
+        local c1, c2, c3 = a[8], a[10] + a[12], a[11]
+        if d.pc_n ~= c1 then -- fields 1-10 for this window start, kept by the definition
+          d.pc_n, d.pc_s = c1, d.head .. US .. e36(c1)
+        end
+        part = d.pc_s
+        if c3 ~= 0 then
+          part = part .. US .. (c2 ~= 0 and e36(c2) or '') .. US .. e36(c3)
+        elseif c2 ~= 0 then
+          part = part .. US .. e36(c2)
+        end
+      else
+        local l = a[13]
+        local c1 = l.c1
+        LIM.take(l, a[14], a[12])
+        part = LIM.encode_one(l, (l.c1 == c1 and a[7] ~= '') and a[7] or nil)
+      end
+      if a[2] == 1 and a[3] == #nls then
+        nls = part
+      else
+        nls = sub(nls, 1, a[2] - 1) .. part .. sub(nls, a[3] + 1)
+      end
+    end
+    if nls ~= ls then
+      if hset and hset[3] == nil then
+        rcall('HSET', keys[1], hset[1], hset[2], LIMITS_FIELD, nls)
+        hset = nil
+      else
+        hset = hset or {}
+        hset[#hset + 1] = LIMITS_FIELD
+        hset[#hset + 1] = nls
+      end
+    end
+  end
+  if hset then
     if hset[3] == nil then
       rcall('HSET', keys[1], hset[1], hset[2])
     else
@@ -2759,6 +3082,61 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       parts[i] = e[2] .. US .. e[1] .. US .. US .. fmt(e[3]) .. US .. fmt(e[4])
     end
     r[4] = concat(parts, RS)
+  end
+  -- The limits element (LIM.reply): the denial, the shadow denials, each
+  -- applicable limit's status (LIM.status) after the operation.
+  if lims then
+    local taken = keep and judged
+    local head = RS
+    if blocked or shadow ~= NONE then
+      head = (blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '') .. RS .. concat(shadow, US)
+    end
+    local parts = nil
+    for i = 1, nl do
+      local a = lims[i]
+      local d = a[1]
+      local room, resets
+      if d.ms then
+        local ws, we, wu, wp
+        if judged then
+          ws, we, wu, wp = a[8], a[9], a[10], a[11]
+          if taken then
+            wu = wu + a[12]
+          end
+        else
+          ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
+        end
+        if d.rs_n ~= we then -- the status after `remaining` for this window, kept by the definition
+          d.rs_n, d.rs_s = we, d.mid .. fmt(we) .. d.suf
+        end
+        resets = we
+        if d.kind == 'f' then
+          room = d.q - wu
+          if room < 0 then
+            room = 0
+          end
+        else
+          room = LIM.wroom(d, ws, we, wu, wp, now)
+        end
+      else
+        local l = a[13] or setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
+        local lv = LIM.view(l, d.anchor, now)
+        room = LIM.room(l, lv)
+        if d.kind == 'r' then
+          resets = LIM.frees_at(l, lv, LIM.quota(l))
+        else
+          resets = lv.stop
+        end
+      end
+      if nl == 1 then
+        head = head .. RS .. d.pre .. fmt(room) .. (d.ms and d.rs_s or (d.mid .. opt(resets) .. d.suf))
+      else
+        parts = parts or { head }
+        parts[i + 1] = d.pre .. fmt(room) .. (d.ms and d.rs_s or (d.mid .. opt(resets) .. d.suf))
+      end
+    end
+    r[6 + 2 * np] = LIMITS_FIELD
+    r[7 + 2 * np] = parts and concat(parts, RS) or head
   end
   return r
 end
