@@ -293,6 +293,8 @@ fn sweep_mode_sweeps_every_due_customer_under_load_and_reports_slowlog() {
         &server.url(),
         "--due",
         "300",
+        "--due-during",
+        "300",
         "--customers",
         "5",
         "--duration",

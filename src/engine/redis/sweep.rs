@@ -30,6 +30,84 @@ pub const SWEEP_LEASE_MS: u64 = 30_000;
 const SWEEP_READ: usize = 100;
 /// Slots read per pipelined round trip.
 const SWEEP_PIPELINE: usize = 256;
+/// How often the sweep looks at how busy Redis is without it.
+const PACE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long it pauses to look (its own calls stopped).
+const PACE_PROBE: std::time::Duration = std::time::Duration::from_millis(50);
+/// Redis busier than this without the sweep (a fraction of a core) means
+/// decisions are running: the sweep yields.
+const PACE_BUSY: f64 = 0.05;
+/// The share of each sweep lane's time spent in a call while it yields.
+const PACE_SHARE: f64 = 0.01;
+/// The longest pause after a call while yielding: the sweep never stops
+/// (two lanes of 8 customers per 100 ms at least: 160 a second).
+const PACE_MAX_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Paces the sweep by Redis's own load, so that it runs at full speed on an
+/// idle server and yields to decisions on a busy one (BENCHMARKS.md, the
+/// sweep). Every [`PACE_PROBE_EVERY`] it stops for [`PACE_PROBE`] and reads
+/// Redis's CPU time (`INFO cpu`) across the pause: what Redis spent then
+/// was for others. Busier than [`PACE_BUSY`], each sweep call is followed
+/// by a pause that keeps the lane's share of its time at [`PACE_SHARE`]
+/// (at most [`PACE_MAX_PAUSE`]). Correctness never waits on the sweep (a
+/// customer's due resets apply lazily on its next request), so under load
+/// it may take its time.
+/// Standalone servers only (on a cluster each primary would need its own
+/// probe): there the sweep runs unpaced.
+struct Pacer {
+    next_probe: std::time::Instant,
+    yielding: bool,
+}
+
+impl Pacer {
+    fn new() -> Pacer {
+        Pacer {
+            next_probe: std::time::Instant::now(),
+            yielding: false,
+        }
+    }
+
+    async fn probe(&mut self, engine: &RedisEngine) {
+        if !matches!(engine.conn, Conn::Single(_)) || std::time::Instant::now() < self.next_probe {
+            return;
+        }
+        let cpu = || async {
+            let mut info = redis::cmd("INFO");
+            info.arg("cpu");
+            let v = engine
+                .library
+                .query(&super::library::Node::Routed, info)
+                .await
+                .ok()?;
+            let text = match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                redis::Value::VerbatimString { text, .. } => text,
+                _ => return None,
+            };
+            let field = |name: &str| -> Option<f64> {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse().ok())
+            };
+            Some(field("used_cpu_user:")? + field("used_cpu_sys:")?)
+        };
+        let started = std::time::Instant::now();
+        let before = cpu().await;
+        tokio::time::sleep(PACE_PROBE).await;
+        let after = cpu().await;
+        if let (Some(b), Some(a)) = (before, after) {
+            let busy = (a - b) / started.elapsed().as_secs_f64();
+            self.yielding = busy > PACE_BUSY;
+        }
+        self.next_probe = std::time::Instant::now() + PACE_PROBE_EVERY;
+    }
+
+    /// The pause after a call that took `took`.
+    fn after(&self, took: std::time::Duration) -> Option<std::time::Duration> {
+        self.yielding
+            .then(|| took.mul_f64(1.0 / PACE_SHARE - 1.0).min(PACE_MAX_PAUSE))
+    }
+}
 
 impl RedisEngine {
     /// One sweep call: `reset_due_many` on up to [`SWEEP_BATCH`] members of
@@ -159,6 +237,7 @@ impl RedisEngine {
     /// to its next due instant in the same call, so it is swept once.
     pub(super) async fn sweep(&self) -> Result<SweepReport, EngineError> {
         let mut report = SweepReport::default();
+        let mut pacer = Pacer::new();
         let tags = keys::slot_tags();
         let per_shard = keys::SLOTS / SWEEP_SHARDS;
         for shard in 0..SWEEP_SHARDS {
@@ -210,9 +289,20 @@ impl RedisEngine {
                                 + 'a,
                         >,
                     >;
+                    pacer.probe(self).await;
+                    let pacer = &pacer;
                     let calls: Vec<Batch<'_>> = batches
                         .iter()
-                        .map(|(k, ms)| Box::pin(self.sweep_batch(k, ms)) as Batch<'_>)
+                        .map(|(k, ms)| {
+                            Box::pin(async move {
+                                let started = std::time::Instant::now();
+                                let r = self.sweep_batch(k, ms).await;
+                                if let Some(pause) = pacer.after(started.elapsed()) {
+                                    tokio::time::sleep(pause).await;
+                                }
+                                r
+                            }) as Batch<'_>
+                        })
                         .collect();
                     let results: Vec<Result<(u64, u64), EngineError>> =
                         futures_util::stream::iter(calls)
