@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
 use common::cluster::RedisCluster;
-use common::http::{call, send, Answer, CONFIG};
+use common::http::{call, Answer, CONFIG};
 use creditgate::config::Config;
 use creditgate::http::app;
 use creditgate::server::state_from_config;
@@ -29,14 +28,7 @@ const CUSTOMERS: usize = 24;
 const GRANTED: i64 = 1_000_000;
 
 async fn track(router: &Router, customer: &str, key: &str) -> Answer {
-    let req = Request::post("/v1/track")
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(Body::from(
-            json!({ "customer_id": customer, "feature_id": "action1", "value": 1 }).to_string(),
-        ))
-        .unwrap();
-    send(router, req).await
+    common::http::track_keyed(router, customer, key).await
 }
 
 struct Sent {

@@ -18,10 +18,9 @@ use std::process::{Child, ChildStdin, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::Router;
-use common::http::{call, send, Answer, CONFIG};
+use common::http::{call, Answer, CONFIG};
 use common::redis::spawn_watched;
 use creditgate::config::Config;
 use creditgate::http::app;
@@ -171,14 +170,7 @@ async fn seed(router: &Router, customer: &str, granted: i64) {
 }
 
 async fn track(router: &Router, customer: &str, key: &str) -> Answer {
-    let req = Request::post("/v1/track")
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(Body::from(
-            json!({ "customer_id": customer, "feature_id": "action1", "value": 1 }).to_string(),
-        ))
-        .unwrap();
-    send(router, req).await
+    common::http::track_keyed(router, customer, key).await
 }
 
 async fn remaining(router: &Router, customer: &str) -> Value {

@@ -107,6 +107,19 @@ pub async fn call(router: &Router, method: &str, path: &str, body: Value) -> Ans
     send(router, req.body(body).unwrap()).await
 }
 
+/// A keyed debit of one `action1` (the `Idempotency-Key` header).
+pub async fn track_keyed(router: &Router, customer: &str, key: &str) -> Answer {
+    let req = Request::post("/v1/track")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Body::from(
+            serde_json::json!({ "customer_id": customer, "feature_id": "action1", "value": 1 })
+                .to_string(),
+        ))
+        .unwrap();
+    send(router, req).await
+}
+
 impl Harness {
     pub async fn send(&self, req: Request<Body>) -> Answer {
         send(&self.router, req).await
