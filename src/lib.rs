@@ -17,6 +17,7 @@
 //!   requests ([`model::Op`]) and answers, and their validation;
 //! - [`limits`]: windowed caps and smooth rates beside the balances, their
 //!   counters and validation;
+//! - [`ledger`]: the usage ledger's entries (what changed, by whom, when);
 //! - [`rules`]: every rule that moves a balance, pure and in one place, and
 //!   the `Retry-After` projection built on the same reset rule;
 //! - [`clock`]: the injectable clock; [`error`]: typed errors and the one
@@ -47,6 +48,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod model;
