@@ -1,5 +1,5 @@
-#!lua name=creditgate_cg2_v5
-local FN = 'cg2_v5_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
+#!lua name=creditgate_cg2_v6
+local FN = 'cg2_v6_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
 -- creditgate Redis Functions library, storage layout cg2 (contract:
 -- lua/README.md). Load with FUNCTION LOAD, call with FCALL.
 --
@@ -74,6 +74,7 @@ local COMPLEX = '!'
 local COMPLEX_BYTE = 33
 local NONE = {} -- a shared empty list: never appended to (rows lists are replaced, not grown)
 local LIMITS_FIELD = '\31L' -- the customer's limits and their counters (README § 11)
+local LIMITS_NONE = LIMITS_FIELD .. '\30' -- an outcome reply's limits name: no denial, no shadow denial
 local LIM = {} -- the limit rules (a table: a chunk holds at most 200 locals)
 
 -- The customer record: fields of RECORD_FIELD, \31-separated, trailing empty ones dropped.
@@ -1059,6 +1060,7 @@ local function save(C, shown)
   end
   if C.limits then
     local ls = LIM.encode(C.limits)
+    C.limits_out = ls
     if ls ~= C.limits_src then
       hset = hset or {}
       hset[#hset + 1] = LIMITS_FIELD
@@ -2359,33 +2361,26 @@ function LIM.track_rule(C, pools, units, behavior)
   return o
 end
 
--- The reply's limits element (after the pools, under the name
--- LIMITS_FIELD): `<denying id>\31<frees_at>` \30 `<shadow ids, \31>` then
--- \30 `id\31feature\31quota\31remaining\31window_ms\31resets_at\31shadow`
--- for each applicable limit (rules::limit_statuses), decimal.
--- Appends the limits element to an outcome reply when the customer holds limits.
+-- The reply's limits pair (after the pools): the name LIMITS_FIELD ..
+-- `<denying id>\31<frees_at>` \30 `<shadow ids, \31>` (LIMITS_NONE when
+-- neither), the value the customer's limits field after the operation
+-- (README § 11) when the reply shows a feature, '' otherwise: the sidecar
+-- derives each applicable limit's status from it (rules::limit_statuses),
+-- so Redis formats none. Appended when the customer holds limits.
 function LIM.with_reply(C, r, o, feature, pools)
   if C.has_limits or o.limit or (o.shadow and o.shadow[1]) then
-    r[#r + 1] = LIMITS_FIELD
-    r[#r + 1] = LIM.reply(C, o, feature, pools)
+    local denial = ''
+    if o.limit then
+      denial = o.limit.id .. US .. opt(o.limit.frees_at)
+    end
+    local field = ''
+    if feature and feature ~= '' and C.has_limits then
+      field = C.limits_out or LIM.encode(LIM.load(C))
+    end
+    r[#r + 1] = LIMITS_FIELD .. denial .. RS .. concat(o.shadow or NONE, US)
+    r[#r + 1] = field
   end
   return r
-end
-
-function LIM.reply(C, o, feature, pools)
-  local parts = { '', concat(o.shadow or NONE, US) }
-  if o.limit then
-    parts[1] = o.limit.id .. US .. opt(o.limit.frees_at)
-  end
-  if feature and feature ~= '' then
-    LIM.setup(C, feature, pools)
-  else
-    C.lim = nil
-  end
-  for _, l in ipairs(C.lim or NONE) do
-    parts[#parts + 1] = LIM.status(l, LIM.anchor(C, l), C.now)
-  end
-  return concat(parts, RS)
 end
 
 -- Definitions met on the hot path, by their stored fields 1-9 (only
@@ -2397,6 +2392,9 @@ end
 -- counters whose other fields come from the definition (metatable).
 LIM.defs, LIM.ndefs = {}, 0
 LIM.app = {} -- the hot path's applicable limits, reused from call to call (entries 1..n)
+LIM.mru = {} -- the last 4 definitions met whose bytes end with field 9's separator (LIM.def's `full`)
+-- Fields 10-12 (the counter) after a definition recognised whole.
+LIM.CTR = '^\31([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)'
 -- Field 2 (the feature), the end of field 9, fields 10-12 (the counter).
 LIM.HEAD = '^[^\30\31]*\31([^\30\31]*)\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31[^\30\31]*\31?[^\30\31]*()\31?([^\30\31]*)\31?([^\30\31]*)\31?([^\30\31]*)'
 
@@ -2411,9 +2409,10 @@ function LIM.def(hk)
     end
   end
   d.mt = { __index = d }
-  d.pre = d.id .. US .. d.feature .. US .. fmt(LIM.quota(d)) .. US
-  d.mid = US .. fmt(p and nominal_ms(p) or 0) .. US
-  d.suf = US .. (d.shadow and '1' or '')
+  -- Fields 1-9 with field 9's separator: the bytes can only begin a part
+  -- that holds this very definition (LIM.fast_setup's recognition).
+  local _, seps = string.gsub(hk, US, '')
+  d.full = seps == 8
   if LIM.ndefs >= 512 then
     LIM.defs, LIM.ndefs = {}, 0
   end
@@ -2433,11 +2432,31 @@ end
 -- (its anchor is a bucket's), a malformed part.
 function LIM.fast_setup(ls, feature, args, at, np)
   local app, n, pos, len = LIM.app, 0, 1, #ls
+  local mru = LIM.mru
   while pos <= len do
     local e = find(ls, RS, pos, true)
-    local f, h9, c1s, c2s, c3s = match(ls, LIM.HEAD, pos)
-    if not f then
-      return false
+    local stop = (e or len + 1) - 1
+    -- The definition: one of the last met (plans' limits are the same bytes
+    -- for every customer of the plan), recognised by one plain find, or the
+    -- pattern.
+    local f, h9, c1s, c2s, c3s, d = nil, nil, '', '', '', nil
+    for k = 1, #mru do
+      local m = mru[k]
+      local h = pos + #m
+      if find(ls, m, pos, true) == pos and (h > stop or byte(ls, h) == 31) then
+        d = LIM.defs[m] or LIM.def(m)
+        f, h9 = d.feature, h
+        if h <= stop then
+          c1s, c2s, c3s = match(ls, LIM.CTR, h)
+        end
+        break
+      end
+    end
+    if not d then
+      f, h9, c1s, c2s, c3s = match(ls, LIM.HEAD, pos)
+      if not f then
+        return false
+      end
     end
     local on = f == feature
     if not on then
@@ -2449,8 +2468,14 @@ function LIM.fast_setup(ls, feature, args, at, np)
       end
     end
     if on then
-      local hk = sub(ls, pos, h9 - 1)
-      local d = LIM.defs[hk] or LIM.def(hk)
+      if not d then
+        local hk = sub(ls, pos, h9 - 1)
+        d = LIM.defs[hk] or LIM.def(hk)
+        if d.full and mru[1] ~= hk then
+          table.insert(mru, 1, hk)
+          mru[5] = nil
+        end
+      end
       if d.enabled then
         if d.billing and d.kind ~= 'r' then
           return false
@@ -2471,7 +2496,7 @@ function LIM.fast_setup(ls, feature, args, at, np)
         if c2s ~= '' then
           c2 = byte(c2s, 1) == 45 and d36(c2s) or tonumber(c2s, 36)
         end
-        a[1], a[2], a[3], a[4], a[5], a[6], a[7] = d, pos, (e or len + 1) - 1, c1, c2, c3s == '' and 0 or d36(c3s), c1s
+        a[1], a[2], a[3], a[4], a[5], a[6], a[7] = d, pos, stop, c1, c2, c3s == '' and 0 or d36(c3s), c1s
         a[13], a[14] = false, false
       end
     end
@@ -2517,20 +2542,6 @@ function LIM.wroom(d, s, e, used, prev, now)
     used = used + (exact and q or q + 1)
   end
   return max(d.q - used, 0)
-end
-
--- rules::limit_status of one limit after the operation, as the reply carries it.
-function LIM.status(l, anchor, now)
-  local v = LIM.view(l, anchor, now)
-  local resets
-  if l.kind == 'r' then
-    resets = LIM.frees_at(l, v, LIM.quota(l))
-  else
-    resets = v.stop
-  end
-  local p = make_period(l.code, l.count)
-  return l.id .. US .. l.feature .. US .. fmt(LIM.quota(l)) .. US .. fmt(LIM.room(l, v)) .. US
-    .. fmt(p and nominal_ms(p) or 0) .. US .. opt(resets) .. US .. (l.shadow and '1' or '')
 end
 
 ---------------------------------------------------------------------------
@@ -3013,8 +3024,9 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   end
   -- take_limits (LIM.take) and the limits' field with each taken limit's
   -- part re-encoded (LIM.encode_one), the others' bytes unchanged.
+  local nls = nil
   if keep and judged and nl > 0 then
-    local nls = ls
+    nls = ls
     for i = nl, 1, -1 do
       local a = lims[i]
       local d = a[1]
@@ -3083,60 +3095,15 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     end
     r[4] = concat(parts, RS)
   end
-  -- The limits element (LIM.reply): the denial, the shadow denials, each
-  -- applicable limit's status (LIM.status) after the operation.
+  -- The limits element (LIM.reply): the denial, the shadow denials, the
+  -- limits' field after the operation.
   if lims then
-    local taken = keep and judged
     local head = RS
     if blocked or shadow ~= NONE then
       head = (blocked and (blocked.id .. US .. opt(blocked.frees_at)) or '') .. RS .. concat(shadow, US)
     end
-    local parts = nil
-    for i = 1, nl do
-      local a = lims[i]
-      local d = a[1]
-      local room, resets
-      if d.ms then
-        local ws, we, wu, wp
-        if judged then
-          ws, we, wu, wp = a[8], a[9], a[10], a[11]
-          if taken then
-            wu = wu + a[12]
-          end
-        else
-          ws, we, wu, wp = LIM.wview(d, a[4], a[5], a[6], now)
-        end
-        if d.rs_n ~= we then -- the status after `remaining` for this window, kept by the definition
-          d.rs_n, d.rs_s = we, d.mid .. fmt(we) .. d.suf
-        end
-        resets = we
-        if d.kind == 'f' then
-          room = d.q - wu
-          if room < 0 then
-            room = 0
-          end
-        else
-          room = LIM.wroom(d, ws, we, wu, wp, now)
-        end
-      else
-        local l = a[13] or setmetatable({ c1 = a[4], c2 = a[5], c3 = a[6] }, d.mt)
-        local lv = LIM.view(l, d.anchor, now)
-        room = LIM.room(l, lv)
-        if d.kind == 'r' then
-          resets = LIM.frees_at(l, lv, LIM.quota(l))
-        else
-          resets = lv.stop
-        end
-      end
-      if nl == 1 then
-        head = head .. RS .. d.pre .. fmt(room) .. (d.ms and d.rs_s or (d.mid .. opt(resets) .. d.suf))
-      else
-        parts = parts or { head }
-        parts[i + 1] = d.pre .. fmt(room) .. (d.ms and d.rs_s or (d.mid .. opt(resets) .. d.suf))
-      end
-    end
-    r[6 + 2 * np] = LIMITS_FIELD
-    r[7 + 2 * np] = parts and concat(parts, RS) or head
+    r[6 + 2 * np] = head == RS and LIMITS_NONE or LIMITS_FIELD .. head
+    r[7 + 2 * np] = nls or ls
   end
   return r
 end

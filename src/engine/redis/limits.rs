@@ -247,7 +247,9 @@ fn decode_one(s: &str) -> Result<ArmedLimit, EngineError> {
 pub struct ReplyLimits {
     pub limit: Option<LimitDenial>,
     pub shadow_denied: Vec<String>,
-    pub limits: Vec<LimitStatus>,
+    /// The customer's limits after the operation, when the reply shows a
+    /// feature: the statuses are derived from them (`rules::limit_statuses`).
+    pub armed: Vec<ArmedLimit>,
 }
 
 fn num(s: &str) -> Result<i64, EngineError> {
@@ -262,14 +264,14 @@ fn opt_num(s: &str) -> Result<Option<i64>, EngineError> {
     }
 }
 
-/// Decodes the limits element of an outcome reply:
-/// `<denying id>\x1f<frees_at>` `\x1e` `<shadow ids joined by \x1f>` then
-/// `\x1e id\x1ffeature\x1fquota\x1fremaining\x1fwindow_ms\x1fresets_at\x1fshadow`
-/// per applicable limit (decimal integers).
-pub fn decode_reply(s: &str) -> Result<ReplyLimits, EngineError> {
-    let mut parts = s.split(RS);
+/// Decodes the limits pair of an outcome reply: its name, after
+/// [`FIELD`], is `<denying id>\x1f<frees_at>` `\x1e` `<shadow ids joined by
+/// \x1f>`; its value the stored limits field after the operation (`''` when
+/// the reply shows no feature). Redis formats no status: the sidecar derives
+/// them.
+pub fn decode_reply(head: &str, field: &str) -> Result<ReplyLimits, EngineError> {
     let mut out = ReplyLimits::default();
-    let denial = parts.next().unwrap_or("");
+    let (denial, shadow) = head.split_once(RS).ok_or_else(|| bad("limits element"))?;
     if !denial.is_empty() {
         let (id, at) = denial.split_once(US).unwrap_or((denial, ""));
         out.limit = Some(LimitDenial {
@@ -277,26 +279,10 @@ pub fn decode_reply(s: &str) -> Result<ReplyLimits, EngineError> {
             frees_at: opt_num(at)?,
         });
     }
-    let shadow = parts.next().unwrap_or("");
     if !shadow.is_empty() {
         out.shadow_denied = shadow.split(US).map(str::to_string).collect();
     }
-    for st in parts {
-        let f: Vec<&str> = st.split(US).collect();
-        if f.len() != 7 {
-            return Err(bad("limit status"));
-        }
-        let a = |s: &str| amount(num(s)? as i128);
-        out.limits.push(LimitStatus {
-            id: f[0].to_string(),
-            feature_id: f[1].to_string(),
-            quota: a(f[2])?,
-            remaining: a(f[3])?,
-            window_ms: num(f[4])?,
-            resets_at: opt_num(f[5])?,
-            shadow: f[6] == "1",
-        });
-    }
+    out.armed = decode(field)?;
     Ok(out)
 }
 

@@ -364,7 +364,7 @@ impl Engine for RedisEngine {
         let v = self
             .run(&self.functions().check, customer_id, a, &ctx)
             .await?;
-        let out = decode_outcome(v)?;
+        let out = decode_outcome(v, &self.catalog)?;
         self.note(out.at);
         Ok(out)
     }
@@ -411,7 +411,7 @@ impl Engine for RedisEngine {
             ..Ctx::writing()
         };
         let v = self.run(function, customer_id, a, &ctx).await?;
-        let out = decode_outcome(v)?;
+        let out = decode_outcome(v, &self.catalog)?;
         self.note(out.at);
         Ok(out)
     }

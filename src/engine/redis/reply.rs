@@ -34,7 +34,7 @@ const GS: char = '\x1d';
 /// Decodes an outcome reply; the pools shown are those the reply carries
 /// (the feature's, in deduction order). Returns the outcome (its `at` is the
 /// instant the function used).
-pub(crate) fn decode_outcome(v: Value) -> Result<Outcome, EngineError> {
+pub(crate) fn decode_outcome(v: Value, catalog: &Catalog) -> Result<Outcome, EngineError> {
     use outcome::*;
     let items = array(v)?;
     if items.len() < POOLS || !(items.len() - POOLS).is_multiple_of(2) {
@@ -46,16 +46,36 @@ pub(crate) fn decode_outcome(v: Value) -> Result<Outcome, EngineError> {
     let entries = decode_entries(&string(&items[ENTRIES])?)?;
     let mut pools = vec![];
     let mut lim = super::limits::ReplyLimits::default();
+    let mut all = vec![];
     for pair in items[POOLS..].chunks(2) {
         let pool = string(&pair[0])?;
-        if pool == super::limits::FIELD {
-            // A customer with limits: the denial, shadow denials, statuses.
-            lim = super::limits::decode_reply(&string(&pair[1])?)?;
+        if let Some(head) = pool.strip_prefix(super::limits::FIELD) {
+            // A customer with limits: the denial, shadow denials, the limits.
+            lim = super::limits::decode_reply(head, &string(&pair[1])?)?;
             continue;
         }
         let buckets = decode_pool(&pool, &bytes(&pair[1])?)?;
         pools.push(rules::pool_balance(&buckets, &pool));
+        all.extend(buckets);
     }
+    // The statuses, derived here from the limits after the operation and the
+    // pools' buckets (a billing_cycle window's anchor), exactly as the
+    // in-process engine derives them: Redis formats none.
+    let limits = if lim.armed.is_empty() {
+        vec![]
+    } else {
+        let feature = string(&items[FEATURE])?;
+        let state = CustomerState {
+            id: String::new(),
+            created_at: at,
+            next_seq: 0,
+            buckets: all,
+            locks: Default::default(),
+            idempotency: Default::default(),
+            limits: std::mem::take(&mut lim.armed),
+        };
+        rules::limit_statuses(&state, catalog, &feature, at)
+    };
     Ok(Outcome {
         allowed: flags & ALLOWED != 0,
         entries,
@@ -67,7 +87,7 @@ pub(crate) fn decode_outcome(v: Value) -> Result<Outcome, EngineError> {
         at,
         limit: lim.limit,
         shadow_denied: lim.shadow_denied,
-        limits: lim.limits,
+        limits,
     })
 }
 
