@@ -41,6 +41,7 @@
 //! - [`sweeper`]: the periodic reset task;
 //! - [`server`]: wiring a configuration to an engine and serving it.
 
+pub mod alerts;
 pub mod bench;
 pub mod calendar;
 pub mod clock;
