@@ -58,6 +58,7 @@ pub mod rules;
 pub mod server;
 pub mod service;
 pub mod sweeper;
+pub mod webhooks;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{Engine, MemoryEngine};
