@@ -179,7 +179,7 @@ pub struct AlertDef {
 /// An alert as configured (`[[plans]] usage_alerts`) or sent
 /// (`billing_controls.usage_alerts`), before validation; every field
 /// optional so that [`AlertSpec::build`] names what is missing.
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AlertSpec {
     #[serde(default)]
@@ -194,9 +194,20 @@ pub struct AlertSpec {
     pub basis: Option<String>,
     /// Autumn's event filter: refused (never ignored), as for limits.
     #[serde(default)]
-    pub filter: Option<serde_json::Value>,
+    pub filter: Option<Present>,
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// A field given with any value (its content is not kept): what a refused
+/// field needs to be told apart from an absent one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present;
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Present)
+    }
 }
 
 /// The list a spec comes in, for naming fields in errors.
@@ -816,7 +827,7 @@ mod tests {
             ),
             (
                 AlertSpec {
-                    filter: Some(serde_json::json!({"properties": {"model": "gpt"}})),
+                    filter: Some(Present),
                     basis: Some("usage_limit".into()),
                     ..spec("credits", 1, "usage")
                 },
