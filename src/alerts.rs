@@ -890,6 +890,17 @@ mod tests {
         }))
         .unwrap_err();
         assert!(e.to_string().contains("treshold"), "{e}");
+        // A filter of any shape is noticed, and refused by build.
+        let f: AlertSpec = serde_json::from_value(serde_json::json!({
+            "feature_id": "credits", "threshold": 1, "threshold_type": "usage",
+            "basis": "usage_limit", "filter": {"properties": {"model": "gpt-4"}}
+        }))
+        .unwrap();
+        assert_eq!(f.filter, Some(Present));
+        let e = f
+            .build(AlertList::Customer, AlertSource::Customer, known)
+            .unwrap_err();
+        assert_eq!(err_field(e), "billing_controls.usage_alerts.filter");
     }
 
     #[test]
