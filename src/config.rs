@@ -27,7 +27,7 @@ use crate::money::Amount;
 pub const ENV_PREFIX: &str = "CREDITGATE_";
 
 /// Top-level keys that come from the file only.
-const FILE_ONLY: [&str; 3] = ["features", "plans", "gate"];
+const FILE_ONLY: [&str; 4] = ["features", "plans", "gate", "webhooks"];
 
 /// A configuration error: the key it is about and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +161,7 @@ struct RawConfig {
     features: Vec<FeatureDef>,
     plans: Vec<Plan>,
     gate: RawGate,
+    webhooks: RawWebhooks,
 }
 
 impl Default for RawConfig {
@@ -188,6 +189,7 @@ impl Default for RawConfig {
             features: vec![],
             plans: vec![],
             gate: RawGate::default(),
+            webhooks: RawWebhooks::default(),
         }
     }
 }
@@ -379,7 +381,7 @@ fn env_overrides(
         if FILE_ONLY.contains(&key.as_str()) {
             return Err(ConfigError::new(
                 name.clone(),
-                "features, plans and [gate] come from the file only",
+                "features, plans, [gate] and [webhooks] come from the file only",
             ));
         }
         if settable().any(|k| *k == key) {
@@ -487,6 +489,8 @@ pub struct Config {
     pub plans: Vec<Plan>,
     /// The forward-auth gate (`/v1/gate`).
     pub gate: GateConfig,
+    /// `[webhooks]`: `None` without endpoints (no deliveries).
+    pub webhooks: Option<crate::webhooks::WebhookConfig>,
     /// `CREDITGATE_*` variables that name no key (logged at startup).
     pub warnings: Vec<ConfigWarning>,
 }
@@ -659,6 +663,29 @@ impl Config {
                     ));
                 }
             }
+            let mut alert_ids = std::collections::BTreeSet::new();
+            for (i, spec) in plan.usage_alerts.iter().enumerate() {
+                let key = format!("plans[{p}].usage_alerts[{i}]");
+                let def = spec
+                    .build(
+                        crate::alerts::AlertList::Plan,
+                        crate::alerts::AlertSource::Plan(plan.id.clone()),
+                        |f| catalog.feature(f).is_some(),
+                    )
+                    .map_err(|e| ConfigError::new(key.clone(), e.to_string()))?;
+                if !alert_ids.insert(def.id.clone()) {
+                    return Err(ConfigError::new(
+                        key,
+                        format!("alert {:?} is defined twice in the plan", def.id),
+                    ));
+                }
+            }
+            if plan.usage_alerts.len() > crate::alerts::MAX_ALERTS_PER_CUSTOMER {
+                return Err(ConfigError::new(
+                    format!("plans[{p}].usage_alerts"),
+                    "at most 32 alerts",
+                ));
+            }
             for i in 0..plan.items.len() {
                 let key = format!("plans[{p}].items[{i}]");
                 if plan.balance_id(i).chars().count() > MAX_ID_CHARS {
@@ -673,6 +700,7 @@ impl Config {
             }
         }
         let gate = GateConfig::validate(raw.gate, &catalog)?;
+        let webhooks = raw.webhooks.validate()?;
         Ok(Config {
             listen,
             redis_url: raw.redis_url,
@@ -696,12 +724,93 @@ impl Config {
             catalog: Arc::new(catalog),
             plans: raw.plans,
             gate,
+            webhooks,
             warnings: vec![],
         })
     }
 
     pub fn plan(&self, id: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| p.id == id)
+    }
+}
+
+/// `[webhooks]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWebhooks {
+    endpoints: Vec<RawEndpoint>,
+    max_attempts: u32,
+    backoff_ms: u64,
+    timeout_ms: u64,
+}
+
+impl Default for RawWebhooks {
+    fn default() -> Self {
+        RawWebhooks {
+            endpoints: vec![],
+            max_attempts: 8,
+            backoff_ms: 1000,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    url: String,
+    secret: String,
+}
+
+impl RawWebhooks {
+    fn validate(self) -> Result<Option<crate::webhooks::WebhookConfig>, ConfigError> {
+        use std::time::Duration;
+        if self.max_attempts == 0 || self.max_attempts > 100 {
+            return Err(ConfigError::new(
+                "webhooks.max_attempts",
+                "must be between 1 and 100",
+            ));
+        }
+        for (key, v) in [
+            ("webhooks.backoff_ms", self.backoff_ms),
+            ("webhooks.timeout_ms", self.timeout_ms),
+        ] {
+            if v == 0 || v > 3_600_000 {
+                return Err(ConfigError::new(key, "must be between 1 and 3600000"));
+            }
+        }
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        for (i, e) in self.endpoints.into_iter().enumerate() {
+            let key = format!("webhooks.endpoints[{i}]");
+            let rest = e
+                .url
+                .strip_prefix("https://")
+                .or_else(|| e.url.strip_prefix("http://"));
+            if rest.is_none_or(|r| {
+                r.is_empty() || r.chars().any(|c| c.is_whitespace() || c.is_control())
+            }) {
+                return Err(ConfigError::new(
+                    format!("{key}.url"),
+                    "must be an http:// or https:// URL without spaces",
+                ));
+            }
+            let secret = crate::webhooks::Secret::parse(&e.secret).map_err(|_| {
+                ConfigError::new(
+                    format!("{key}.secret"),
+                    "must be whsec_ followed by base64 (the Standard Webhooks form)",
+                )
+            })?;
+            endpoints.push(crate::webhooks::Endpoint { url: e.url, secret });
+        }
+        if endpoints.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(crate::webhooks::WebhookConfig {
+            endpoints,
+            max_attempts: self.max_attempts,
+            backoff: Duration::from_millis(self.backoff_ms),
+            timeout: Duration::from_millis(self.timeout_ms),
+        }))
     }
 }
 
@@ -1150,6 +1259,96 @@ mod tests {
             "environment variable CREDITGATE_REDIS_URLL names no configuration key and is ignored; \
              did you mean CREDITGATE_REDIS_URL?"
         );
+    }
+
+    #[test]
+    fn plan_usage_alerts_are_validated_naming_the_key() {
+        let text = SEED.replace(
+            "interval = \"month\" }]",
+            "interval = \"month\" }]\nusage_alerts = [{ feature_id = \"credits\", threshold = 80, threshold_type = \"usage_percentage\", name = \"eighty\" }, { feature_id = \"credits\", threshold = 0, threshold_type = \"remaining\" }]",
+        );
+        let c = Config::parse(&text, &env(&[]), 0).unwrap();
+        assert_eq!(c.plans[0].usage_alerts.len(), 2);
+        for (from, to, key) in [
+            (
+                "threshold = 80",
+                "threshold = 180",
+                "plans[0].usage_alerts[0]",
+            ),
+            (
+                "\"credits\", threshold = 0",
+                "\"nope\", threshold = 0",
+                "plans[0].usage_alerts[1]",
+            ),
+            (
+                "\"usage_percentage\"",
+                "\"percent\"",
+                "plans[0].usage_alerts[0]",
+            ),
+            (
+                "name = \"eighty\"",
+                "nam = \"eighty\"",
+                "plans[0].usage_alerts[0].nam",
+            ),
+        ] {
+            let e = Config::parse(&text.replace(from, to), &env(&[]), 0).unwrap_err();
+            assert_eq!(e.key, key, "{to}: {e}");
+        }
+        let e = Config::parse(
+            &text.replace("threshold = 80", "threshold = 180"),
+            &env(&[]),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("plans.usage_alerts.threshold"), "{e}");
+        let twice = text.replace(
+            "threshold = 0, threshold_type = \"remaining\"",
+            "threshold = 80, threshold_type = \"usage\", name = \"eighty\"",
+        );
+        let e = Config::parse(&twice, &env(&[]), 0).unwrap_err();
+        assert_eq!(e.key, "plans[0].usage_alerts[1]", "{e}");
+    }
+
+    #[test]
+    fn webhooks_section_defaults_and_errors() {
+        let c = Config::parse(SEED, &env(&[]), 0).unwrap();
+        assert!(c.webhooks.is_none(), "no endpoints: no deliveries");
+        let text = format!(
+            "{SEED}\n[webhooks]\nmax_attempts = 3\nbackoff_ms = 50\nendpoints = [{{ url = \"https://example.com/hook\", secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\" }}]"
+        );
+        let w = Config::parse(&text, &env(&[]), 0)
+            .unwrap()
+            .webhooks
+            .unwrap();
+        assert_eq!(w.endpoints.len(), 1);
+        assert_eq!(w.max_attempts, 3);
+        assert_eq!(w.backoff, std::time::Duration::from_millis(50));
+        assert_eq!(w.timeout, std::time::Duration::from_secs(10));
+        for (from, to, key) in [
+            (
+                "max_attempts = 3",
+                "max_attempts = 0",
+                "webhooks.max_attempts",
+            ),
+            ("backoff_ms = 50", "backoff_ms = 0", "webhooks.backoff_ms"),
+            (
+                "https://example.com/hook",
+                "ftp://x",
+                "webhooks.endpoints[0].url",
+            ),
+            (
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                "whsec_!!",
+                "webhooks.endpoints[0].secret",
+            ),
+            ("secret =", "secrt =", "webhooks.endpoints[0].secrt"),
+            ("backoff_ms = 50", "backof_ms = 50", "webhooks.backof_ms"),
+        ] {
+            let e = Config::parse(&text.replace(from, to), &env(&[]), 0).unwrap_err();
+            assert_eq!(e.key, key, "{to}: {e}");
+        }
+        let e = Config::parse(SEED, &env(&[("CREDITGATE_WEBHOOKS", "x")]), 0).unwrap_err();
+        assert_eq!(e.key, "CREDITGATE_WEBHOOKS");
     }
 
     #[test]

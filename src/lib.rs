@@ -18,6 +18,8 @@
 //! - [`limits`]: windowed caps and smooth rates beside the balances, their
 //!   counters and validation;
 //! - [`ledger`]: the usage ledger's entries (what changed, by whom, when);
+//! - [`alerts`]: usage alerts and `limit_reached` — the shape, validation,
+//!   and the crossing / re-arm decisions;
 //! - [`rules`]: every rule that moves a balance, pure and in one place, and
 //!   the `Retry-After` projection built on the same reset rule;
 //! - [`clock`]: the injectable clock; [`error`]: typed errors and the one
@@ -39,8 +41,10 @@
 //! - [`config`]: TOML and `CREDITGATE_*` layered by figment, strict (unknown
 //!   keys are errors with their path), validated before a port is bound;
 //! - [`sweeper`]: the periodic reset task;
+//! - [`webhooks`]: Standard Webhooks signing and the delivery worker;
 //! - [`server`]: wiring a configuration to an engine and serving it.
 
+pub mod alerts;
 pub mod bench;
 pub mod calendar;
 pub mod clock;
@@ -57,6 +61,7 @@ pub mod rules;
 pub mod server;
 pub mod service;
 pub mod sweeper;
+pub mod webhooks;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{Engine, MemoryEngine};

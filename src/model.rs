@@ -768,6 +768,10 @@ pub struct Plan {
     /// Limits granted on attach (see `docs/limits.md`).
     #[serde(default)]
     pub limits: Vec<LimitSpec>,
+    /// Usage alerts granted on attach (see `docs/alerts.md`; validated by
+    /// the configuration, not yet armed by the engines).
+    #[serde(default)]
+    pub usage_alerts: Vec<crate::alerts::AlertSpec>,
 }
 
 impl Plan {
