@@ -262,7 +262,9 @@ impl Snapshot {
             match (*counter, was) {
                 (Counter::Window { start, used, .. }, was) => {
                     let before = match was {
-                        Some(Counter::Window { start: s0, used, .. }) if s0 == start => used,
+                        Some(Counter::Window {
+                            start: s0, used, ..
+                        }) if s0 == start => used,
                         _ => 0,
                     };
                     // A window rolled over with nothing used in the new one
@@ -378,7 +380,8 @@ pub const MAX_BINS: usize = 10_000;
 /// `events.list`: one customer's usage entries, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventsListQuery {
-    pub customer_id: String,
+    /// `None`: every customer's.
+    pub customer_id: Option<String>,
     /// Empty: every feature.
     pub feature_ids: Vec<String>,
     /// `[start, end)` in ms; either side open when `None`.
@@ -402,6 +405,10 @@ fn id_key(e: &LedgerEntry) -> (i64, u64) {
     parse_id(&e.id).unwrap_or((e.at, 0))
 }
 
+fn mine(e: &LedgerEntry, customer: &Option<String>) -> bool {
+    customer.as_ref().is_none_or(|c| &e.customer_id == c)
+}
+
 /// Whether an entry counts as usage of one of `features` (empty: any).
 fn counts(e: &LedgerEntry, features: &[String]) -> bool {
     e.op.is_usage()
@@ -418,7 +425,10 @@ pub fn list_events<'a>(
 ) -> Result<EventsPage, EngineError> {
     let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => Some(parse_id(c).ok_or_else(|| {
-            invalid("start_cursor", "is not a cursor this server gave (`<ms>-<seq>`)")
+            invalid(
+                "start_cursor",
+                "is not a cursor this server gave (`<ms>-<seq>`)",
+            )
         })?),
         None => None,
     };
@@ -427,7 +437,7 @@ pub fn list_events<'a>(
     }
     let mut hits: Vec<&LedgerEntry> = entries
         .into_iter()
-        .filter(|e| e.customer_id == q.customer_id && counts(e, &q.feature_ids))
+        .filter(|e| mine(e, &q.customer_id) && counts(e, &q.feature_ids))
         .filter(|e| q.start.is_none_or(|s| e.at >= s) && q.end.is_none_or(|x| e.at < x))
         .filter(|e| cursor.is_none_or(|c| id_key(e) < c))
         .collect();
@@ -585,7 +595,8 @@ pub enum Measure {
 /// `events.aggregate`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AggregateQuery {
-    pub customer_id: String,
+    /// `None`: every customer's.
+    pub customer_id: Option<String>,
     /// At least one.
     pub feature_ids: Vec<String>,
     pub range: RangeSpec,
@@ -658,8 +669,7 @@ pub fn aggregate<'a>(
     let mut totals: BTreeMap<String, (u64, i128)> =
         q.feature_ids.iter().map(|f| (f.clone(), (0, 0))).collect();
     for e in entries {
-        if e.customer_id != q.customer_id || !counts(e, &q.feature_ids) || e.at < start || e.at >= end
-        {
+        if !mine(e, &q.customer_id) || !counts(e, &q.feature_ids) || e.at < start || e.at >= end {
             continue;
         }
         let Some(f) = e.feature_id.as_ref() else {
