@@ -602,6 +602,9 @@ pub struct AggregateQuery {
     pub range: RangeSpec,
     pub bin_size: BinSize,
     pub group_by: Option<GroupBy>,
+    /// With `group_by`: the most groups per bin and feature; the rest are
+    /// summed under `"Other"` (Autumn's default: 9).
+    pub max_groups: usize,
     pub measure: Measure,
 }
 
@@ -634,6 +637,22 @@ pub struct Aggregate {
     pub bins: Vec<AggregateBin>,
     /// Every requested feature.
     pub totals: BTreeMap<String, AggregateTotal>,
+}
+
+/// The `max` largest groups (by value, then name), the rest summed under
+/// `"Other"`.
+fn top_groups(g: BTreeMap<String, i128>, max: usize) -> BTreeMap<String, Amount> {
+    let mut v: Vec<(String, i128)> = g.into_iter().collect();
+    if v.len() <= max {
+        return v.into_iter().map(|(k, x)| (k, clamp(x))).collect();
+    }
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let rest: i128 = v[max..].iter().map(|(_, x)| x).sum();
+    v.truncate(max);
+    let mut out: BTreeMap<String, Amount> = v.into_iter().map(|(k, x)| (k, clamp(x))).collect();
+    *out.entry("Other".to_string()).or_insert(Amount::ZERO) =
+        clamp(out.get("Other").map_or(0, |a| a.raw() as i128) + rest);
+    out
 }
 
 /// Aggregates the customer's usage entries in `[start, end)` (from
@@ -702,7 +721,7 @@ pub fn aggregate<'a>(
             grouped: q.group_by.map(|_| {
                 grouped
                     .into_iter()
-                    .map(|(f, g)| (f, g.into_iter().map(|(k, v)| (k, clamp(v))).collect()))
+                    .map(|(f, g)| (f, top_groups(g, q.max_groups)))
                     .collect()
             }),
         })
