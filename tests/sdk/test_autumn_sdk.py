@@ -196,8 +196,10 @@ def test_events_aggregate_totals_and_groups(admin, app):
     assert agg.total["basic_message"].sum == 4
     assert sum(b.values["basic_message"] for b in agg.list) == 4
     assert any(b.grouped_values and b.grouped_values.get("premium_message", {}).get("pro") == 2.5 for b in agg.list)
-    hourly = sdk_model(admin.events.aggregate(customer_id=cid, feature_id="premium_message", range="24h"))
+    # The SDK always sends bin_size (default "day"): ask for hours.
+    hourly = sdk_model(admin.events.aggregate(customer_id=cid, feature_id="premium_message", range="24h", bin_size="hour"))
     assert len(hourly.list) in (24, 25)
+    assert sum(b.values["premium_message"] for b in hourly.list) == 2.5
 
 
 @needs_ledger
