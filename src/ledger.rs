@@ -744,3 +744,48 @@ pub fn aggregate<'a>(
             .collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calendar::ms_of;
+
+    #[test]
+    fn ids_strictly_increase_even_when_the_clock_goes_back() {
+        let mut s = IdSequence::default();
+        let ids: Vec<_> = [5, 5, 3, 9].iter().map(|&t| s.next(t)).collect();
+        assert_eq!(ids, ["5-0", "5-1", "5-2", "9-0"]);
+        assert_eq!(parse_id("9-0"), Some((9, 0)));
+        assert_eq!(parse_id("9"), None);
+        assert_eq!(parse_id("-1-0"), None);
+    }
+
+    #[test]
+    fn bins_are_utc_hours_days_mondays_and_months() {
+        let t = ms_of(2027, 3, 17, 13, 45); // a Wednesday
+        assert_eq!(BinSize::Hour.start_of(t), ms_of(2027, 3, 17, 13, 0));
+        assert_eq!(BinSize::Day.start_of(t), ms_of(2027, 3, 17, 0, 0));
+        assert_eq!(BinSize::Week.start_of(t), ms_of(2027, 3, 15, 0, 0));
+        assert_eq!(BinSize::Month.start_of(t), ms_of(2027, 3, 1, 0, 0));
+        assert_eq!(
+            BinSize::Month.next(ms_of(2027, 1, 1, 0, 0)),
+            ms_of(2027, 2, 1, 0, 0)
+        );
+        // last_cycle without a resetting bucket: the previous UTC month.
+        assert_eq!(
+            RangeSpec::LastCycle.resolve(t, None),
+            (ms_of(2027, 2, 1, 0, 0), ms_of(2027, 3, 1, 0, 0))
+        );
+    }
+
+    #[test]
+    fn groups_past_the_cap_are_summed_under_other() {
+        let g: BTreeMap<String, i128> = [("a", 5), ("b", 9), ("c", 1), ("d", 2)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let top = top_groups(g, 2);
+        let raw: Vec<(&str, i64)> = top.iter().map(|(k, v)| (k.as_str(), v.raw())).collect();
+        assert_eq!(raw, [("Other", 3), ("a", 5), ("b", 9)]);
+    }
+}

@@ -621,3 +621,97 @@ async fn deletes_are_admin_only_and_on_the_ledger_over_http() {
     .await;
     assert_eq!(a.code(), "customer_not_found");
 }
+
+/// A store without a ledger (the Redis engine until its ledger lands):
+/// every required method delegates, the ledger's stay the trait defaults.
+struct NoLedger(Arc<MemoryEngine>);
+
+#[async_trait::async_trait]
+impl Engine for NoLedger {
+    async fn create_customer(&self, c: &str) -> Result<bool, creditgate::EngineError> {
+        self.0.create_customer(c).await
+    }
+    async fn grant(&self, c: &str, g: &Grant) -> Result<String, creditgate::EngineError> {
+        self.0.grant(c, g).await
+    }
+    async fn update_bucket(
+        &self,
+        c: &str,
+        u: &creditgate::model::BucketUpdate,
+    ) -> Result<(), creditgate::EngineError> {
+        self.0.update_bucket(c, u).await
+    }
+    async fn check(
+        &self,
+        c: &str,
+        f: &str,
+        u: Amount,
+    ) -> Result<creditgate::model::Outcome, creditgate::EngineError> {
+        self.0.check(c, f, u).await
+    }
+    async fn apply(
+        &self,
+        c: &str,
+        op: &creditgate::model::Op,
+        k: Option<&str>,
+    ) -> Result<creditgate::model::Outcome, creditgate::EngineError> {
+        self.0.apply(c, op, k).await
+    }
+    async fn balances(
+        &self,
+        c: &str,
+    ) -> Result<creditgate::model::CustomerBalances, creditgate::EngineError> {
+        self.0.balances(c).await
+    }
+    async fn reset_due(&self, c: &str) -> Result<u32, creditgate::EngineError> {
+        self.0.reset_due(c).await
+    }
+    async fn sweep_due(&self) -> Result<creditgate::engine::SweepReport, creditgate::EngineError> {
+        self.0.sweep_due().await
+    }
+}
+
+#[tokio::test]
+async fn a_store_without_a_ledger_answers_ledger_not_configured() {
+    let config = common::http::config();
+    let (clock, e) = engine();
+    let state = creditgate::http::AppState::new(
+        Arc::new(NoLedger(e)),
+        config.catalog.clone(),
+        clock.clone(),
+    )
+    .configured(&config);
+    let router = creditgate::http::app(state);
+    common::http::call(
+        &router,
+        "POST",
+        "/v1/customers.get_or_create",
+        json!({"customer_id": "a"}),
+    )
+    .await;
+    for (path, body) in [
+        ("/v1/events.list", json!({"customer_id": "a"})),
+        (
+            "/v1/events.aggregate",
+            json!({"customer_id": "a", "feature_id": "credits", "range": "7d"}),
+        ),
+        ("/v1/customers.delete", json!({"customer_id": "a"})),
+        (
+            "/v1/balances.delete",
+            json!({"customer_id": "a", "feature_id": "credits"}),
+        ),
+    ] {
+        let a = common::http::call(&router, "POST", path, body).await;
+        assert_eq!(a.status, 400, "{path}: {}", a.text);
+        assert_eq!(a.code(), "ledger_not_configured", "{path}");
+    }
+    // The customer is untouched.
+    let a = common::http::call(
+        &router,
+        "POST",
+        "/v1/customers.get",
+        json!({"customer_id": "a"}),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+}
