@@ -28,6 +28,14 @@ pub enum EngineError {
     UsageLimitReached(String),
     #[error("this store does not keep limits yet (the Redis engine: see docs/limits.md); use the in-process engine for customers with limits")]
     LimitsUnsupported,
+    /// The store keeps no usage ledger (the Redis engine, until its ledger
+    /// lands): the usage queries and deletes, which must be on the ledger,
+    /// are refused.
+    #[error("this store keeps no usage ledger yet (the Redis engine: see docs/ledger.md); events.list, events.aggregate and deletes need the in-process engine for now")]
+    LedgerNotConfigured,
+    /// `balances.delete` of a balance used this period, without `force`.
+    #[error("balance {0:?} has usage this period; send force: true to delete it anyway")]
+    BalanceInUse(String),
     #[error("a pending lock with id {0:?} already exists")]
     LockAlreadyExists(String),
     #[error("lock {0:?} not found")]
@@ -154,6 +162,8 @@ impl EngineError {
             EngineError::InsufficientBalance => Code::InsufficientBalance,
             EngineError::UsageLimitReached(_) => Code::UsageLimitReached,
             EngineError::LimitsUnsupported => Code::LimitsUnsupported,
+            EngineError::LedgerNotConfigured => Code::LedgerNotConfigured,
+            EngineError::BalanceInUse(_) => Code::BalanceInUse,
             EngineError::LockAlreadyExists(_) => Code::LockAlreadyExists,
             EngineError::LockNotFound(_) => Code::LockNotFound,
             EngineError::IdempotencyKeyReused => Code::IdempotencyKeyReused,
@@ -174,6 +184,7 @@ pub enum Code {
     InsufficientBalance,
     UsageLimitReached,
     LimitsUnsupported,
+    LedgerNotConfigured,
     AmountOutOfRange,
     TooManyBalances,
     NoSecretKey,
@@ -189,6 +200,7 @@ pub enum Code {
     IdempotencyKeyReused,
     LockAlreadyExists,
     BalanceAlreadyExists,
+    BalanceInUse,
     PayloadTooLarge,
     InternalError,
     StoreUnavailable,
@@ -198,13 +210,17 @@ pub enum Code {
 
 impl Code {
     /// Code, its wire name, and the HTTP status it answers with.
-    pub const TABLE: [(Code, &'static str, u16); 24] = [
+    pub const TABLE: [(Code, &'static str, u16); 26] = [
         (Code::InvalidInputs, "invalid_inputs", 400),
         (Code::InsufficientBalance, "insufficient_balance", 400),
         (Code::UsageLimitReached, "usage_limit_reached", 429),
         // The store cannot keep limits (the Redis engine, for now): a 4xx,
         // since retrying the same request can never succeed on it.
         (Code::LimitsUnsupported, "limits_unsupported", 400),
+        // The store keeps no ledger (the Redis engine, for now): 400 like
+        // limits_unsupported, since the same request can never succeed on
+        // this store (501 would read as a server fault to retry elsewhere).
+        (Code::LedgerNotConfigured, "ledger_not_configured", 400),
         // Bad input too: the request would take a balance out of bounds.
         (Code::AmountOutOfRange, "amount_out_of_range", 400),
         (Code::TooManyBalances, "too_many_balances", 400),
@@ -221,6 +237,8 @@ impl Code {
         (Code::IdempotencyKeyReused, "idempotency_key_reused", 409),
         (Code::LockAlreadyExists, "lock_already_exists", 409),
         (Code::BalanceAlreadyExists, "balance_already_exists", 409),
+        // balances.delete of a balance with usage this period (no force).
+        (Code::BalanceInUse, "balance_in_use", 409),
         (Code::PayloadTooLarge, "payload_too_large", 413),
         (Code::InternalError, "internal_error", 500),
         (Code::StoreUnavailable, "store_unavailable", 503),
@@ -235,7 +253,7 @@ impl Code {
         Code::TABLE
             .iter()
             .find(|r| r.0 == self)
-            .unwrap_or(&Code::TABLE[20])
+            .unwrap_or(&Code::TABLE[22])
     }
 
     /// The wire name (`invalid_inputs`, …).

@@ -479,6 +479,18 @@ fn release_outcome(entries: Vec<Entry>, lost: i64) -> StoredOutcome {
 /// idempotency records past retention are forgotten. Returns the number of
 /// buckets that reset.
 pub fn prepare(state: &mut CustomerState, now: i64, retention: Retention) -> u32 {
+    for (at, id) in expired_locks(state, now) {
+        release_expired_lock(state, &id, at, now, retention);
+    }
+    expire(state, now);
+    let resets = apply_resets(state, now);
+    forget_finalized_locks(state, now);
+    resets
+}
+
+/// The pending locks past their expiry at `now`, as `(expires_at, lock id)`
+/// in the order they expired: the first step of [`prepare`].
+pub fn expired_locks(state: &CustomerState, now: i64) -> Vec<(i64, String)> {
     let mut expired: Vec<(i64, String)> = state
         .locks
         .iter()
@@ -488,18 +500,42 @@ pub fn prepare(state: &mut CustomerState, now: i64, retention: Retention) -> u32
         })
         .collect();
     expired.sort();
-    for (at, id) in expired {
-        if let Some(lock) = state.locks.get(&id).cloned() {
-            let (entries, lost) = release_held(&mut state.buckets, &lock, at);
-            release_expired_holds(state, &lock.limit_held, now);
-            let forget_at = at.saturating_add(retention.finalized_lock_ms);
-            let outcome = release_outcome(entries, lost);
-            if let Some(l) = state.locks.get_mut(&id) {
-                l.state = LockState::Finalized { outcome, forget_at };
-            }
+    expired
+}
+
+/// Releases one expired pending lock as of its own expiry `at` (its limit
+/// holds as of `now`); the lock is kept as finalized until retention.
+pub fn release_expired_lock(
+    state: &mut CustomerState,
+    id: &str,
+    at: i64,
+    now: i64,
+    retention: Retention,
+) {
+    if let Some(lock) = state.locks.get(id).cloned() {
+        let (entries, lost) = release_held(&mut state.buckets, &lock, at);
+        release_expired_holds(state, &lock.limit_held, now);
+        let forget_at = at.saturating_add(retention.finalized_lock_ms);
+        let outcome = release_outcome(entries, lost);
+        if let Some(l) = state.locks.get_mut(id) {
+            l.state = LockState::Finalized { outcome, forget_at };
         }
     }
+}
+
+/// Drops expired buckets and expired rollover rows (the second step of
+/// [`prepare`]). Dropping rows before the resets equals dropping them
+/// after each reset: a reset keeps only rows live at `now` anyway.
+pub fn expire(state: &mut CustomerState, now: i64) {
     state.buckets.retain(|b| b.is_live(now));
+    for b in &mut state.buckets {
+        b.rollovers.retain(|r| r.expires_at.is_none_or(|e| e > now));
+    }
+}
+
+/// Applies every due reset (with its rollover); returns how many buckets
+/// reset. Run after [`expire`].
+pub fn apply_resets(state: &mut CustomerState, now: i64) -> u32 {
     let mut resets = 0;
     for b in &mut state.buckets {
         if reset_bucket(b, now) {
@@ -507,10 +543,14 @@ pub fn prepare(state: &mut CustomerState, now: i64, retention: Retention) -> u32
         }
         b.rollovers.retain(|r| r.expires_at.is_none_or(|e| e > now));
     }
+    resets
+}
+
+/// Forgets finalized locks past their retention (no balance moves).
+pub fn forget_finalized_locks(state: &mut CustomerState, now: i64) {
     state.locks.retain(
         |_, l| !matches!(l.state, LockState::Finalized { forget_at, .. } if forget_at <= now),
     );
-    resets
 }
 
 /// An expired reservation's limit holds, given back as of `now` to windows

@@ -8,7 +8,9 @@ pub mod redis;
 
 use async_trait::async_trait;
 
+use crate::calendar::Interval;
 use crate::error::EngineError;
+use crate::ledger::{Aggregate, AggregateQuery, EventsListQuery, EventsPage};
 use crate::limits::{LimitDef, LimitsUpdate};
 use crate::model::*;
 use crate::money::Amount;
@@ -25,6 +27,17 @@ pub struct SweepReport {
     pub resets_applied: u64,
     /// Index shards skipped because another sweeper held their lease.
     pub shards_leased_elsewhere: u64,
+}
+
+/// Which balance `balances.delete` removes: `balance_id`, or the one
+/// balance of `feature_id` (of that reset `interval`, when given).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BalanceDelete {
+    pub feature_id: Option<String>,
+    pub balance_id: Option<String>,
+    pub interval: Option<Interval>,
+    /// Delete even when the balance was used this period.
+    pub force: bool,
 }
 
 /// A store of customers' balances. Every method applies the customer's due
@@ -84,6 +97,44 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Vec<LimitDef>, EngineError> {
         let _ = (customer_id, update);
         Err(EngineError::LimitsUnsupported)
+    }
+
+    /// Whether the store keeps the usage ledger (`crate::ledger`). One
+    /// that does not answers the usage queries and deletes with
+    /// [`EngineError::LedgerNotConfigured`].
+    fn has_ledger(&self) -> bool {
+        false
+    }
+
+    /// `events.list`: a page of usage entries, newest first.
+    async fn events_list(&self, q: &EventsListQuery) -> Result<EventsPage, EngineError> {
+        let _ = q;
+        Err(EngineError::LedgerNotConfigured)
+    }
+
+    /// `events.aggregate`: usage per bin over the query's range, resolved at
+    /// the store's now.
+    async fn events_aggregate(&self, q: &AggregateQuery) -> Result<Aggregate, EngineError> {
+        let _ = q;
+        Err(EngineError::LedgerNotConfigured)
+    }
+
+    /// Deletes a customer: balances, locks, limits, idempotency records and
+    /// due state go; its ledger stays, ending with a `delete_customer` entry.
+    async fn delete_customer(&self, customer_id: &str) -> Result<(), EngineError> {
+        let _ = customer_id;
+        Err(EngineError::LedgerNotConfigured)
+    }
+
+    /// Deletes one balance (unused this period, or with `force`), with a
+    /// `delete_balance` entry; answers its id.
+    async fn delete_balance(
+        &self,
+        customer_id: &str,
+        delete: &BalanceDelete,
+    ) -> Result<String, EngineError> {
+        let _ = (customer_id, delete);
+        Err(EngineError::LedgerNotConfigured)
     }
 
     async fn consume(

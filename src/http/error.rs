@@ -23,6 +23,8 @@ pub enum ApiError {
     },
     /// 400 `limits_unsupported`: the store keeps no limits (Redis, for now).
     LimitsUnsupported,
+    /// 400 `ledger_not_configured`: the store keeps no usage ledger.
+    LedgerNotConfigured,
     /// 401 `no_secret_key`.
     NoSecretKey,
     /// 401 `invalid_secret_key`.
@@ -82,6 +84,7 @@ impl ApiError {
             ApiError::InsufficientBalance => Code::InsufficientBalance,
             ApiError::UsageLimitReached { .. } => Code::UsageLimitReached,
             ApiError::LimitsUnsupported => Code::LimitsUnsupported,
+            ApiError::LedgerNotConfigured => Code::LedgerNotConfigured,
             ApiError::NoSecretKey => Code::NoSecretKey,
             ApiError::InvalidSecretKey => Code::InvalidSecretKey,
             ApiError::Forbidden => Code::Forbidden,
@@ -101,6 +104,7 @@ impl ApiError {
             ApiError::InsufficientBalance => "insufficient balance".into(),
             ApiError::UsageLimitReached { limit, .. } => format!("usage limit {limit:?} reached"),
             ApiError::LimitsUnsupported => EngineError::LimitsUnsupported.to_string(),
+            ApiError::LedgerNotConfigured => EngineError::LedgerNotConfigured.to_string(),
             ApiError::NoSecretKey => "no secret key: send Authorization: Bearer <key>".into(),
             ApiError::InvalidSecretKey => "invalid secret key".into(),
             ApiError::Forbidden => "this key may not use this route".into(),
@@ -158,6 +162,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::BalanceAlreadyExists(_)
             | EngineError::LockAlreadyExists(_)
+            | EngineError::BalanceInUse(_)
             | EngineError::IdempotencyKeyReused => ApiError::Conflict {
                 code: e.code(),
                 message: e.to_string(),
@@ -168,6 +173,7 @@ impl From<EngineError> for ApiError {
                 retry_after_secs: None,
             },
             EngineError::LimitsUnsupported => ApiError::LimitsUnsupported,
+            EngineError::LedgerNotConfigured => ApiError::LedgerNotConfigured,
             EngineError::StoreUnavailable(d) => ApiError::StoreUnavailable(d),
             EngineError::StoreTimeout(d) => ApiError::StoreTimeout(d),
             EngineError::StoreFull(d) => ApiError::StoreFull(d),

@@ -4,6 +4,7 @@
 //! with `tower::ServiceExt::oneshot`, and [`crate::server::run`] serves it.
 
 pub mod error;
+pub mod events;
 pub mod gate;
 pub mod json;
 pub mod openapi;
@@ -181,6 +182,8 @@ pub const ROUTES: &[&str] = &[
     "/v1/balances.create",
     "/v1/balances.update",
     "/v1/customers.update",
+    "/v1/customers.delete",
+    "/v1/balances.delete",
     "/v1/customers.get_or_create",
     "/v1/customers.get",
     "/v1/balances.check",
@@ -190,6 +193,8 @@ pub const ROUTES: &[&str] = &[
     "/v1/track",
     "/v1/events",
     "/v1/balances.finalize",
+    "/v1/events.list",
+    "/v1/events.aggregate",
     "/v1/gate",
     "/v1/gate/{*path}",
     "/healthz",
@@ -207,6 +212,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/balances.create", post(routes::create_balance))
         .route("/v1/balances.update", post(routes::update_balance))
         .route("/v1/customers.update", post(routes::update_customer))
+        .route("/v1/customers.delete", post(events::delete_customer))
+        .route("/v1/balances.delete", post(events::delete_balance))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let application = Router::new()
         .route("/v1/customers.get_or_create", post(routes::get_or_create))
@@ -218,6 +225,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/track", post(routes::track))
         .route("/v1/events", post(routes::track))
         .route("/v1/balances.finalize", post(routes::finalize))
+        .route("/v1/events.list", post(events::events_list))
+        .route("/v1/events.aggregate", post(events::events_aggregate))
         .route("/v1/gate", on(gate::METHODS, gate::gate))
         .route("/v1/gate/{*path}", on(gate::METHODS, gate::gate))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));

@@ -10,6 +10,7 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Document, Ref, ResponseBuilder}
 use utoipa::{Modify, OpenApi};
 
 use super::error::ErrorBody;
+use super::events::*;
 use super::gate::*;
 use super::routes::*;
 use super::views::*;
@@ -30,6 +31,10 @@ use super::views::*;
         check,
         track,
         finalize,
+        events_list,
+        events_aggregate,
+        delete_customer,
+        delete_balance,
         gate,
         healthz,
         readyz,
@@ -53,7 +58,17 @@ use super::views::*;
         CreateBalanceResponse,
         Success,
         GateAllowed,
-        Ready
+        Ready,
+        FeatureIds,
+        CustomRangeBody,
+        EventsListResponse,
+        EventView,
+        EventProperties,
+        EventDeductionView,
+        EventsAggregateResponse,
+        AggregateBinView,
+        AggregateTotalView,
+        DeleteBalanceResponse
     )),
     modifiers(&Completed)
 )]
@@ -64,7 +79,7 @@ pub struct ApiDoc;
 const ERRORS: [(&str, &str); 9] = [
     (
         "400",
-        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits; every engine of this build keeps them)",
+        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits; every engine of this build keeps them), ledger_not_configured (events.* and deletes on a store without a usage ledger: the Redis engine, for now)",
     ),
     (
         "429",
@@ -77,7 +92,7 @@ const ERRORS: [(&str, &str); 9] = [
     ),
     (
         "409",
-        "idempotency_key_reused, lock_already_exists, balance_already_exists",
+        "idempotency_key_reused, lock_already_exists, balance_already_exists, balance_in_use (balances.delete of a balance used this period, without force)",
     ),
     ("413", "payload_too_large (a body over 64 KiB)"),
     ("500", "internal_error (never a detail)"),
@@ -92,8 +107,10 @@ const ERRORS: [(&str, &str); 9] = [
 ];
 
 /// The routes only admin keys may use (403 `forbidden` for an api key).
-const ADMIN: [&str; 4] = [
+const ADMIN: [&str; 6] = [
     "/v1/billing.attach",
+    "/v1/customers.delete",
+    "/v1/balances.delete",
     "/v1/customers.update",
     "/v1/balances.create",
     "/v1/balances.update",

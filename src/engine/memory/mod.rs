@@ -1,6 +1,13 @@
 //! The in-process engine: the rules of [`crate::rules`] over a map of
 //! customers. The default when no Redis is configured, and the reference the
 //! Redis engine is tested against.
+//!
+//! It keeps the usage ledger ([`crate::ledger`]) in memory beside the
+//! balances: each shard holds its customers' entries under the same lock as
+//! their state, and every change appends its entry in the same critical
+//! section, so a query never disagrees with the balances. Both start over on
+//! a restart. Deltas are computed generically: a [`Snapshot`] of the
+//! customer's balances and limit counters before and after each step.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -9,9 +16,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{Engine, SweepReport};
+use super::{BalanceDelete, Engine, SweepReport};
+use crate::calendar::Period;
 use crate::clock::Clock;
-use crate::error::EngineError;
+use crate::error::{invalid, EngineError};
+use crate::ledger::{
+    self, Aggregate, AggregateQuery, EventsListQuery, EventsPage, IdSequence, LedgerEntry,
+    LedgerOp, RangeSpec, Snapshot,
+};
 use crate::limits::{LimitDef, LimitsUpdate};
 use crate::model::*;
 use crate::money::Amount;
@@ -28,7 +40,127 @@ pub struct MemoryEngine {
     catalog: Arc<Catalog>,
     clock: Arc<dyn Clock>,
     retention: Retention,
-    shards: Vec<Mutex<HashMap<String, CustomerState>>>,
+    shards: Vec<Mutex<Shard>>,
+    /// Entry ids, taken inside a shard's lock (always after it).
+    ids: Mutex<IdSequence>,
+}
+
+/// One shard: its customers and their ledgers (a deleted customer's ledger
+/// stays).
+#[derive(Default)]
+struct Shard {
+    customers: HashMap<String, CustomerState>,
+    ledgers: HashMap<String, Vec<LedgerEntry>>,
+}
+
+/// What one entry says besides its deltas.
+struct EntryMeta<'a> {
+    op: LedgerOp,
+    feature_id: Option<String>,
+    units: Amount,
+    idempotency_key: Option<&'a str>,
+    lock_id: Option<String>,
+    /// Append even without a delta (a finalize: the usage moment).
+    always: bool,
+}
+
+impl<'a> EntryMeta<'a> {
+    fn new(op: LedgerOp) -> EntryMeta<'a> {
+        EntryMeta {
+            op,
+            feature_id: None,
+            units: Amount::ZERO,
+            idempotency_key: None,
+            lock_id: None,
+            always: false,
+        }
+    }
+}
+
+/// Appends entries to one customer's ledger.
+struct Books<'l> {
+    ids: &'l Mutex<IdSequence>,
+    customer_id: &'l str,
+    ledger: &'l mut Vec<LedgerEntry>,
+    now: i64,
+}
+
+impl Books<'_> {
+    /// Appends one entry for the change from `before` to `after`, unless
+    /// nothing moved (and the entry is not `always`).
+    fn append(&mut self, meta: EntryMeta<'_>, before: &Snapshot, after: &Snapshot, first: &[&str]) {
+        let (balances, limits) = before.diff(after, first);
+        if balances.is_empty() && limits.is_empty() && !meta.always {
+            return;
+        }
+        let id = self
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next(self.now);
+        self.ledger.push(LedgerEntry {
+            id,
+            at: self.now,
+            customer_id: self.customer_id.to_string(),
+            feature_id: meta.feature_id,
+            op: meta.op,
+            units: meta.units,
+            balances,
+            limits,
+            idempotency_key: meta.idempotency_key.map(str::to_string),
+            lock_id: meta.lock_id,
+            subject: None,
+        });
+    }
+
+    /// Runs `f` on `state` and appends its entry (when `f` succeeds).
+    fn record<T>(
+        &mut self,
+        state: &mut CustomerState,
+        meta: EntryMeta<'_>,
+        f: impl FnOnce(&mut CustomerState) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let before = Snapshot::of(state);
+        let out = f(state)?;
+        self.append(meta, &before, &Snapshot::of(state), &[]);
+        Ok(out)
+    }
+
+    /// [`rules::prepare`] step by step, one entry per step that moved
+    /// something: each expired lock (`lock_expired`), expiries (`expire`),
+    /// resets with their rollover (`reset`). Returns how many buckets reset.
+    fn prepare(&mut self, state: &mut CustomerState, retention: Retention) -> u32 {
+        let now = self.now;
+        for (at, id) in rules::expired_locks(state, now) {
+            let feature = state.locks.get(&id).map(|l| l.feature.clone());
+            let before = Snapshot::of(state);
+            rules::release_expired_lock(state, &id, at, now, retention);
+            let meta = EntryMeta {
+                feature_id: feature,
+                lock_id: Some(id),
+                ..EntryMeta::new(LedgerOp::LockExpired)
+            };
+            self.append(meta, &before, &Snapshot::of(state), &[]);
+        }
+        let before = Snapshot::of(state);
+        rules::expire(state, now);
+        self.append(
+            EntryMeta::new(LedgerOp::Expire),
+            &before,
+            &Snapshot::of(state),
+            &[],
+        );
+        let before = Snapshot::of(state);
+        let resets = rules::apply_resets(state, now);
+        self.append(
+            EntryMeta::new(LedgerOp::Reset),
+            &before,
+            &Snapshot::of(state),
+            &[],
+        );
+        rules::forget_finalized_locks(state, now);
+        resets
+    }
 }
 
 impl MemoryEngine {
@@ -38,14 +170,29 @@ impl MemoryEngine {
             clock,
             retention,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            ids: Mutex::default(),
         }
+    }
+
+    /// Every ledger entry of the customer, oldest first (tests and audits).
+    pub fn ledger_of(&self, customer_id: &str) -> Vec<LedgerEntry> {
+        self.shard(customer_id)
+            .ledgers
+            .get(customer_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The customer's state as stored (tests: replaying its ledger).
+    pub fn state_of(&self, customer_id: &str) -> Option<CustomerState> {
+        self.shard(customer_id).customers.get(customer_id).cloned()
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
     }
 
-    fn shard(&self, customer_id: &str) -> MutexGuard<'_, HashMap<String, CustomerState>> {
+    fn shard(&self, customer_id: &str) -> MutexGuard<'_, Shard> {
         let mut h = DefaultHasher::new();
         customer_id.hash(&mut h);
         let shard = &self.shards[h.finish() as usize % SHARDS];
@@ -54,22 +201,95 @@ impl MemoryEngine {
         shard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the prepared state of an existing customer.
+    /// Runs `f` on the prepared state of an existing customer, with its
+    /// ledger (the lazy steps already recorded).
     fn with_customer<T>(
         &self,
         customer_id: &str,
-        f: impl FnOnce(&mut CustomerState, i64) -> Result<T, EngineError>,
+        f: impl FnOnce(&mut CustomerState, &mut Books<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
         validate_id("customer_id", customer_id)?;
         let now = self.clock.now_ms();
-        let mut shard = self.shard(customer_id);
+        let mut guard = self.shard(customer_id);
+        let shard = &mut *guard;
         let state = shard
+            .customers
             .get_mut(customer_id)
             .ok_or(EngineError::CustomerNotFound)?;
-        rules::prepare(state, now, self.retention);
+        let ledger = shard.ledgers.entry(customer_id.to_string()).or_default();
+        let mut books = Books {
+            ids: &self.ids,
+            customer_id,
+            ledger,
+            now,
+        };
+        books.prepare(state, self.retention);
         // No copy needed: every rule works on its own copy of the buckets and
         // commits by assignment only once it can no longer fail.
-        f(state, now)
+        f(state, &mut books)
+    }
+
+    /// The billing cycle `last_cycle` means: the period and anchor of the
+    /// first resetting bucket (deduction order) paying for the first
+    /// feature, else of any resetting bucket.
+    fn cycle_of(&self, state: &CustomerState, feature: Option<&str>) -> Option<(Period, i64)> {
+        let pools = feature
+            .and_then(|f| self.catalog.pools_for(f).ok())
+            .unwrap_or_default();
+        state
+            .buckets
+            .iter()
+            .filter_map(|b| b.period().map(|p| (b, p)))
+            .map(|(b, p)| {
+                let pi = pools
+                    .iter()
+                    .position(|c| c.pool == b.pool)
+                    .unwrap_or(usize::MAX);
+                (rules::bucket_order_key(b, pi), p, b.anchor)
+            })
+            .min_by_key(|(k, _, _)| *k)
+            .map(|(_, p, a)| (p, a))
+    }
+
+    /// Runs `f` on one customer's ledger (after its lazy steps, recorded)
+    /// and its state, or on a deleted customer's ledger alone.
+    fn with_ledger<T>(
+        &self,
+        customer_id: &str,
+        f: impl FnOnce(&[LedgerEntry], Option<&CustomerState>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        validate_id("customer_id", customer_id)?;
+        let now = self.clock.now_ms();
+        let mut guard = self.shard(customer_id);
+        let shard = &mut *guard;
+        match shard.customers.get_mut(customer_id) {
+            Some(state) => {
+                let ledger = shard.ledgers.entry(customer_id.to_string()).or_default();
+                let mut books = Books {
+                    ids: &self.ids,
+                    customer_id,
+                    ledger,
+                    now,
+                };
+                books.prepare(state, self.retention);
+                f(books.ledger, Some(state))
+            }
+            None => match shard.ledgers.get(customer_id) {
+                Some(ledger) => f(ledger, None),
+                None => Err(EngineError::CustomerNotFound),
+            },
+        }
+    }
+
+    /// Every customer's entries (one shard lock at a time).
+    fn all_entries(&self) -> Vec<LedgerEntry> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                let s = s.lock().unwrap_or_else(|e| e.into_inner());
+                s.ledgers.values().flatten().cloned().collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     fn pools_of(&self, state: &CustomerState, feature: Option<&str>) -> Vec<PoolBalance> {
@@ -89,7 +309,7 @@ impl Engine for MemoryEngine {
         validate_id("customer_id", customer_id)?;
         let now = self.clock.now_ms();
         let mut shard = self.shard(customer_id);
-        if shard.contains_key(customer_id) {
+        if shard.customers.contains_key(customer_id) {
             return Ok(false);
         }
         let state = CustomerState {
@@ -101,13 +321,16 @@ impl Engine for MemoryEngine {
             idempotency: BTreeMap::new(),
             limits: vec![],
         };
-        shard.insert(customer_id.to_string(), state);
+        shard.customers.insert(customer_id.to_string(), state);
         Ok(true)
     }
 
     async fn grant(&self, customer_id: &str, grant: &Grant) -> Result<String, EngineError> {
-        self.with_customer(customer_id, |s, now| {
-            rules::grant(s, &self.catalog, grant, now)
+        self.with_customer(customer_id, |s, books| {
+            let now = books.now;
+            books.record(s, EntryMeta::new(LedgerOp::Grant), |s| {
+                rules::grant(s, &self.catalog, grant, now)
+            })
         })
     }
 
@@ -116,8 +339,10 @@ impl Engine for MemoryEngine {
         customer_id: &str,
         update: &BucketUpdate,
     ) -> Result<(), EngineError> {
-        self.with_customer(customer_id, |s, _| {
-            rules::update_bucket(s, &self.catalog, update)
+        self.with_customer(customer_id, |s, books| {
+            books.record(s, EntryMeta::new(LedgerOp::Update), |s| {
+                rules::update_bucket(s, &self.catalog, update)
+            })
         })
     }
 
@@ -127,7 +352,8 @@ impl Engine for MemoryEngine {
         feature: &str,
         units: Amount,
     ) -> Result<Outcome, EngineError> {
-        self.with_customer(customer_id, |s, now| {
+        self.with_customer(customer_id, |s, books| {
+            let now = books.now;
             let stored = rules::check(s, &self.catalog, feature, units, now)?;
             let mut out = Outcome::new(stored, false, self.pools_of(s, Some(feature)), now);
             out.limits = rules::limit_statuses(s, &self.catalog, feature, now);
@@ -141,8 +367,52 @@ impl Engine for MemoryEngine {
         op: &Op,
         key: Option<&str>,
     ) -> Result<Outcome, EngineError> {
-        self.with_customer(customer_id, |s, now| {
+        self.with_customer(customer_id, |s, books| {
+            let now = books.now;
+            let held = match op {
+                Op::Finalize { lock_id, .. } => s.locks.get(lock_id).map_or(0, |l| l.units.raw()),
+                _ => 0,
+            };
+            let before = Snapshot::of(s);
             let applied = rules::apply(s, &self.catalog, op, key, now, self.retention)?;
+            if !applied.replayed {
+                let entries = &applied.outcome.entries;
+                let taken: i64 = entries.iter().map(|e| e.units.raw()).sum();
+                let (ledger_op, units, lock_id, always) = match op {
+                    Op::Consume { .. } => (LedgerOp::Consume, taken, None, false),
+                    Op::Track { units, .. } if units.is_negative() => {
+                        (LedgerOp::Refund, taken, None, false)
+                    }
+                    Op::Track { .. } => (LedgerOp::Track, taken, None, false),
+                    Op::Reserve { lock_id, units, .. } => {
+                        let held = if applied.outcome.allowed {
+                            units.raw()
+                        } else {
+                            0
+                        };
+                        (LedgerOp::Reserve, held, Some(lock_id.clone()), false)
+                    }
+                    // The usage moment: the held units less what went back
+                    // (a release gives back all it can), plus what an
+                    // override took beyond them.
+                    Op::Finalize { lock_id, .. } => (
+                        LedgerOp::Finalize,
+                        held + taken,
+                        Some(lock_id.clone()),
+                        true,
+                    ),
+                };
+                let meta = EntryMeta {
+                    op: ledger_op,
+                    feature_id: op.feature(s).map(str::to_string),
+                    units: Amount::from_raw(units).unwrap_or(Amount::ZERO),
+                    idempotency_key: key,
+                    lock_id,
+                    always,
+                };
+                let first: Vec<&str> = entries.iter().map(|e| e.balance_id.as_str()).collect();
+                books.append(meta, &before, &Snapshot::of(s), &first);
+            }
             let pools = self.pools_of(s, op.feature(s));
             let mut out = Outcome::new(applied.outcome, applied.replayed, pools, now);
             if let Some(f) = op.feature(s) {
@@ -179,8 +449,11 @@ impl Engine for MemoryEngine {
         customer_id: &str,
         update: &LimitsUpdate,
     ) -> Result<Vec<LimitDef>, EngineError> {
-        self.with_customer(customer_id, |s, _| {
-            rules::set_limits(s, update)?;
+        // A limit dropped (or redefined) takes its counter off the books.
+        self.with_customer(customer_id, |s, books| {
+            books.record(s, EntryMeta::new(LedgerOp::Update), |s| {
+                rules::set_limits(s, update)
+            })?;
             Ok(s.limits.iter().map(|l| l.def.clone()).collect())
         })
     }
@@ -188,11 +461,19 @@ impl Engine for MemoryEngine {
     async fn reset_due(&self, customer_id: &str) -> Result<u32, EngineError> {
         validate_id("customer_id", customer_id)?;
         let now = self.clock.now_ms();
-        let mut shard = self.shard(customer_id);
+        let mut guard = self.shard(customer_id);
+        let shard = &mut *guard;
         let state = shard
+            .customers
             .get_mut(customer_id)
             .ok_or(EngineError::CustomerNotFound)?;
-        let resets = rules::prepare(state, now, self.retention);
+        let mut books = Books {
+            ids: &self.ids,
+            customer_id,
+            ledger: shard.ledgers.entry(customer_id.to_string()).or_default(),
+            now,
+        };
+        let resets = books.prepare(state, self.retention);
         rules::forget_expired_records(state, now);
         Ok(resets)
     }
@@ -204,9 +485,16 @@ impl Engine for MemoryEngine {
         for shard in &self.shards {
             let now = self.clock.now_ms();
             {
-                let mut customers = shard.lock().unwrap_or_else(|e| e.into_inner());
-                for state in customers.values_mut() {
-                    let resets = rules::prepare(state, now, self.retention);
+                let mut guard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let Shard { customers, ledgers } = &mut *guard;
+                for (id, state) in customers.iter_mut() {
+                    let mut books = Books {
+                        ids: &self.ids,
+                        customer_id: id,
+                        ledger: ledgers.entry(id.clone()).or_default(),
+                        now,
+                    };
+                    let resets = books.prepare(state, self.retention);
                     rules::forget_expired_records(state, now);
                     report.customers_swept += 1;
                     report.resets_applied += resets as u64;
@@ -215,5 +503,105 @@ impl Engine for MemoryEngine {
             tokio::task::yield_now().await;
         }
         Ok(report)
+    }
+
+    fn has_ledger(&self) -> bool {
+        true
+    }
+
+    async fn events_list(&self, q: &EventsListQuery) -> Result<EventsPage, EngineError> {
+        match &q.customer_id {
+            Some(c) => self.with_ledger(c, |entries, _| ledger::list_events(entries, q)),
+            None => ledger::list_events(&self.all_entries(), q),
+        }
+    }
+
+    async fn events_aggregate(&self, q: &AggregateQuery) -> Result<Aggregate, EngineError> {
+        let now = self.clock.now_ms();
+        let first = q.feature_ids.first().map(String::as_str);
+        match &q.customer_id {
+            Some(c) => self.with_ledger(c, |entries, state| {
+                let cycle = match q.range {
+                    RangeSpec::LastCycle => state.and_then(|s| self.cycle_of(s, first)),
+                    _ => None,
+                };
+                ledger::aggregate(entries, q, q.range.resolve(now, cycle))
+            }),
+            None => ledger::aggregate(&self.all_entries(), q, q.range.resolve(now, None)),
+        }
+    }
+
+    async fn delete_customer(&self, customer_id: &str) -> Result<(), EngineError> {
+        self.with_customer(customer_id, |s, books| {
+            let before = Snapshot::of(s);
+            books.append(
+                EntryMeta::new(LedgerOp::DeleteCustomer),
+                &before,
+                &Snapshot::default(),
+                &[],
+            );
+            Ok(())
+        })?;
+        self.shard(customer_id).customers.remove(customer_id);
+        Ok(())
+    }
+
+    async fn delete_balance(
+        &self,
+        customer_id: &str,
+        d: &BalanceDelete,
+    ) -> Result<String, EngineError> {
+        self.with_customer(customer_id, |s, books| {
+            let i = find_balance(s, &self.catalog, d)?;
+            let b = &s.buckets[i];
+            let used =
+                b.granted != b.remaining || b.rollovers.iter().any(|r| r.granted != r.balance);
+            if used && !d.force {
+                return Err(EngineError::BalanceInUse(b.id.clone()));
+            }
+            let id = b.id.clone();
+            books.record(s, EntryMeta::new(LedgerOp::DeleteBalance), |s| {
+                s.buckets.remove(i);
+                Ok(())
+            })?;
+            Ok(id)
+        })
+    }
+}
+
+/// The bucket `balances.delete` names: `balance_id` (of `feature_id`, when
+/// given), else the one bucket of `feature_id` (of `interval`, when given).
+fn find_balance(
+    s: &CustomerState,
+    catalog: &Catalog,
+    d: &BalanceDelete,
+) -> Result<usize, EngineError> {
+    if let Some(f) = &d.feature_id {
+        validate_id("feature_id", f)?;
+        catalog
+            .feature(f)
+            .ok_or_else(|| EngineError::FeatureNotFound(f.clone()))?;
+    }
+    if let Some(id) = &d.balance_id {
+        validate_id("balance_id", id)?;
+    }
+    if d.feature_id.is_none() && d.balance_id.is_none() {
+        return Err(invalid("balance_id", "give balance_id or feature_id"));
+    }
+    let hits: Vec<usize> = (0..s.buckets.len())
+        .filter(|&i| {
+            let b = &s.buckets[i];
+            d.balance_id.as_ref().is_none_or(|id| &b.id == id)
+                && d.feature_id.as_ref().is_none_or(|f| &b.pool == f)
+                && d.interval.is_none_or(|iv| b.interval == iv)
+        })
+        .collect();
+    match hits.as_slice() {
+        [] => Err(EngineError::BalanceNotFound),
+        [i] => Ok(*i),
+        _ => Err(invalid(
+            "balance_id",
+            "several balances of this feature match; name the one to delete by balance_id",
+        )),
     }
 }
