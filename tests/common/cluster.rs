@@ -41,7 +41,7 @@ fn launch(port: u16, dir: &std::path::Path, node_timeout: u64) -> Child {
         "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
          --cluster-config-file nodes.conf --cluster-node-timeout {node_timeout} \
          --cluster-require-full-coverage no \
-         --save '' --appendonly no \
+         --save '' --appendonly no --repl-diskless-sync-delay 0 \
          --protected-mode no --dir '{dir}' >>'{dir}/log' 2>&1 & pid=$!; echo $pid >'{dir}/pid'; \
          cat >/dev/null; kill -9 $pid 2>/dev/null; wait $pid",
         dir = dir.display(),
@@ -226,9 +226,9 @@ impl RedisCluster {
         );
     }
 
-    /// Waits (bounded) until `ready` holds.
+    /// Waits (bounded: 60 s, for a loaded shared machine) until `ready` holds.
     pub fn wait_until(&self, mut ready: impl FnMut() -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !ready() {
             assert!(
                 Instant::now() < deadline,
