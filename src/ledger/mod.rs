@@ -8,6 +8,10 @@
 //! remaining (the sum of its `changes`) and every limit counter (the sum of
 //! a window's `limits` amounts within its window; a rate's last `tat`).
 
+pub mod codec;
+pub mod drain;
+pub mod store;
+
 use serde::{Deserialize, Serialize};
 
 use crate::money::Amount;
