@@ -27,7 +27,7 @@ use crate::money::Amount;
 pub const ENV_PREFIX: &str = "CREDITGATE_";
 
 /// Top-level keys that come from the file only.
-const FILE_ONLY: [&str; 3] = ["features", "plans", "gate"];
+const FILE_ONLY: [&str; 4] = ["features", "plans", "gate", "ledger"];
 
 /// A configuration error: the key it is about and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +161,7 @@ struct RawConfig {
     features: Vec<FeatureDef>,
     plans: Vec<Plan>,
     gate: RawGate,
+    ledger: RawLedger,
 }
 
 impl Default for RawConfig {
@@ -188,6 +189,7 @@ impl Default for RawConfig {
             features: vec![],
             plans: vec![],
             gate: RawGate::default(),
+            ledger: RawLedger::default(),
         }
     }
 }
@@ -379,7 +381,7 @@ fn env_overrides(
         if FILE_ONLY.contains(&key.as_str()) {
             return Err(ConfigError::new(
                 name.clone(),
-                "features, plans and [gate] come from the file only",
+                "features, plans, [gate] and [ledger] come from the file only",
             ));
         }
         if settable().any(|k| *k == key) {
@@ -487,6 +489,8 @@ pub struct Config {
     pub plans: Vec<Plan>,
     /// The forward-auth gate (`/v1/gate`).
     pub gate: GateConfig,
+    /// `[ledger]`: `None` when it names no `url` (no ledger).
+    pub ledger: Option<LedgerConfig>,
     /// `CREDITGATE_*` variables that name no key (logged at startup).
     pub warnings: Vec<ConfigWarning>,
 }
@@ -673,6 +677,7 @@ impl Config {
             }
         }
         let gate = GateConfig::validate(raw.gate, &catalog)?;
+        let ledger = LedgerConfig::validate(raw.ledger)?;
         Ok(Config {
             listen,
             redis_url: raw.redis_url,
@@ -696,12 +701,88 @@ impl Config {
             catalog: Arc::new(catalog),
             plans: raw.plans,
             gate,
+            ledger,
             warnings: vec![],
         })
     }
 
     pub fn plan(&self, id: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| p.id == id)
+    }
+}
+
+/// `[ledger]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLedger {
+    url: Option<String>,
+    batch: u64,
+    stream_max: u64,
+    claim_idle_ms: u64,
+}
+
+impl Default for RawLedger {
+    fn default() -> Self {
+        RawLedger {
+            url: None,
+            batch: 500,
+            stream_max: 1_000_000,
+            claim_idle_ms: 30_000,
+        }
+    }
+}
+
+/// The usage ledger's database and drain (`[ledger]`; docs/ledger-store.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// `sqlite://path` (created if missing) or `postgres://…`.
+    pub url: String,
+    /// Entries per database write at most (per stream per round).
+    pub batch: usize,
+    /// Entries one stream holds at most before writes refuse.
+    pub stream_max: u64,
+    /// A drain claims another's pending entries idle this long (ms).
+    pub claim_idle_ms: u64,
+}
+
+impl LedgerConfig {
+    fn validate(raw: RawLedger) -> Result<Option<LedgerConfig>, ConfigError> {
+        let Some(url) = raw.url else {
+            return Ok(None);
+        };
+        if !(url.starts_with("sqlite://")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "ledger.url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        if raw.batch == 0 || raw.batch > 10_000 {
+            return Err(ConfigError::new(
+                "ledger.batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        if raw.stream_max < 1_000 || raw.stream_max > 1_000_000_000 {
+            return Err(ConfigError::new(
+                "ledger.stream_max",
+                "must be between 1000 and 1000000000",
+            ));
+        }
+        if raw.claim_idle_ms < 100 || raw.claim_idle_ms > 86_400_000 {
+            return Err(ConfigError::new(
+                "ledger.claim_idle_ms",
+                "must be between 100 and 86400000",
+            ));
+        }
+        Ok(Some(LedgerConfig {
+            url,
+            batch: raw.batch as usize,
+            stream_max: raw.stream_max,
+            claim_idle_ms: raw.claim_idle_ms,
+        }))
     }
 }
 
@@ -1150,6 +1231,46 @@ mod tests {
             "environment variable CREDITGATE_REDIS_URLL names no configuration key and is ignored; \
              did you mean CREDITGATE_REDIS_URL?"
         );
+    }
+
+    #[test]
+    fn ledger_section_defaults_bounds_and_unknown_keys() {
+        let c = Config::parse(SEED, &env(&[]), 0).unwrap();
+        assert_eq!(c.ledger, None, "no url: no ledger");
+        let c = Config::parse(
+            &format!("{SEED}\n[ledger]\nurl = \"sqlite:///var/lib/cg/ledger.db\""),
+            &env(&[]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            c.ledger,
+            Some(LedgerConfig {
+                url: "sqlite:///var/lib/cg/ledger.db".into(),
+                batch: 500,
+                stream_max: 1_000_000,
+                claim_idle_ms: 30_000,
+            })
+        );
+        let text = format!("{SEED}\n[ledger]\nurl = \"postgres://u@h/db\"\nbatch = 50\nstream_max = 5000\nclaim_idle_ms = 1000");
+        let l = Config::parse(&text, &env(&[]), 0).unwrap().ledger.unwrap();
+        assert_eq!((l.batch, l.stream_max, l.claim_idle_ms), (50, 5000, 1000));
+        for (bad, key) in [
+            ("url = \"mysql://x\"", "ledger.url"),
+            ("url = \"sqlite://x\"\nbatch = 0", "ledger.batch"),
+            ("url = \"sqlite://x\"\nstream_max = 10", "ledger.stream_max"),
+            (
+                "url = \"sqlite://x\"\nclaim_idle_ms = 1",
+                "ledger.claim_idle_ms",
+            ),
+            ("url = \"sqlite://x\"\nbatch = -1", "ledger.batch"),
+            ("url = \"sqlite://x\"\nbatchs = 5", "ledger.batchs"),
+        ] {
+            let e = Config::parse(&format!("{SEED}\n[ledger]\n{bad}"), &env(&[]), 0).unwrap_err();
+            assert_eq!(e.key, key, "{bad}: {e}");
+        }
+        let e = Config::parse(SEED, &env(&[("CREDITGATE_LEDGER", "x")]), 0).unwrap_err();
+        assert!(e.message.contains("file only"), "{e}");
     }
 
     #[test]

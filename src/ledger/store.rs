@@ -217,7 +217,7 @@ impl LedgerStore {
                 q.push(" LIMIT ").push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
             }
             let rows = q.build().fetch_all(p).await?;
-            rows.iter().map(|r| entry_from_row(r)).collect()
+            rows.iter().map(entry_from_row).collect()
         })
     }
 
