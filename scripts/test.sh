@@ -4,7 +4,8 @@
 # Redis Cluster, TLS), then the real-client tests (the Autumn SDKs, nginx).
 #
 # It installs what is missing when it can (as root on Debian: redis-server,
-# redis-tools, nginx-light, python3-venv, and nodejs + npm for the optional
+# redis-tools, nginx-light, python3-venv, postgresql (the ledger tests start
+# their own PostgreSQL as the `postgres` user), and nodejs + npm for the optional
 # JavaScript SDK suite); otherwise it says exactly what to install. Every
 # server a test needs is started by that test on loopback and stopped after.
 #
@@ -22,6 +23,8 @@ command -v redis-cli >/dev/null || need_pkgs+=(redis-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-light)
 command -v curl >/dev/null || need_pkgs+=(curl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
+# tests/ledger_store.rs starts its own PostgreSQL from these binaries.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${PG_BIN:-}" ] || need_pkgs+=(postgresql)
 # Optional: without them the JavaScript SDK suite is skipped (with a message).
 opt_pkgs=()
 if [ "${CREDITGATE_SDK_JS:-1}" != "0" ]; then
@@ -44,6 +47,7 @@ if [ ${#need_pkgs[@]} -gt 0 ] || { [ ${#opt_pkgs[@]} -gt 0 ] && [ -n "$can_apt" 
     fi
     # The packages start their own services; tests never use them.
     if command -v nginx >/dev/null; then nginx -s stop 2>/dev/null || true; fi
+    if command -v pg_ctlcluster >/dev/null; then service postgresql stop >/dev/null 2>&1 || true; fi
   else
     echo "missing: ${need_pkgs[*]}. Install them (Debian: sudo apt-get install ${need_pkgs[*]}) and run again." >&2
     exit 1

@@ -27,7 +27,7 @@ use crate::money::Amount;
 pub const ENV_PREFIX: &str = "CREDITGATE_";
 
 /// Top-level keys that come from the file only.
-const FILE_ONLY: [&str; 4] = ["features", "plans", "gate", "webhooks"];
+const FILE_ONLY: [&str; 5] = ["features", "plans", "gate", "webhooks", "ledger"];
 
 /// A configuration error: the key it is about and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +161,7 @@ struct RawConfig {
     features: Vec<FeatureDef>,
     plans: Vec<Plan>,
     gate: RawGate,
+    ledger: RawLedger,
     webhooks: RawWebhooks,
 }
 
@@ -188,6 +189,7 @@ impl Default for RawConfig {
             max_connections: None,
             features: vec![],
             plans: vec![],
+            ledger: RawLedger::default(),
             gate: RawGate::default(),
             webhooks: RawWebhooks::default(),
         }
@@ -381,7 +383,7 @@ fn env_overrides(
         if FILE_ONLY.contains(&key.as_str()) {
             return Err(ConfigError::new(
                 name.clone(),
-                "features, plans, [gate] and [webhooks] come from the file only",
+                "features, plans, [gate], [webhooks] and [ledger] come from the file only",
             ));
         }
         if settable().any(|k| *k == key) {
@@ -487,6 +489,8 @@ pub struct Config {
     pub max_connections: Option<u64>,
     pub catalog: Arc<Catalog>,
     pub plans: Vec<Plan>,
+    /// `[ledger]`: `None` when it names no `url` (no ledger).
+    pub ledger: Option<LedgerConfig>,
     /// The forward-auth gate (`/v1/gate`).
     pub gate: GateConfig,
     /// `[webhooks]`: `None` without endpoints (no deliveries).
@@ -701,6 +705,7 @@ impl Config {
         }
         let gate = GateConfig::validate(raw.gate, &catalog)?;
         let webhooks = raw.webhooks.validate()?;
+        let ledger = LedgerConfig::validate(raw.ledger)?;
         Ok(Config {
             listen,
             redis_url: raw.redis_url,
@@ -725,6 +730,7 @@ impl Config {
             plans: raw.plans,
             gate,
             webhooks,
+            ledger,
             warnings: vec![],
         })
     }
@@ -810,6 +816,81 @@ impl RawWebhooks {
             max_attempts: self.max_attempts,
             backoff: Duration::from_millis(self.backoff_ms),
             timeout: Duration::from_millis(self.timeout_ms),
+        }))
+    }
+}
+
+/// `[ledger]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLedger {
+    url: Option<String>,
+    batch: u64,
+    stream_max: u64,
+    claim_idle_ms: u64,
+}
+
+impl Default for RawLedger {
+    fn default() -> Self {
+        RawLedger {
+            url: None,
+            batch: 500,
+            stream_max: 1_000_000,
+            claim_idle_ms: 30_000,
+        }
+    }
+}
+
+/// The usage ledger's database and drain (`[ledger]`; docs/ledger-store.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// `sqlite://path` (created if missing) or `postgres://…`.
+    pub url: String,
+    /// Entries per database write at most (per stream per round).
+    pub batch: usize,
+    /// Entries one stream holds at most before writes refuse.
+    pub stream_max: u64,
+    /// A drain claims another's pending entries idle this long (ms).
+    pub claim_idle_ms: u64,
+}
+
+impl LedgerConfig {
+    fn validate(raw: RawLedger) -> Result<Option<LedgerConfig>, ConfigError> {
+        let Some(url) = raw.url else {
+            return Ok(None);
+        };
+        if !(url.starts_with("sqlite://")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::new(
+                "ledger.url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        if raw.batch == 0 || raw.batch > 10_000 {
+            return Err(ConfigError::new(
+                "ledger.batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        if raw.stream_max < 1_000 || raw.stream_max > 1_000_000_000 {
+            return Err(ConfigError::new(
+                "ledger.stream_max",
+                "must be between 1000 and 1000000000",
+            ));
+        }
+        if raw.claim_idle_ms < 100 || raw.claim_idle_ms > 86_400_000 {
+            return Err(ConfigError::new(
+                "ledger.claim_idle_ms",
+                "must be between 100 and 86400000",
+            ));
+        }
+        Ok(Some(LedgerConfig {
+            url,
+            batch: raw.batch as usize,
+            stream_max: raw.stream_max,
+            claim_idle_ms: raw.claim_idle_ms,
         }))
     }
 }
@@ -1349,6 +1430,46 @@ mod tests {
         }
         let e = Config::parse(SEED, &env(&[("CREDITGATE_WEBHOOKS", "x")]), 0).unwrap_err();
         assert_eq!(e.key, "CREDITGATE_WEBHOOKS");
+    }
+
+    #[test]
+    fn ledger_section_defaults_bounds_and_unknown_keys() {
+        let c = Config::parse(SEED, &env(&[]), 0).unwrap();
+        assert_eq!(c.ledger, None, "no url: no ledger");
+        let c = Config::parse(
+            &format!("{SEED}\n[ledger]\nurl = \"sqlite:///var/lib/cg/ledger.db\""),
+            &env(&[]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            c.ledger,
+            Some(LedgerConfig {
+                url: "sqlite:///var/lib/cg/ledger.db".into(),
+                batch: 500,
+                stream_max: 1_000_000,
+                claim_idle_ms: 30_000,
+            })
+        );
+        let text = format!("{SEED}\n[ledger]\nurl = \"postgres://u@h/db\"\nbatch = 50\nstream_max = 5000\nclaim_idle_ms = 1000");
+        let l = Config::parse(&text, &env(&[]), 0).unwrap().ledger.unwrap();
+        assert_eq!((l.batch, l.stream_max, l.claim_idle_ms), (50, 5000, 1000));
+        for (bad, key) in [
+            ("url = \"mysql://x\"", "ledger.url"),
+            ("url = \"sqlite://x\"\nbatch = 0", "ledger.batch"),
+            ("url = \"sqlite://x\"\nstream_max = 10", "ledger.stream_max"),
+            (
+                "url = \"sqlite://x\"\nclaim_idle_ms = 1",
+                "ledger.claim_idle_ms",
+            ),
+            ("url = \"sqlite://x\"\nbatch = -1", "ledger.batch"),
+            ("url = \"sqlite://x\"\nbatchs = 5", "ledger.batchs"),
+        ] {
+            let e = Config::parse(&format!("{SEED}\n[ledger]\n{bad}"), &env(&[]), 0).unwrap_err();
+            assert_eq!(e.key, key, "{bad}: {e}");
+        }
+        let e = Config::parse(SEED, &env(&[("CREDITGATE_LEDGER", "x")]), 0).unwrap_err();
+        assert!(e.message.contains("file only"), "{e}");
     }
 
     #[test]

@@ -54,10 +54,33 @@ enum Command {
         #[arg(long)]
         name: bool,
     },
+    /// The usage ledger's database side.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Print the seed example on the in-process engine.
     Demo,
     /// Load-test a sidecar, the engine or the baselines; check the books.
     Bench(creditgate::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Drain the ledger's Redis streams into `[ledger] url` until SIGINT or
+    /// SIGTERM (the same drain `serve` will run; running it alone is safe
+    /// beside it: entries are keyed by their stream id).
+    Drain {
+        /// The TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Stream keys to drain (until the Redis engine names its own).
+        #[arg(long = "stream", required = true)]
+        streams: Vec<String>,
+        /// This drain's consumer name (default: the host name and pid).
+        #[arg(long)]
+        consumer: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +97,14 @@ fn main() -> ExitCode {
         Command::ResetDue { config } => runtime.block_on(reset_due(config)),
         Command::Migrate { config } => runtime.block_on(migrate(config)),
         Command::Scripts { name } => scripts(name),
+        Command::Ledger {
+            command:
+                LedgerCommand::Drain {
+                    config,
+                    streams,
+                    consumer,
+                },
+        } => runtime.block_on(ledger_drain(config, streams, consumer)),
         Command::Demo => runtime.block_on(demo()),
         Command::Bench(args) => runtime.block_on(creditgate::bench::run(args)),
     }
@@ -241,6 +272,74 @@ async fn migrate(path: PathBuf) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `creditgate ledger drain`: the drain alone, until a signal.
+async fn ledger_drain(path: PathBuf, streams: Vec<String>, consumer: Option<String>) -> ExitCode {
+    use creditgate::ledger::drain::{Drain, DrainOptions};
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let Some(ledger) = config.ledger.clone() else {
+        eprintln!("creditgate: ledger drain: no [ledger] url is configured");
+        return ExitCode::from(2);
+    };
+    let Some(redis_url) = config.redis_url.clone() else {
+        eprintln!("creditgate: ledger drain: needs redis_url (the streams live in Redis)");
+        return ExitCode::from(2);
+    };
+    let store = match creditgate::ledger::store::LedgerStore::open(&ledger.url).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("creditgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let timeout = std::time::Duration::from_millis(config.redis_timeout_ms);
+    let conn = match redis::Client::open(redis_url.as_str()) {
+        Ok(client) => {
+            let c = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout));
+            redis::aio::ConnectionManager::new_with_config(client, c).await
+        }
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("creditgate: ledger drain: redis: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let consumer = consumer.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    tracing::info!(%consumer, streams = streams.len(), "ledger drain started");
+    let opts = DrainOptions {
+        consumer,
+        batch: ledger.batch,
+        claim_idle_ms: ledger.claim_idle_ms,
+        ..DrainOptions::default()
+    };
+    let stats = Drain::new(conn, store.clone(), streams, opts)
+        .run(creditgate::server::shutdown_signal())
+        .await;
+    store.close().await;
+    tracing::info!(
+        committed = stats.committed,
+        inserted = stats.inserted,
+        dead = stats.dead,
+        failures = stats.failures,
+        "ledger drain stopped"
+    );
+    ExitCode::SUCCESS
 }
 
 /// `creditgate scripts`: the library (`FUNCTION LOAD` takes it as is).

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod postgres;
 pub mod redis;
 
 use std::sync::Arc;

@@ -1,5 +1,8 @@
-//! The usage ledger (issue 14), core part: what one entry says, and the
-//! usage queries' requests and answers. No I/O here: the in-process engine
+//! The usage ledger (issue 14). This module is core (no I/O): what one
+//! entry says, the usage queries' requests, answers and aggregation. Its
+//! edges are the submodules [`codec`] (an entry as the stream holds it),
+//! [`store`] (SQLite / PostgreSQL through sqlx) and [`drain`] (stream →
+//! database). The in-process engine
 //! keeps entries in memory beside its balances; on Redis they are appended to
 //! a stream inside the same function call that changes a balance, and a
 //! drain writes them to a database (`ledger::store`).
@@ -7,6 +10,10 @@
 //! Replaying a customer's entries from empty gives every balance's current
 //! remaining (the sum of its `changes`) and every limit counter (the sum of
 //! a window's `limits` amounts within its window; a rate's last `tat`).
+
+pub mod codec;
+pub mod drain;
+pub mod store;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,290 @@
+//! The drain: Redis streams → the ledger's database.
+//!
+//! Protocol (docs/ledger-store.md):
+//! - `XGROUP CREATE <stream> creditgate-ledger 0 MKSTREAM` once per stream
+//!   (`BUSYGROUP` ignored; at `0` so nothing written before is skipped);
+//! - on start, and after any failure, this consumer's own pending entries
+//!   are read again first (`XREADGROUP … 0`), after `XAUTOCLAIM` has moved
+//!   to it every other consumer's entries idle for `claim_idle_ms` (a
+//!   killed drain's); then new entries (`XREADGROUP … >`);
+//! - entries are decoded and written with [`LedgerStore::insert_batch`] in
+//!   one transaction; then, and only then, `XACK` and `XDEL` what it
+//!   committed. A drain killed between the two writes again on restart: a
+//!   no-op by the primary key. A database that fails leaves everything
+//!   pending: nothing is acknowledged, the round is retried with backoff.
+//! - an entry that does not decode is copied to `<stream>:dead` (same hash
+//!   tag, so the same cluster slot) and acknowledged, so it cannot block
+//!   the stream; it is logged.
+//!
+//! The backlog ([`backlog`]) is the streams' total `XLEN`: acknowledged
+//! entries are deleted, so what is left is what is not in the database.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::streams::StreamReadReply;
+
+use crate::ledger::codec;
+use crate::ledger::store::{LedgerStore, StoreError};
+use crate::ledger::LedgerEntry;
+
+/// The consumer group every drain reads in.
+pub const GROUP: &str = "creditgate-ledger";
+
+/// Why a drain round failed (retried by [`Drain::run`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("ledger drain: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("ledger drain: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// How a drain reads.
+#[derive(Debug, Clone)]
+pub struct DrainOptions {
+    /// This drain's consumer name in the group (stable across restarts, so
+    /// a restarted drain finds its own pending entries).
+    pub consumer: String,
+    /// Entries read per stream per round, and so per database write at most.
+    pub batch: usize,
+    /// Another consumer's entry idle this long is claimed (ms).
+    pub claim_idle_ms: u64,
+    /// Pause after a round that found nothing.
+    pub idle_poll: Duration,
+    /// First pause after a failure (doubled up to 5 s).
+    pub retry_min: Duration,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        DrainOptions {
+            consumer: "drain".into(),
+            batch: 500,
+            claim_idle_ms: 30_000,
+            idle_poll: Duration::from_millis(100),
+            retry_min: Duration::from_millis(50),
+        }
+    }
+}
+
+/// What the drain has done since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainStats {
+    /// Entries read and committed (including rewrites of stored ones).
+    pub committed: u64,
+    /// Of those, rows new in the database.
+    pub inserted: u64,
+    /// Entries that did not decode (moved to `<stream>:dead`).
+    pub dead: u64,
+    /// Rounds that failed and were retried.
+    pub failures: u64,
+}
+
+/// One drain over a set of stream keys.
+pub struct Drain {
+    conn: ConnectionManager,
+    store: LedgerStore,
+    streams: Vec<String>,
+    opts: DrainOptions,
+    /// Read this consumer's pending entries (`0`) before new ones (`>`).
+    recovering: bool,
+    last_claim: Option<std::time::Instant>,
+    pub stats: DrainStats,
+}
+
+impl Drain {
+    pub fn new(
+        conn: ConnectionManager,
+        store: LedgerStore,
+        streams: Vec<String>,
+        opts: DrainOptions,
+    ) -> Drain {
+        Drain {
+            conn,
+            store,
+            streams,
+            opts,
+            recovering: true,
+            last_claim: None,
+            stats: DrainStats::default(),
+        }
+    }
+
+    /// Creates the group on every stream (idempotent).
+    pub async fn prepare(&mut self) -> Result<(), DrainError> {
+        for s in &self.streams {
+            let r: Result<(), _> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(s)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut self.conn)
+                .await;
+            match r {
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves other consumers' entries idle for `claim_idle_ms` to this one.
+    async fn claim(&mut self) -> Result<(), DrainError> {
+        for s in &self.streams {
+            let mut cursor = "0-0".to_string();
+            loop {
+                let (next, ids, _deleted): (String, Vec<String>, Vec<String>) =
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(s)
+                        .arg(GROUP)
+                        .arg(&self.opts.consumer)
+                        .arg(self.opts.claim_idle_ms)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(self.opts.batch)
+                        .arg("JUSTID")
+                        .query_async(&mut self.conn)
+                        .await?;
+                if !ids.is_empty() {
+                    self.recovering = true;
+                }
+                if next == "0-0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        self.last_claim = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// One round: claim if due, read up to `batch` entries per stream,
+    /// write them, acknowledge and delete them. Returns how many entries
+    /// were committed.
+    pub async fn round(&mut self) -> Result<usize, DrainError> {
+        let claim_every = Duration::from_millis(self.opts.claim_idle_ms.max(100));
+        if self.last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
+            self.claim().await?;
+        }
+        let start = if self.recovering { "0" } else { ">" };
+        let mut entries: Vec<LedgerEntry> = Vec::new();
+        let mut done: HashMap<String, Vec<String>> = HashMap::new();
+        let mut dead: Vec<(String, String, String)> = Vec::new();
+        for s in &self.streams {
+            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.opts.consumer)
+                .arg("COUNT")
+                .arg(self.opts.batch)
+                .arg("STREAMS")
+                .arg(s)
+                .arg(start)
+                .query_async(&mut self.conn)
+                .await?;
+            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                for id in key.ids {
+                    // A pending entry deleted meanwhile comes back empty.
+                    if let Some(raw) = id.get::<String>(codec::STREAM_FIELD) {
+                        match codec::decode(&id.id, &raw) {
+                            Ok(e) => entries.push(e),
+                            Err(err) => {
+                                tracing::error!(stream = %s, id = %id.id, error = %err,
+                                    "ledger entry does not decode: moved to the dead-letter stream");
+                                dead.push((s.clone(), id.id.clone(), raw));
+                            }
+                        }
+                    }
+                    done.entry(s.clone()).or_default().push(id.id);
+                }
+            }
+        }
+        if done.is_empty() {
+            // Nothing pending left: read new entries from now on.
+            self.recovering = false;
+            return Ok(0);
+        }
+        let inserted = self.store.insert_batch(&entries).await?;
+        // Committed: only now acknowledge and delete.
+        let mut pipe = redis::pipe();
+        for (s, id, raw) in &dead {
+            pipe.cmd("XADD")
+                .arg(format!("{s}:dead"))
+                .arg("*")
+                .arg("id")
+                .arg(id)
+                .arg(codec::STREAM_FIELD)
+                .arg(raw)
+                .ignore();
+        }
+        for (s, ids) in &done {
+            pipe.cmd("XACK").arg(s).arg(GROUP).arg(ids).ignore();
+            pipe.cmd("XDEL").arg(s).arg(ids).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn).await?;
+        self.stats.committed += entries.len() as u64;
+        self.stats.inserted += inserted;
+        self.stats.dead += dead.len() as u64;
+        Ok(entries.len() + dead.len())
+    }
+
+    /// Runs rounds until `shutdown` completes; a failed round is logged and
+    /// retried with backoff (nothing is acknowledged that is not committed).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> DrainStats {
+        tokio::pin!(shutdown);
+        let mut backoff = self.opts.retry_min;
+        let mut prepared = false;
+        loop {
+            let step = async {
+                if !prepared {
+                    self.prepare().await?;
+                }
+                self.round().await
+            };
+            let pause = tokio::select! {
+                _ = &mut shutdown => return self.stats,
+                r = step => match r {
+                    Ok(n) => {
+                        prepared = true;
+                        backoff = self.opts.retry_min;
+                        if n > 0 { Duration::ZERO } else { self.opts.idle_poll }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ledger drain round failed; retrying");
+                        self.stats.failures += 1;
+                        self.recovering = true;
+                        let b = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        b
+                    }
+                },
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = &mut shutdown => return self.stats,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    /// See [`backlog`].
+    pub async fn backlog(&mut self) -> Result<u64, DrainError> {
+        backlog(&mut self.conn, &self.streams).await
+    }
+}
+
+/// Entries in the streams not yet in the database (unread or unacknowledged):
+/// the sum of `XLEN` (acknowledged entries are deleted).
+pub async fn backlog(conn: &mut ConnectionManager, streams: &[String]) -> Result<u64, DrainError> {
+    let mut pipe = redis::pipe();
+    for s in streams {
+        pipe.cmd("XLEN").arg(s);
+    }
+    let lens: Vec<u64> = pipe.query_async(conn).await?;
+    Ok(lens.iter().sum())
+}
