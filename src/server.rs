@@ -38,6 +38,13 @@ pub struct Backend {
 ///   naming the key, before any port is bound.
 pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Backend, ConfigError> {
     let Some((key, opts)) = redis_options(config)? else {
+        if config.ledger.is_some() {
+            // The in-process ledger lives beside the balances (both start
+            // over together); a database would outlive what it describes.
+            tracing::warn!(
+                "[ledger] url is ignored by the in-process engine: its ledger is kept in memory beside its balances"
+            );
+        }
         return Ok(Backend {
             engine: Arc::new(MemoryEngine::new(
                 config.catalog.clone(),
@@ -49,6 +56,15 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
             in_process: true,
         });
     };
+    if config.ledger.is_some() {
+        // Never a debit without its entry: until the library appends the
+        // entry inside the same call (issue 14), a Redis engine with a
+        // ledger configured refuses to start rather than record nothing.
+        return Err(ConfigError::new(
+            "ledger.url",
+            "the Redis engine does not write ledger entries yet (only the in-process engine keeps a ledger); remove [ledger] to serve",
+        ));
+    }
     let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
         .await
         .map_err(|e| ConfigError::new(key, format!("cannot use this Redis: {e}")))?;

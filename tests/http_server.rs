@@ -187,6 +187,24 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_before_binding() {
         "{err}"
     );
 
+    // The Redis engine does not write ledger entries yet: with [ledger] it
+    // refuses to serve (before connecting) rather than record nothing.
+    std::fs::write(
+        &path,
+        format!(
+            "redis_url = \"redis://127.0.0.1:1\"\n{CONFIG}\n[ledger]\nurl = \"sqlite://{}\"\n",
+            dir.path().join("l.db").display()
+        ),
+    )
+    .unwrap();
+    let out = serve_output(&path);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ledger.url") && err.contains("does not write ledger entries yet"),
+        "{err}"
+    );
+
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_creditgate"))
         .args(["serve", "--config"])
         .arg(dir.path().join("missing.toml"))
