@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{BalanceDelete, Engine, SweepReport};
+use crate::alerts::{self, AlertDef, AlertsUpdate};
 use crate::calendar::Period;
 use crate::clock::Clock;
 use crate::error::{invalid, EngineError};
@@ -320,6 +321,7 @@ impl Engine for MemoryEngine {
             locks: BTreeMap::new(),
             idempotency: BTreeMap::new(),
             limits: vec![],
+            alerts: vec![],
         };
         shard.customers.insert(customer_id.to_string(), state);
         Ok(true)
@@ -455,6 +457,27 @@ impl Engine for MemoryEngine {
                 rules::set_limits(s, update)
             })?;
             Ok(s.limits.iter().map(|l| l.def.clone()).collect())
+        })
+    }
+
+    fn supports_alerts(&self) -> bool {
+        true
+    }
+
+    async fn set_alerts(
+        &self,
+        customer_id: &str,
+        update: &AlertsUpdate,
+    ) -> Result<Vec<AlertDef>, EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            s.alerts = alerts::update_alerts(&s.alerts, update)?;
+            Ok(s.alerts.iter().map(|a| a.def.clone()).collect())
+        })
+    }
+
+    async fn alerts(&self, customer_id: &str) -> Result<Vec<AlertDef>, EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            Ok(s.alerts.iter().map(|a| a.def.clone()).collect())
         })
     }
 
