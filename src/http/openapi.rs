@@ -44,6 +44,7 @@ use super::views::*;
         ErrorBody,
         CustomerView,
         BillingControlsView,
+        UsageAlertView,
         UsageLimitView,
         RateLimitView,
         LimitStatusView,
