@@ -33,6 +33,9 @@ pub enum EngineError {
     /// are refused.
     #[error("this store keeps no usage ledger yet (the Redis engine: see docs/ledger.md); events.list, events.aggregate and deletes need the in-process engine for now")]
     LedgerNotConfigured,
+    /// The store keeps no usage alerts (the Redis engine, for now).
+    #[error("this store does not keep usage alerts yet (the Redis engine: see docs/alerts.md); use the in-process engine for customers with usage alerts")]
+    AlertsUnsupported,
     /// `balances.delete` of a balance used this period, without `force`.
     #[error("balance {0:?} has usage this period; send force: true to delete it anyway")]
     BalanceInUse(String),
@@ -163,6 +166,7 @@ impl EngineError {
             EngineError::UsageLimitReached(_) => Code::UsageLimitReached,
             EngineError::LimitsUnsupported => Code::LimitsUnsupported,
             EngineError::LedgerNotConfigured => Code::LedgerNotConfigured,
+            EngineError::AlertsUnsupported => Code::AlertsUnsupported,
             EngineError::BalanceInUse(_) => Code::BalanceInUse,
             EngineError::LockAlreadyExists(_) => Code::LockAlreadyExists,
             EngineError::LockNotFound(_) => Code::LockNotFound,
@@ -185,6 +189,7 @@ pub enum Code {
     UsageLimitReached,
     LimitsUnsupported,
     LedgerNotConfigured,
+    AlertsUnsupported,
     AmountOutOfRange,
     TooManyBalances,
     NoSecretKey,
@@ -210,7 +215,7 @@ pub enum Code {
 
 impl Code {
     /// Code, its wire name, and the HTTP status it answers with.
-    pub const TABLE: [(Code, &'static str, u16); 26] = [
+    pub const TABLE: [(Code, &'static str, u16); 27] = [
         (Code::InvalidInputs, "invalid_inputs", 400),
         (Code::InsufficientBalance, "insufficient_balance", 400),
         (Code::UsageLimitReached, "usage_limit_reached", 429),
@@ -221,6 +226,9 @@ impl Code {
         // limits_unsupported, since the same request can never succeed on
         // this store (501 would read as a server fault to retry elsewhere).
         (Code::LedgerNotConfigured, "ledger_not_configured", 400),
+        // The store keeps no usage alerts (the Redis engine, for now): 400
+        // like limits_unsupported.
+        (Code::AlertsUnsupported, "alerts_unsupported", 400),
         // Bad input too: the request would take a balance out of bounds.
         (Code::AmountOutOfRange, "amount_out_of_range", 400),
         (Code::TooManyBalances, "too_many_balances", 400),

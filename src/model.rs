@@ -573,6 +573,9 @@ pub struct CustomerState {
     /// Its limits with their counters (plans' and its own).
     #[serde(default)]
     pub limits: Vec<ArmedLimit>,
+    /// Its usage alerts with their armed state (plans' and its own).
+    #[serde(default)]
+    pub alerts: Vec<crate::alerts::ArmedAlert>,
 }
 
 /// Retention times, in milliseconds.

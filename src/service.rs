@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use crate::alerts::{AlertList, AlertSource, AlertsUpdate};
 use crate::clock::Clock;
 use crate::engine::{Engine, LockIndex, MemoryLockIndex};
 use crate::error::{invalid, EngineError};
@@ -70,7 +71,31 @@ impl Service {
         if !limits.is_empty() && !self.engine.supports_limits() {
             return Err(EngineError::LimitsUnsupported);
         }
+        // The same for the plan's usage alerts.
+        let alerts = plan
+            .usage_alerts
+            .iter()
+            .map(|spec| {
+                spec.build(AlertList::Plan, AlertSource::Plan(plan.id.clone()), |f| {
+                    self.catalog.feature(f).is_some()
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !alerts.is_empty() && !self.engine.supports_alerts() {
+            return Err(EngineError::AlertsUnsupported);
+        }
         self.engine.create_customer(customer_id).await?;
+        if !alerts.is_empty() {
+            let source = AlertSource::Plan(plan.id.clone());
+            let held = self.engine.alerts(customer_id).await?;
+            if !held.iter().any(|a| a.source == source) {
+                let update = AlertsUpdate {
+                    plan: Some((plan.id.clone(), alerts)),
+                    ..AlertsUpdate::default()
+                };
+                self.engine.set_alerts(customer_id, &update).await?;
+            }
+        }
         let current = self.engine.balances(customer_id).await?;
         let has_plan_limits = current
             .limits

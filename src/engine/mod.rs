@@ -8,6 +8,7 @@ pub mod redis;
 
 use async_trait::async_trait;
 
+use crate::alerts::{AlertDef, AlertsUpdate};
 use crate::calendar::Interval;
 use crate::error::EngineError;
 use crate::ledger::{Aggregate, AggregateQuery, EventsListQuery, EventsPage};
@@ -97,6 +98,29 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Vec<LimitDef>, EngineError> {
         let _ = (customer_id, update);
         Err(EngineError::LimitsUnsupported)
+    }
+
+    /// Whether the store keeps usage alerts (`crate::alerts`). One that
+    /// does not refuses every alert with [`EngineError::AlertsUnsupported`].
+    fn supports_alerts(&self) -> bool {
+        false
+    }
+
+    /// Replaces the customer's alert lists the update names; answers every
+    /// alert the customer then holds. All or nothing.
+    async fn set_alerts(
+        &self,
+        customer_id: &str,
+        update: &AlertsUpdate,
+    ) -> Result<Vec<AlertDef>, EngineError> {
+        let _ = (customer_id, update);
+        Err(EngineError::AlertsUnsupported)
+    }
+
+    /// Every alert the customer holds (a store without alerts: none).
+    async fn alerts(&self, customer_id: &str) -> Result<Vec<AlertDef>, EngineError> {
+        let _ = customer_id;
+        Ok(vec![])
     }
 
     /// Whether the store keeps the usage ledger (`crate::ledger`). One

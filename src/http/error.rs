@@ -25,6 +25,8 @@ pub enum ApiError {
     LimitsUnsupported,
     /// 400 `ledger_not_configured`: the store keeps no usage ledger.
     LedgerNotConfigured,
+    /// 400 `alerts_unsupported`: the store keeps no usage alerts.
+    AlertsUnsupported,
     /// 401 `no_secret_key`.
     NoSecretKey,
     /// 401 `invalid_secret_key`.
@@ -85,6 +87,7 @@ impl ApiError {
             ApiError::UsageLimitReached { .. } => Code::UsageLimitReached,
             ApiError::LimitsUnsupported => Code::LimitsUnsupported,
             ApiError::LedgerNotConfigured => Code::LedgerNotConfigured,
+            ApiError::AlertsUnsupported => Code::AlertsUnsupported,
             ApiError::NoSecretKey => Code::NoSecretKey,
             ApiError::InvalidSecretKey => Code::InvalidSecretKey,
             ApiError::Forbidden => Code::Forbidden,
@@ -105,6 +108,7 @@ impl ApiError {
             ApiError::UsageLimitReached { limit, .. } => format!("usage limit {limit:?} reached"),
             ApiError::LimitsUnsupported => EngineError::LimitsUnsupported.to_string(),
             ApiError::LedgerNotConfigured => EngineError::LedgerNotConfigured.to_string(),
+            ApiError::AlertsUnsupported => EngineError::AlertsUnsupported.to_string(),
             ApiError::NoSecretKey => "no secret key: send Authorization: Bearer <key>".into(),
             ApiError::InvalidSecretKey => "invalid secret key".into(),
             ApiError::Forbidden => "this key may not use this route".into(),
@@ -174,6 +178,7 @@ impl From<EngineError> for ApiError {
             },
             EngineError::LimitsUnsupported => ApiError::LimitsUnsupported,
             EngineError::LedgerNotConfigured => ApiError::LedgerNotConfigured,
+            EngineError::AlertsUnsupported => ApiError::AlertsUnsupported,
             EngineError::StoreUnavailable(d) => ApiError::StoreUnavailable(d),
             EngineError::StoreTimeout(d) => ApiError::StoreTimeout(d),
             EngineError::StoreFull(d) => ApiError::StoreFull(d),

@@ -44,6 +44,7 @@ use super::views::*;
         ErrorBody,
         CustomerView,
         BillingControlsView,
+        UsageAlertView,
         UsageLimitView,
         RateLimitView,
         LimitStatusView,
@@ -79,7 +80,7 @@ pub struct ApiDoc;
 const ERRORS: [(&str, &str); 9] = [
     (
         "400",
-        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits; every engine of this build keeps them), ledger_not_configured (events.* and deletes on a store without a usage ledger: the Redis engine, for now)",
+        "invalid_inputs (naming the field), insufficient_balance (track with reject), limits_unsupported (a store without limits; every engine of this build keeps them), ledger_not_configured (events.* and deletes on a store without a usage ledger: the Redis engine, for now), alerts_unsupported (billing_controls.usage_alerts, or attaching a plan with usage_alerts, on a store without alerts: the Redis engine, for now)",
     ),
     (
         "429",

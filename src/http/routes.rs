@@ -15,6 +15,7 @@ use super::json::{ApiJson, Count, Millis, Obj};
 use super::store_error;
 use super::views::{self, BalanceView, CustomerView, DeductionView};
 use super::AppState;
+use crate::alerts::{AlertList, AlertSource, AlertSpec, AlertsUpdate, ArmedAlert};
 use crate::calendar::Interval;
 use crate::limits::{LimitList, LimitSource, LimitSpec, LimitsUpdate};
 use crate::metrics::Decision;
@@ -100,7 +101,8 @@ pub async fn get_or_create(
 ) -> Result<Response, ApiError> {
     s.engine().create_customer(&b.customer_id).await?;
     let balances = s.engine().balances(&b.customer_id).await?;
-    Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
+    let alerts = s.engine().alerts(&b.customer_id).await?;
+    Ok(Json(CustomerView::of(&balances, &alerts, s.env.as_str())).into_response())
 }
 
 /// `{customer_id}` → the customer; 404 `customer_not_found`.
@@ -111,7 +113,8 @@ pub async fn get_customer(
     ApiJson(b): ApiJson<CustomerBody>,
 ) -> Result<Response, ApiError> {
     let balances = s.engine().balances(&b.customer_id).await?;
-    Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
+    let alerts = s.engine().alerts(&b.customer_id).await?;
+    Ok(Json(CustomerView::of(&balances, &alerts, s.env.as_str())).into_response())
 }
 
 /// One of Autumn's `billing_controls.usage_limits`: a fixed window of a
@@ -182,6 +185,10 @@ pub struct BillingControlsBody {
     pub usage_limits: Option<Vec<Obj<UsageLimitBody>>>,
     #[schema(value_type = Option<Vec<RateLimitBody>>)]
     pub rate_limits: Option<Vec<Obj<RateLimitBody>>>,
+    /// Autumn's usage alerts (`threshold`, `threshold_type`, `feature_id`,
+    /// `enabled`, `basis`, `name`): replaces the customer's own alerts.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub usage_alerts: Option<Vec<Obj<AlertSpec>>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -208,7 +215,17 @@ pub async fn update_customer(
     crate::model::validate_id("customer_id", &b.customer_id)?;
     let catalog = &s.service.catalog;
     let mut update = LimitsUpdate::default();
+    let mut alerts_update = AlertsUpdate::default();
     if let Some(Obj(bc)) = b.billing_controls {
+        if let Some(list) = bc.usage_alerts {
+            let mut defs = vec![];
+            for Obj(a) in list {
+                defs.push(a.build(AlertList::Customer, AlertSource::Customer, |f| {
+                    catalog.feature(f).is_some()
+                })?);
+            }
+            alerts_update.usage_alerts = Some(defs);
+        }
         if let Some(list) = bc.usage_limits {
             let mut defs = vec![];
             for Obj(u) in list {
@@ -253,11 +270,33 @@ pub async fn update_customer(
             update.rate_limits = Some(defs);
         }
     }
+    // Everything is decided before anything is stored: a store without
+    // alerts refuses the request whole, and the alert list is checked
+    // against the customer's current alerts (ids, count) first.
+    if alerts_update.usage_alerts.is_some() {
+        if !s.engine().supports_alerts() {
+            return Err(ApiError::AlertsUnsupported);
+        }
+        let current: Vec<ArmedAlert> = s
+            .engine()
+            .alerts(&b.customer_id)
+            .await?
+            .into_iter()
+            .map(ArmedAlert::new)
+            .collect();
+        crate::alerts::update_alerts(&current, &alerts_update)?;
+    }
     if update.usage_limits.is_some() || update.rate_limits.is_some() {
         s.engine().set_limits(&b.customer_id, &update).await?;
     }
+    if alerts_update.usage_alerts.is_some() {
+        s.engine()
+            .set_alerts(&b.customer_id, &alerts_update)
+            .await?;
+    }
     let balances = s.engine().balances(&b.customer_id).await?;
-    Ok(Json(CustomerView::of(&balances, s.env.as_str())).into_response())
+    let alerts = s.engine().alerts(&b.customer_id).await?;
+    Ok(Json(CustomerView::of(&balances, &alerts, s.env.as_str())).into_response())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -261,7 +261,11 @@ pub struct CustomerView {
 }
 
 impl CustomerView {
-    pub fn of(b: &crate::model::CustomerBalances, env: &'static str) -> CustomerView {
+    pub fn of(
+        b: &crate::model::CustomerBalances,
+        alerts: &[crate::alerts::AlertDef],
+        env: &'static str,
+    ) -> CustomerView {
         CustomerView {
             id: b.customer_id.clone(),
             name: None,
@@ -272,7 +276,7 @@ impl CustomerView {
             env,
             send_email_receipts: false,
             metadata: Default::default(),
-            billing_controls: BillingControlsView::of(&b.limits),
+            billing_controls: BillingControlsView::of(&b.limits, alerts),
             flags: Default::default(),
             subscriptions: vec![],
             purchases: vec![],
@@ -294,6 +298,45 @@ impl CustomerView {
 pub struct BillingControlsView {
     pub usage_limits: Vec<UsageLimitView>,
     pub rate_limits: Vec<RateLimitView>,
+    /// Autumn's `usage_alerts`, with the response-only `source`.
+    pub usage_alerts: Vec<UsageAlertView>,
+}
+
+/// One usage alert as Autumn's SDK parses it, plus creditgate's `id` and
+/// (for a plan's) `plan_id`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsageAlertView {
+    pub id: String,
+    pub feature_id: String,
+    #[schema(value_type = f64)]
+    pub threshold: Amount,
+    /// `usage`, `usage_percentage`, `remaining` or `remaining_percentage`.
+    pub threshold_type: &'static str,
+    pub enabled: bool,
+    /// `balance`, `included`, `recurring` or `usage_limit`.
+    pub basis: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `customer` or `plan`.
+    pub source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
+}
+
+impl UsageAlertView {
+    pub fn of(a: &crate::alerts::AlertDef) -> UsageAlertView {
+        UsageAlertView {
+            id: a.id.clone(),
+            feature_id: a.feature_id.clone(),
+            threshold: a.threshold,
+            threshold_type: a.threshold_type.as_str(),
+            enabled: a.enabled,
+            basis: a.basis.as_str(),
+            name: a.name.clone(),
+            source: a.source.as_str(),
+            plan_id: a.source.plan_id().map(str::to_string),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -336,10 +379,11 @@ pub struct RateLimitView {
 }
 
 impl BillingControlsView {
-    pub fn of(limits: &[LimitDef]) -> BillingControlsView {
+    pub fn of(limits: &[LimitDef], alerts: &[crate::alerts::AlertDef]) -> BillingControlsView {
         let mut v = BillingControlsView {
             usage_limits: vec![],
             rate_limits: vec![],
+            usage_alerts: alerts.iter().map(UsageAlertView::of).collect(),
         };
         for l in limits {
             match (&l.source, l.kind) {

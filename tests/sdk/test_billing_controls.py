@@ -86,3 +86,58 @@ def test_billing_controls_parse_in_the_sdk_models(admin, app):
         assert app.check(customer_id=cid, feature_id="basic_message", send_event=True).allowed
     denied = app.check(customer_id=cid, feature_id="basic_message", send_event=True)
     assert denied.allowed is False
+
+
+# ---- usage alerts (issue 14): kept by the in-process engine only ----
+
+needs_alerts = pytest.mark.skipif(
+    os.environ.get("CREDITGATE_TEST_LEDGER", "1") != "1",
+    reason="this engine keeps no usage alerts yet (the Redis engine answers "
+    "400 alerts_unsupported to billing_controls.usage_alerts)",
+)
+
+
+@needs_alerts
+def test_usage_alerts_parse_in_the_sdk_models(admin):
+    cid = "sdk-" + uuid.uuid4().hex
+    admin.customers.get_or_create(customer_id=cid)
+    admin.billing.attach(customer_id=cid, plan_id="pro")
+    updated = admin.customers.update(
+        customer_id=cid,
+        billing_controls={"usage_alerts": [
+            {"feature_id": "credits", "threshold": 80, "threshold_type": "usage_percentage",
+             "name": "eighty"},
+            {"feature_id": "credits", "threshold": 0, "threshold_type": "remaining",
+             "basis": "recurring"},
+        ]},
+    )
+    first, second = updated.billing_controls.usage_alerts
+    assert (first.feature_id, first.threshold, first.threshold_type, first.name,
+            first.enabled, first.basis, first.source) == (
+        "credits", 80, "usage_percentage", "eighty", True, "balance", "customer")
+    assert (second.threshold, second.threshold_type, second.basis, second.source) == (
+        0, "remaining", "recurring", "customer")
+    got = admin.customers.get(customer_id=cid)
+    assert [a.name for a in got.billing_controls.usage_alerts] == ["eighty", None]
+    # Naming usage_limits only leaves the alerts.
+    status, raw = post_raw("/v1/customers.update", {"customer_id": cid, "billing_controls": {
+        "usage_limits": [{"feature_id": "premium_message", "limit": 5, "interval": "day"}]}})
+    assert status == 200, raw
+    assert len(raw["billing_controls"]["usage_alerts"]) == 2
+
+
+@pytest.mark.skipif(
+    os.environ.get("CREDITGATE_TEST_LEDGER", "1") == "1",
+    reason="this engine keeps usage alerts: the refusal is the Redis engine's",
+)
+def test_usage_alerts_are_refused_whole_on_a_store_without_them(admin):
+    cid = "sdk-" + uuid.uuid4().hex
+    admin.customers.get_or_create(customer_id=cid)
+    admin.billing.attach(customer_id=cid, plan_id="pro")
+    status, raw = post_raw("/v1/customers.update", {"customer_id": cid, "billing_controls": {
+        "usage_limits": [{"feature_id": "premium_message", "limit": 5, "interval": "day"}],
+        "usage_alerts": [{"feature_id": "credits", "threshold": 150, "threshold_type": "usage"}]}})
+    assert (status, raw["code"]) == (400, "alerts_unsupported"), raw
+    _, raw = post_raw("/v1/customers.get", {"customer_id": cid})
+    assert raw["billing_controls"]["usage_limits"] == [], "nothing applied"
+    assert raw["billing_controls"]["usage_alerts"] == []

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{BalanceDelete, Engine, SweepReport};
+use crate::alerts::{self, AlertBasis, AlertDef, AlertsUpdate, Level};
 use crate::calendar::Period;
 use crate::clock::Clock;
 use crate::error::{invalid, EngineError};
@@ -62,6 +63,8 @@ struct EntryMeta<'a> {
     lock_id: Option<String>,
     /// Append even without a delta (a finalize: the usage moment).
     always: bool,
+    /// An alert's id (an `alert` entry).
+    subject: Option<String>,
 }
 
 impl<'a> EntryMeta<'a> {
@@ -73,6 +76,7 @@ impl<'a> EntryMeta<'a> {
             idempotency_key: None,
             lock_id: None,
             always: false,
+            subject: None,
         }
     }
 }
@@ -109,8 +113,53 @@ impl Books<'_> {
             limits,
             idempotency_key: meta.idempotency_key.map(str::to_string),
             lock_id: meta.lock_id,
-            subject: None,
+            subject: meta.subject,
         });
+    }
+
+    /// Runs the customer's alerts over the change of its buckets from
+    /// `before` to the state's: each crossing appends an `alert` entry
+    /// (subject: the alert's id); armed states are kept in the state.
+    fn fire_alerts(&mut self, state: &mut CustomerState, before: &[Bucket]) {
+        if state.alerts.is_empty() {
+            return;
+        }
+        let mut features: Vec<String> = state
+            .alerts
+            .iter()
+            .map(|a| a.def.feature_id.clone())
+            .collect();
+        features.sort();
+        features.dedup();
+        let mut alerts = std::mem::take(&mut state.alerts);
+        let mut fired = vec![];
+        for f in &features {
+            if alerts.iter().filter(|a| &a.def.feature_id == f).count() == 0 {
+                continue;
+            }
+            for i in alerts::decide_all(&mut alerts, f, |d| {
+                Some((
+                    level_of(before, &d.feature_id, d.basis)?,
+                    level_of(&state.buckets, &d.feature_id, d.basis)?,
+                ))
+            }) {
+                if !fired.contains(&i) {
+                    fired.push(i);
+                }
+            }
+        }
+        state.alerts = alerts;
+        let snap = Snapshot::of(state);
+        for i in fired {
+            let def = &state.alerts[i].def;
+            let meta = EntryMeta {
+                feature_id: Some(def.feature_id.clone()),
+                subject: Some(def.id.clone()),
+                always: true,
+                ..EntryMeta::new(LedgerOp::Alert)
+            };
+            self.append(meta, &snap, &snap, &[]);
+        }
     }
 
     /// Runs `f` on `state` and appends its entry (when `f` succeeds).
@@ -223,10 +272,20 @@ impl MemoryEngine {
             ledger,
             now,
         };
+        let watch = !state.alerts.is_empty();
+        let before = if watch { state.buckets.clone() } else { vec![] };
         books.prepare(state, self.retention);
+        if watch {
+            books.fire_alerts(state, &before);
+        }
+        let before = if watch { state.buckets.clone() } else { vec![] };
         // No copy needed: every rule works on its own copy of the buckets and
         // commits by assignment only once it can no longer fail.
-        f(state, &mut books)
+        let out = f(state, &mut books)?;
+        if watch {
+            books.fire_alerts(state, &before);
+        }
+        Ok(out)
     }
 
     /// The billing cycle `last_cycle` means: the period and anchor of the
@@ -320,6 +379,7 @@ impl Engine for MemoryEngine {
             locks: BTreeMap::new(),
             idempotency: BTreeMap::new(),
             limits: vec![],
+            alerts: vec![],
         };
         shard.customers.insert(customer_id.to_string(), state);
         Ok(true)
@@ -409,6 +469,7 @@ impl Engine for MemoryEngine {
                     idempotency_key: key,
                     lock_id,
                     always,
+                    subject: None,
                 };
                 let first: Vec<&str> = entries.iter().map(|e| e.balance_id.as_str()).collect();
                 books.append(meta, &before, &Snapshot::of(s), &first);
@@ -455,6 +516,27 @@ impl Engine for MemoryEngine {
                 rules::set_limits(s, update)
             })?;
             Ok(s.limits.iter().map(|l| l.def.clone()).collect())
+        })
+    }
+
+    fn supports_alerts(&self) -> bool {
+        true
+    }
+
+    async fn set_alerts(
+        &self,
+        customer_id: &str,
+        update: &AlertsUpdate,
+    ) -> Result<Vec<AlertDef>, EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            s.alerts = alerts::update_alerts(&s.alerts, update)?;
+            Ok(s.alerts.iter().map(|a| a.def.clone()).collect())
+        })
+    }
+
+    async fn alerts(&self, customer_id: &str) -> Result<Vec<AlertDef>, EngineError> {
+        self.with_customer(customer_id, |s, _| {
+            Ok(s.alerts.iter().map(|a| a.def.clone()).collect())
         })
     }
 
@@ -567,6 +649,43 @@ impl Engine for MemoryEngine {
             Ok(id)
         })
     }
+}
+
+/// An alert's level on `pool` over `buckets` for its basis; `None` when
+/// the basis does not apply (an unlimited pool, no bucket of the basis, or
+/// `usage_limit`, which this engine does not measure yet).
+fn level_of(buckets: &[Bucket], pool: &str, basis: AlertBasis) -> Option<Level> {
+    let p = rules::pool_balance(buckets, pool);
+    if p.unlimited || p.buckets.is_empty() {
+        return None;
+    }
+    let pick: Vec<&BucketView> = match basis {
+        AlertBasis::Balance => {
+            return Some(Level {
+                usage: p.usage,
+                remaining: p.remaining,
+                granted: p.granted,
+            })
+        }
+        AlertBasis::Included => p.buckets.iter().filter(|b| b.plan_id.is_some()).collect(),
+        AlertBasis::Recurring => p
+            .buckets
+            .iter()
+            .filter(|b| Period::new(b.interval, b.interval_count).is_some())
+            .collect(),
+        AlertBasis::UsageLimit => return None,
+    };
+    if pick.is_empty() {
+        return None;
+    }
+    let sum = |f: fn(&BucketView) -> Amount| {
+        Amount::from_raw_i128(pick.iter().map(|b| f(b).raw() as i128).sum())
+    };
+    Some(Level {
+        usage: sum(|b| b.usage)?,
+        remaining: sum(|b| b.remaining)?,
+        granted: sum(|b| b.granted)?,
+    })
 }
 
 /// The bucket `balances.delete` names: `balance_id` (of `feature_id`, when

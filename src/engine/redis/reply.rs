@@ -73,6 +73,7 @@ pub(crate) fn decode_outcome(v: Value, catalog: &Catalog) -> Result<Outcome, Eng
             locks: Default::default(),
             idempotency: Default::default(),
             limits: std::mem::take(&mut lim.armed),
+            alerts: vec![],
         };
         rules::limit_statuses(&state, catalog, &feature, at)
     };
