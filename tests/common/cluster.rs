@@ -74,11 +74,30 @@ impl RedisCluster {
         let mut ports = Vec::new();
         let node_timeout = if replicas > 0 { 1000 } else { 15000 };
         for i in 0..masters * (1 + replicas) {
-            let port = free_port_pair();
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            let mut child = launch(port, &node_dir, node_timeout);
-            lifelines.push(child.stdin.take().expect("watchdog stdin"));
+            // A free port can be taken by another test between the pick
+            // and the bind: a node that does not answer in 10 s is stopped
+            // and started again on another port.
+            let mut attempt = 0;
+            let (child, lifeline, port) = loop {
+                let port = free_port_pair();
+                let mut child = launch(port, &node_dir, node_timeout);
+                let lifeline = child.stdin.take().expect("watchdog stdin");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline && cli(port, &["PING"]).trim() != "PONG" {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if cli(port, &["PING"]).trim() == "PONG" {
+                    break (child, lifeline, port);
+                }
+                attempt += 1;
+                assert!(attempt < 5, "redis cluster: node {i} never answered PING");
+                drop(lifeline); // the watchdog kills the node
+                let _ = child.wait();
+                let _ = std::fs::remove_file(node_dir.join("nodes.conf"));
+            };
+            lifelines.push(lifeline);
             children.push(child);
             ports.push(port);
         }
