@@ -45,12 +45,19 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
                 "[ledger] url is ignored by the in-process engine: its ledger is kept in memory beside its balances"
             );
         }
+        let engine = MemoryEngine::new(config.catalog.clone(), clock, retention(config));
+        // Alerts and limit_reached entries are delivered as they are
+        // appended, signed (src/webhooks.rs).
+        let engine = match &config.webhooks {
+            Some(w) => {
+                let (engine, notices) = engine.with_notices();
+                crate::webhooks::spawn_delivery(w.clone(), notices);
+                engine
+            }
+            None => engine,
+        };
         return Ok(Backend {
-            engine: Arc::new(MemoryEngine::new(
-                config.catalog.clone(),
-                clock,
-                retention(config),
-            )),
+            engine: Arc::new(engine),
             readiness: Arc::new(AlwaysReady),
             lock_index: Arc::new(MemoryLockIndex::default()),
             in_process: true,
@@ -64,6 +71,11 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
             "ledger.url",
             "the Redis engine does not write ledger entries yet (only the in-process engine keeps a ledger); remove [ledger] to serve",
         ));
+    }
+    if config.webhooks.is_some() {
+        tracing::warn!(
+            "[webhooks] are delivered by the in-process engine only: the Redis engine records no alerts yet (issue 14), so nothing will be sent"
+        );
     }
     let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
         .await

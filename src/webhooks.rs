@@ -288,6 +288,33 @@ impl Deliverer {
     }
 }
 
+/// Starts delivery of `notices` (the ledger's notification entries, in
+/// order) to `config`'s endpoints: a [`Deliverer`] and the task feeding it.
+/// Each event's id is its entry's id. The feed waits while the delivery's
+/// queue is full; both stop when the engine (the notices' sender) is gone.
+pub fn spawn_delivery(
+    config: WebhookConfig,
+    mut notices: mpsc::UnboundedReceiver<crate::ledger::Notice>,
+) -> Arc<DeliveryStats> {
+    let (deliverer, queue) = Deliverer::new(config, 1024);
+    let stats = deliverer.stats();
+    tokio::spawn(deliverer.run());
+    tokio::spawn(async move {
+        while let Some(n) = notices.recv().await {
+            let event = Event {
+                id: n.entry_id,
+                kind: n.kind.to_string(),
+                at_ms: n.at,
+                data: n.data,
+            };
+            if queue.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    stats
+}
+
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -4,6 +4,8 @@
 //! `creditgate::webhooks::verify_headers` and independently with hmac), with
 //! the same id on every attempt, accepted exactly once per id.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,21 +57,25 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
         *n += 1;
         *n
     };
+    let status = if n <= r.fail_first {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        let mut accepted = r.accepted.lock().unwrap();
+        if !accepted.contains(&id) {
+            accepted.push(id.clone());
+        }
+        StatusCode::NO_CONTENT
+    };
+    // Reported once its effect is recorded, so a test that has seen an
+    // attempt sees what it did.
     let _ = r.attempts.send(Attempt {
-        id: id.clone(),
+        id,
         timestamp: h("webhook-timestamp"),
         signature: h("webhook-signature"),
         body: body.to_vec(),
         headers: headers.clone(),
     });
-    if n <= r.fail_first {
-        return StatusCode::INTERNAL_SERVER_ERROR;
-    }
-    let mut accepted = r.accepted.lock().unwrap();
-    if !accepted.contains(&id) {
-        accepted.push(id);
-    }
-    StatusCode::NO_CONTENT
+    status
 }
 
 async fn start(fail_first: usize) -> (String, Receiver, mpsc::UnboundedReceiver<Attempt>) {
@@ -242,4 +248,119 @@ async fn an_unreachable_endpoint_is_retried_then_given_up() {
     use std::sync::atomic::Ordering::Relaxed;
     assert_eq!(stats.gave_up.load(Relaxed), 1);
     assert_eq!(stats.failed_attempts.load(Relaxed), 2);
+}
+
+/// The whole path as `serve` builds it (`server::build_engine` with a
+/// `[webhooks]` section, the in-process engine): alerts set through
+/// `customers.update` and `balances.limit_reached` arrive at a receiver
+/// that refuses every event's first attempts, signed, once per crossing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_limits_reached_through_the_api_arrive_once_per_crossing() {
+    use axum::http::StatusCode as S;
+    use creditgate::config::Config;
+    use creditgate::http::{app, AppState};
+    use serde_json::json;
+
+    use common::http;
+
+    const FAIL: usize = 2;
+    let (url, receiver, mut rx) = start(FAIL).await;
+    let text = format!(
+        "{}\n[webhooks]\nmax_attempts = 5\nbackoff_ms = 5\nendpoints = [{{ url = \"{url}\", secret = \"{SECRET}\" }}]\n",
+        http::CONFIG
+    );
+    let config = Config::parse(&text, &BTreeMap::new(), http::T0).unwrap();
+    let clock = Arc::new(creditgate::ManualClock::new(http::T0));
+    let backend = creditgate::server::build_engine(&config, clock.clone())
+        .await
+        .unwrap();
+    let state =
+        AppState::new(backend.engine, config.catalog.clone(), clock.clone()).configured(&config);
+    let h = http::Harness {
+        clock,
+        router: app(state.clone()),
+        state,
+    };
+    h.customer_on("c", "pro").await;
+    let a = h
+        .post(
+            "/v1/customers.update",
+            json!({"customer_id": "c", "billing_controls": {
+                "usage_alerts": [{"feature_id": "credits", "threshold": 150, "threshold_type": "usage"}],
+                "usage_limits": [{"feature_id": "premium_message", "limit": 1, "interval": "day"}]
+            }}),
+        )
+        .await;
+    assert_eq!(a.status, S::OK, "{}", a.text);
+    let consume = |feature: &'static str| json!({"customer_id": "c", "feature_id": feature, "required_balance": 1, "send_event": true});
+    // The limit: one premium message a day; the second is its first denial
+    // in the window (an event), the third is silent.
+    for allowed in [true, false, false] {
+        let a = h
+            .post("/v1/balances.check", consume("premium_message"))
+            .await;
+        assert_eq!(a.status, S::OK, "{}", a.text);
+        assert_eq!(a.json["allowed"], allowed, "{}", a.text);
+    }
+    let track =
+        |units: i64| json!({"customer_id": "c", "feature_id": "basic_message", "value": units});
+    // Credits used 10 of 200: 150 more crosses the alert's 150, a refund
+    // re-arms it, the next use crosses again; then the pool runs dry.
+    for units in [150, -50, 50, 100] {
+        let a = h.post("/v1/track", track(units)).await;
+        assert_eq!(a.status, S::OK, "{}", a.text);
+    }
+    // Four events, each refused FAIL times and then accepted.
+    let secret = Secret::parse(SECRET).unwrap();
+    let mut per_id: BTreeMap<String, Vec<Attempt>> = BTreeMap::new();
+    for _ in 0..4 * (FAIL + 1) {
+        let a = next(&mut rx).await;
+        verify_headers(&secret, &a.headers, &a.body, now_secs(), 300).unwrap();
+        assert_eq!(
+            a.signature,
+            independent_signature(&a.id, &a.timestamp, &a.body)
+        );
+        per_id.entry(a.id.clone()).or_default().push(a);
+    }
+    assert_eq!(per_id.len(), 4, "{:?}", per_id.keys());
+    let mut bodies: Vec<serde_json::Value> = vec![];
+    for (id, attempts) in &per_id {
+        assert_eq!(attempts.len(), FAIL + 1, "{id}");
+        assert!(attempts.iter().all(|a| a.body == attempts[0].body), "{id}");
+        bodies.push(serde_json::from_slice(&attempts[0].body).unwrap());
+    }
+    // Ids are ledger entry ids, ordered as the entries were appended.
+    let kinds: Vec<(&str, &str)> = bodies
+        .iter()
+        .map(|b| {
+            (
+                b["type"].as_str().unwrap(),
+                b["data"]["limit_type"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("balances.limit_reached", "usage_limit"),
+            ("balances.usage_alert_triggered", ""),
+            ("balances.usage_alert_triggered", ""),
+            ("balances.limit_reached", "included"),
+        ]
+    );
+    assert_eq!(bodies[0]["data"]["feature_id"], "premium_message");
+    assert_eq!(bodies[0]["data"]["customer_id"], "c");
+    assert!(bodies[0]["data"]["limit_id"].is_string());
+    for b in &bodies[1..3] {
+        assert_eq!(b["data"]["customer_id"], "c");
+        assert_eq!(b["data"]["feature_id"], "credits");
+        assert_eq!(b["data"]["usage_alert"]["threshold"], json!(150));
+        assert_eq!(b["data"]["usage_alert"]["threshold_type"], "usage");
+        assert_eq!(b["data"]["usage"], json!(160));
+    }
+    assert_eq!(bodies[3]["data"]["feature_id"], "credits");
+    let mut accepted = receiver.accepted.lock().unwrap().clone();
+    accepted.sort();
+    assert_eq!(accepted, per_id.keys().cloned().collect::<Vec<_>>());
+    assert!(rx.try_recv().is_err(), "no attempt beyond these");
 }

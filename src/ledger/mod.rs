@@ -160,6 +160,18 @@ pub struct LedgerEntry {
     pub subject: Option<String>,
 }
 
+/// An entry that is a notification (`alert`, `limit_reached`), with its
+/// webhook event's type and data, handed to the delivery as it is appended
+/// (the event's id is the entry's id, so a receiver deduplicates by it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub entry_id: String,
+    pub at: i64,
+    /// `balances.usage_alert_triggered` or `balances.limit_reached`.
+    pub kind: &'static str,
+    pub data: serde_json::Value,
+}
+
 // ---- ids ----
 
 /// An entry id: `<ms>-<seq>`, as a Redis stream entry id.

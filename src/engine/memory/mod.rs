@@ -15,15 +15,16 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 
 use super::{BalanceDelete, Engine, SweepReport};
-use crate::alerts::{self, AlertBasis, AlertDef, AlertsUpdate, Level};
+use crate::alerts::{self, AlertBasis, AlertDef, AlertsUpdate, DenialWindows, Level};
 use crate::calendar::Period;
 use crate::clock::Clock;
 use crate::error::{invalid, EngineError};
 use crate::ledger::{
     self, Aggregate, AggregateQuery, EventsListQuery, EventsPage, IdSequence, LedgerEntry,
-    LedgerOp, RangeSpec, Snapshot,
+    LedgerOp, Notice, RangeSpec, Snapshot,
 };
 use crate::limits::{LimitDef, LimitsUpdate};
 use crate::model::*;
@@ -44,6 +45,9 @@ pub struct MemoryEngine {
     shards: Vec<Mutex<Shard>>,
     /// Entry ids, taken inside a shard's lock (always after it).
     ids: Mutex<IdSequence>,
+    /// Where notifications go as they are appended (webhook delivery);
+    /// `None`: nobody listens.
+    notices: Option<mpsc::UnboundedSender<Notice>>,
 }
 
 /// One shard: its customers and their ledgers (a deleted customer's ledger
@@ -52,6 +56,9 @@ pub struct MemoryEngine {
 struct Shard {
     customers: HashMap<String, CustomerState>,
     ledgers: HashMap<String, Vec<LedgerEntry>>,
+    /// Per customer, each limit's last window with a denial (for
+    /// `limit_reached` on a limit's first denial in a window).
+    denials: HashMap<String, DenialWindows>,
 }
 
 /// What one entry says besides its deltas.
@@ -87,15 +94,24 @@ struct Books<'l> {
     customer_id: &'l str,
     ledger: &'l mut Vec<LedgerEntry>,
     now: i64,
+    notices: Option<&'l mpsc::UnboundedSender<Notice>>,
+    /// The customer's limits' last denied windows (`None`: it has no limits).
+    denials: Option<&'l mut DenialWindows>,
 }
 
 impl Books<'_> {
     /// Appends one entry for the change from `before` to `after`, unless
     /// nothing moved (and the entry is not `always`).
-    fn append(&mut self, meta: EntryMeta<'_>, before: &Snapshot, after: &Snapshot, first: &[&str]) {
+    fn append(
+        &mut self,
+        meta: EntryMeta<'_>,
+        before: &Snapshot,
+        after: &Snapshot,
+        first: &[&str],
+    ) -> Option<String> {
         let (balances, limits) = before.diff(after, first);
         if balances.is_empty() && limits.is_empty() && !meta.always {
-            return;
+            return None;
         }
         let id = self
             .ids
@@ -103,7 +119,7 @@ impl Books<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .next(self.now);
         self.ledger.push(LedgerEntry {
-            id,
+            id: id.clone(),
             at: self.now,
             customer_id: self.customer_id.to_string(),
             feature_id: meta.feature_id,
@@ -115,6 +131,95 @@ impl Books<'_> {
             lock_id: meta.lock_id,
             subject: meta.subject,
         });
+        Some(id)
+    }
+
+    /// Hands a notification entry to whoever listens.
+    fn notify(&self, entry_id: Option<String>, kind: &'static str, data: impl serde::Serialize) {
+        if let (Some(tx), Some(entry_id)) = (self.notices, entry_id) {
+            let data = serde_json::to_value(data).unwrap_or_default();
+            let _ = tx.send(Notice {
+                entry_id,
+                at: self.now,
+                kind,
+                data,
+            });
+        }
+    }
+
+    /// `limit_reached` for each pool the usage from `before` took from above
+    /// zero to zero or below ([`alerts::pool_reached_zero`]).
+    fn pools_reached_zero(&mut self, state: &CustomerState, before: &[Bucket]) {
+        let mut pools: Vec<&str> = before.iter().map(|b| b.pool.as_str()).collect();
+        pools.sort_unstable();
+        pools.dedup();
+        let snap = Snapshot::of(state);
+        for pool in pools {
+            let (b, a) = (
+                rules::pool_balance(before, pool),
+                rules::pool_balance(&state.buckets, pool),
+            );
+            if b.unlimited || a.unlimited || !alerts::pool_reached_zero(b.remaining, a.remaining) {
+                continue;
+            }
+            let meta = EntryMeta {
+                feature_id: Some(pool.to_string()),
+                always: true,
+                ..EntryMeta::new(LedgerOp::LimitReached)
+            };
+            let id = self.append(meta, &snap, &snap, &[]);
+            let data = alerts::LimitReached {
+                customer_id: self.customer_id.to_string(),
+                feature_id: pool.to_string(),
+                limit_type: alerts::LimitType::Included,
+                limit_id: None,
+                window_start: None,
+            };
+            self.notify(id, alerts::LIMIT_REACHED, data);
+        }
+    }
+
+    /// `limit_reached` when `out` was denied by a limit for the first time
+    /// in that limit's window ([`alerts::DenialWindows`]). A window's start
+    /// is its end less its length; a rate's, the instant floored to its
+    /// period.
+    fn limit_denied(&mut self, state: &CustomerState, out: &Outcome) {
+        let (Some(denial), Some(denials)) = (&out.limit, self.denials.as_deref_mut()) else {
+            return;
+        };
+        let Some(status) = out.limits.iter().find(|l| l.id == denial.id) else {
+            return;
+        };
+        let period = status.window_ms.max(1);
+        let floored = self.now - self.now.rem_euclid(period);
+        let is_rate = state
+            .limits
+            .iter()
+            .find(|l| l.def.id == denial.id)
+            .is_some_and(|l| matches!(l.def.kind, crate::limits::LimitKind::Rate { .. }));
+        let window_start = match status.resets_at {
+            Some(end) if !is_rate => end - status.window_ms,
+            _ => floored,
+        };
+        if !denials.record(&denial.id, window_start) {
+            return;
+        }
+        let snap = Snapshot::of(state);
+        let meta = EntryMeta {
+            feature_id: Some(status.feature_id.clone()),
+            subject: Some(denial.id.clone()),
+            always: true,
+            ..EntryMeta::new(LedgerOp::LimitReached)
+        };
+        let id = self.append(meta, &snap, &snap, &[]);
+        let data = alerts::LimitReached {
+            customer_id: self.customer_id.to_string(),
+            feature_id: status.feature_id.clone(),
+            limit_type: alerts::LimitType::UsageLimit,
+            limit_id: Some(denial.id.clone()),
+            window_start: Some(window_start),
+        };
+        self.notify(id, alerts::LIMIT_REACHED, data);
     }
 
     /// Runs the customer's alerts over the change of its buckets from
@@ -158,7 +263,11 @@ impl Books<'_> {
                 always: true,
                 ..EntryMeta::new(LedgerOp::Alert)
             };
-            self.append(meta, &snap, &snap, &[]);
+            let id = self.append(meta, &snap, &snap, &[]);
+            if let Some(after) = level_of(&state.buckets, &def.feature_id, def.basis) {
+                let data = alerts::UsageAlertTriggered::new(self.customer_id, def, &after);
+                self.notify(id, alerts::USAGE_ALERT_TRIGGERED, data);
+            }
         }
     }
 
@@ -220,7 +329,16 @@ impl MemoryEngine {
             retention,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             ids: Mutex::default(),
+            notices: None,
         }
+    }
+
+    /// Hands every notification entry (`alert`, `limit_reached`) to the
+    /// receiver as it is appended (the webhook delivery's feed).
+    pub fn with_notices(mut self) -> (MemoryEngine, mpsc::UnboundedReceiver<Notice>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.notices = Some(tx);
+        (self, rx)
     }
 
     /// Every ledger entry of the customer, oldest first (tests and audits).
@@ -266,11 +384,17 @@ impl MemoryEngine {
             .get_mut(customer_id)
             .ok_or(EngineError::CustomerNotFound)?;
         let ledger = shard.ledgers.entry(customer_id.to_string()).or_default();
+        let denials = match state.limits.is_empty() {
+            true => None,
+            false => Some(shard.denials.entry(customer_id.to_string()).or_default()),
+        };
         let mut books = Books {
             ids: &self.ids,
             customer_id,
             ledger,
             now,
+            notices: self.notices.as_ref(),
+            denials,
         };
         let watch = !state.alerts.is_empty();
         let before = if watch { state.buckets.clone() } else { vec![] };
@@ -329,6 +453,8 @@ impl MemoryEngine {
                     customer_id,
                     ledger,
                     now,
+                    notices: self.notices.as_ref(),
+                    denials: None,
                 };
                 books.prepare(state, self.retention);
                 f(books.ledger, Some(state))
@@ -434,6 +560,7 @@ impl Engine for MemoryEngine {
                 _ => 0,
             };
             let before = Snapshot::of(s);
+            let buckets_before = s.buckets.clone();
             let applied = rules::apply(s, &self.catalog, op, key, now, self.retention)?;
             if !applied.replayed {
                 let entries = &applied.outcome.entries;
@@ -478,6 +605,12 @@ impl Engine for MemoryEngine {
             let mut out = Outcome::new(applied.outcome, applied.replayed, pools, now);
             if let Some(f) = op.feature(s) {
                 out.limits = rules::limit_statuses(s, &self.catalog, f, now);
+            }
+            if !out.replayed {
+                // Usage emptying a pool, or a limit's first denial in its
+                // window (a delete or an expiry reaching zero is no limit).
+                books.pools_reached_zero(s, &buckets_before);
+                books.limit_denied(s, &out);
             }
             Ok(out)
         })
@@ -554,6 +687,8 @@ impl Engine for MemoryEngine {
             customer_id,
             ledger: shard.ledgers.entry(customer_id.to_string()).or_default(),
             now,
+            notices: self.notices.as_ref(),
+            denials: None,
         };
         let resets = books.prepare(state, self.retention);
         rules::forget_expired_records(state, now);
@@ -568,13 +703,17 @@ impl Engine for MemoryEngine {
             let now = self.clock.now_ms();
             {
                 let mut guard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                let Shard { customers, ledgers } = &mut *guard;
+                let Shard {
+                    customers, ledgers, ..
+                } = &mut *guard;
                 for (id, state) in customers.iter_mut() {
                     let mut books = Books {
                         ids: &self.ids,
                         customer_id: id,
                         ledger: ledgers.entry(id.clone()).or_default(),
                         now,
+                        notices: self.notices.as_ref(),
+                        denials: None,
                     };
                     let resets = books.prepare(state, self.retention);
                     rules::forget_expired_records(state, now);
@@ -624,7 +763,9 @@ impl Engine for MemoryEngine {
             );
             Ok(())
         })?;
-        self.shard(customer_id).customers.remove(customer_id);
+        let mut shard = self.shard(customer_id);
+        shard.customers.remove(customer_id);
+        shard.denials.remove(customer_id);
         Ok(())
     }
 
