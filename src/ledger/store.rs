@@ -221,6 +221,43 @@ impl LedgerStore {
         })
     }
 
+    /// What `events.aggregate` reads: a customer's usage entries
+    /// ([`LedgerOp::is_usage`]) of `features` with `start_ms <= at <
+    /// end_ms`, in no particular order, with only the columns an aggregate
+    /// uses (the balances only when `with_balances`, for `group_by
+    /// $plan_id`; no keys, no limits). Reading whole entries and decoding
+    /// their limits costs several times as much.
+    pub async fn usage(
+        &self,
+        customer_id: &str,
+        features: &[String],
+        start_ms: i64,
+        end_ms: i64,
+        with_balances: bool,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let balances = if with_balances { "balances" } else { "''" };
+        on_pool!(self, p => {
+            let mut q = QueryBuilder::new(format!(
+                "SELECT customer_id, id_ms, id_seq, at, feature_id, op, units, {balances} \
+                 FROM ledger_entries WHERE customer_id = "
+            ));
+            q.push_bind(customer_id.to_string());
+            q.push(" AND at >= ").push_bind(start_ms);
+            q.push(" AND at < ").push_bind(end_ms);
+            q.push(" AND op IN ('consume', 'track', 'refund', 'finalize')");
+            if !features.is_empty() {
+                q.push(" AND feature_id IN (");
+                let mut list = q.separated(", ");
+                for f in features {
+                    list.push_bind(f.clone());
+                }
+                list.push_unseparated(")");
+            }
+            let rows = q.build().fetch_all(p).await?;
+            rows.iter().map(usage_from_row).collect()
+        })
+    }
+
     /// Every entry of `customer_id`, oldest first (tests, replays).
     pub async fn entries_of(&self, customer_id: &str) -> Result<Vec<LedgerEntry>, StoreError> {
         let mut all = self
@@ -244,6 +281,43 @@ impl LedgerStore {
     pub async fn close(&self) {
         on_pool!(self, p => p.close().await)
     }
+}
+
+/// A row of [`LedgerStore::usage`]: the entry with only those columns.
+fn usage_from_row<'r, R: Row>(r: &'r R) -> Result<LedgerEntry, StoreError>
+where
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id = codec::format_id(r.try_get(1)?, r.try_get(2)?);
+    let corrupt = |source| StoreError::Entry {
+        id: id.clone(),
+        source,
+    };
+    let op: String = r.try_get(5)?;
+    let op = LedgerOp::parse(&op).ok_or_else(|| corrupt(CodecError::UnknownOp(op)))?;
+    let units: i64 = r.try_get(6)?;
+    let units = Amount::from_raw(units).ok_or_else(|| {
+        corrupt(CodecError::AmountOutOfRange {
+            field: "units",
+            value: units,
+        })
+    })?;
+    let balances: String = r.try_get(7)?;
+    Ok(LedgerEntry {
+        customer_id: r.try_get(0)?,
+        at: r.try_get(3)?,
+        feature_id: r.try_get(4)?,
+        op,
+        units,
+        idempotency_key: None,
+        lock_id: None,
+        subject: None,
+        balances: codec::decode_balances(&balances).map_err(corrupt)?,
+        limits: vec![],
+        id,
+    })
 }
 
 fn entry_from_row<'r, R: Row>(r: &'r R) -> Result<LedgerEntry, StoreError>

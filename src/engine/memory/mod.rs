@@ -376,8 +376,10 @@ impl MemoryEngine {
         f: impl FnOnce(&mut CustomerState, &mut Books<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
         validate_id("customer_id", customer_id)?;
-        let now = self.clock.now_ms();
         let mut guard = self.shard(customer_id);
+        // Read under the lock: one customer's changes are then in the
+        // clock's order, so its windows and ids only move forward.
+        let now = self.clock.now_ms();
         let shard = &mut *guard;
         let state = shard
             .customers
@@ -442,8 +444,10 @@ impl MemoryEngine {
         f: impl FnOnce(&[LedgerEntry], Option<&CustomerState>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
         validate_id("customer_id", customer_id)?;
-        let now = self.clock.now_ms();
         let mut guard = self.shard(customer_id);
+        // Read under the lock: one customer's changes are then in the
+        // clock's order, so its windows and ids only move forward.
+        let now = self.clock.now_ms();
         let shard = &mut *guard;
         match shard.customers.get_mut(customer_id) {
             Some(state) => {
@@ -492,8 +496,8 @@ impl MemoryEngine {
 impl Engine for MemoryEngine {
     async fn create_customer(&self, customer_id: &str) -> Result<bool, EngineError> {
         validate_id("customer_id", customer_id)?;
-        let now = self.clock.now_ms();
         let mut shard = self.shard(customer_id);
+        let now = self.clock.now_ms();
         if shard.customers.contains_key(customer_id) {
             return Ok(false);
         }
@@ -675,8 +679,10 @@ impl Engine for MemoryEngine {
 
     async fn reset_due(&self, customer_id: &str) -> Result<u32, EngineError> {
         validate_id("customer_id", customer_id)?;
-        let now = self.clock.now_ms();
         let mut guard = self.shard(customer_id);
+        // Read under the lock: one customer's changes are then in the
+        // clock's order, so its windows and ids only move forward.
+        let now = self.clock.now_ms();
         let shard = &mut *guard;
         let state = shard
             .customers
@@ -700,9 +706,9 @@ impl Engine for MemoryEngine {
     async fn sweep_due(&self) -> Result<SweepReport, EngineError> {
         let mut report = SweepReport::default();
         for shard in &self.shards {
-            let now = self.clock.now_ms();
             {
                 let mut guard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let now = self.clock.now_ms();
                 let Shard {
                     customers, ledgers, ..
                 } = &mut *guard;
