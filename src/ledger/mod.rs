@@ -512,6 +512,16 @@ impl BinSize {
         }
     }
 
+    /// The grain a database sums usage by before it is folded into bins
+    /// ([`aggregate_sums`]): UTC hours for hour bins, UTC days for the rest
+    /// (days, Monday weeks and months are unions of UTC days).
+    pub fn grain_ms(self) -> i64 {
+        match self {
+            BinSize::Hour => 3_600_000,
+            _ => 86_400_000,
+        }
+    }
+
     /// The start of the bin after the one starting at `start`.
     pub fn next(self, start: i64) -> i64 {
         match self {
@@ -674,11 +684,63 @@ fn top_groups(g: BTreeMap<String, i128>, max: usize) -> BTreeMap<String, Amount>
     out
 }
 
+/// The usage of one feature in one grain ([`BinSize::grain_ms`]) as a
+/// database sums it: `at` lies in the grain and in the range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSum {
+    pub feature_id: String,
+    pub at: i64,
+    /// The sum of the entries' units, raw.
+    pub sum: i128,
+    pub count: u64,
+}
+
 /// Aggregates the customer's usage entries in `[start, end)` (from
 /// [`RangeSpec::resolve`]): per bin and feature the sum of units (refunds
 /// negative), exact.
 pub fn aggregate<'a>(
     entries: impl IntoIterator<Item = &'a LedgerEntry>,
+    q: &AggregateQuery,
+    range: (i64, i64),
+) -> Result<Aggregate, EngineError> {
+    let items = entries.into_iter().filter_map(|e| {
+        if !mine(e, &q.customer_id) || !counts(e, &q.feature_ids) {
+            return None;
+        }
+        let f = e.feature_id.as_deref()?;
+        Some((
+            f,
+            e.at,
+            e.units.raw() as i128,
+            1,
+            q.group_by.map(|g| g.key(e)),
+        ))
+    });
+    fold(items, q, range)
+}
+
+/// [`aggregate`] from per-grain sums (a database's `GROUP BY`, when
+/// nothing is grouped): the same answer as from the entries themselves.
+pub fn aggregate_sums<'a>(
+    sums: impl IntoIterator<Item = &'a UsageSum>,
+    q: &AggregateQuery,
+    range: (i64, i64),
+) -> Result<Aggregate, EngineError> {
+    if q.group_by.is_some() {
+        return Err(EngineError::Internal(crate::error::Cause::msg(
+            "aggregate_sums cannot group: aggregate the entries",
+        )));
+    }
+    let items = sums
+        .into_iter()
+        .filter(|s| q.feature_ids.is_empty() || q.feature_ids.contains(&s.feature_id))
+        .map(|s| (s.feature_id.as_str(), s.at, s.sum, s.count, None));
+    fold(items, q, range)
+}
+
+/// Bins `(feature, at, sum of units, entries, group)` items.
+fn fold<'a>(
+    items: impl Iterator<Item = (&'a str, i64, i128, u64, Option<String>)>,
     q: &AggregateQuery,
     (start, end): (i64, i64),
 ) -> Result<Aggregate, EngineError> {
@@ -706,29 +768,26 @@ pub fn aggregate<'a>(
         vec![BTreeMap::new(); periods.len()];
     let mut totals: BTreeMap<String, (u64, i128)> =
         q.feature_ids.iter().map(|f| (f.clone(), (0, 0))).collect();
-    for e in entries {
-        if !mine(e, &q.customer_id) || !counts(e, &q.feature_ids) || e.at < start || e.at >= end {
+    for (f, at, units, count, group) in items {
+        if at < start || at >= end {
             continue;
         }
-        let Some(f) = e.feature_id.as_ref() else {
-            continue;
-        };
-        let i = periods.partition_point(|&p| p <= e.at).saturating_sub(1);
+        let i = periods.partition_point(|&p| p <= at).saturating_sub(1);
         let v = match q.measure {
-            Measure::Sum => e.units.raw() as i128,
-            Measure::Count => crate::money::AMOUNT_SCALE as i128,
+            Measure::Sum => units,
+            Measure::Count => count as i128 * crate::money::AMOUNT_SCALE as i128,
         };
-        *sums[i].entry(f.clone()).or_default() += v;
-        if let Some(g) = q.group_by {
+        *sums[i].entry(f.to_string()).or_default() += v;
+        if let Some(g) = group {
             *groups[i]
-                .entry(f.clone())
+                .entry(f.to_string())
                 .or_default()
-                .entry(g.key(e))
+                .entry(g)
                 .or_default() += v;
         }
-        let t = totals.entry(f.clone()).or_default();
-        t.0 += 1;
-        t.1 += e.units.raw() as i128;
+        let t = totals.entry(f.to_string()).or_default();
+        t.0 += count;
+        t.1 += units;
     }
     let bins = periods
         .iter()
