@@ -147,13 +147,26 @@ impl Books<'_> {
         }
     }
 
-    /// `limit_reached` for each pool the usage from `before` took from above
-    /// zero to zero or below ([`alerts::pool_reached_zero`]).
-    fn pools_reached_zero(&mut self, state: &CustomerState, before: &[Bucket]) {
-        let mut pools: Vec<&str> = before.iter().map(|b| b.pool.as_str()).collect();
+    /// Appends a `limit_reached` entry (no balance moves) and notifies it.
+    fn limit_reached(&mut self, state: &CustomerState, data: alerts::LimitReached) {
+        let snap = Snapshot::of(state);
+        let meta = EntryMeta {
+            feature_id: Some(data.feature_id.clone()),
+            subject: data.limit_id.clone(),
+            always: true,
+            ..EntryMeta::new(LedgerOp::LimitReached)
+        };
+        let id = self.append(meta, &snap, &snap, &[]);
+        self.notify(id, alerts::LIMIT_REACHED, data);
+    }
+
+    /// `limit_reached` for each pool among `paid` (the pools the usage
+    /// drew on) that it took from above zero to zero or below
+    /// ([`alerts::pool_reached_zero`]); `before`: the buckets before it.
+    fn pools_reached_zero(&mut self, state: &CustomerState, before: &[Bucket], paid: &[Entry]) {
+        let mut pools: Vec<&str> = paid.iter().map(|e| e.pool.as_str()).collect();
         pools.sort_unstable();
         pools.dedup();
-        let snap = Snapshot::of(state);
         for pool in pools {
             let (b, a) = (
                 rules::pool_balance(before, pool),
@@ -162,12 +175,6 @@ impl Books<'_> {
             if b.unlimited || a.unlimited || !alerts::pool_reached_zero(b.remaining, a.remaining) {
                 continue;
             }
-            let meta = EntryMeta {
-                feature_id: Some(pool.to_string()),
-                always: true,
-                ..EntryMeta::new(LedgerOp::LimitReached)
-            };
-            let id = self.append(meta, &snap, &snap, &[]);
             let data = alerts::LimitReached {
                 customer_id: self.customer_id.to_string(),
                 feature_id: pool.to_string(),
@@ -175,7 +182,7 @@ impl Books<'_> {
                 limit_id: None,
                 window_start: None,
             };
-            self.notify(id, alerts::LIMIT_REACHED, data);
+            self.limit_reached(state, data);
         }
     }
 
@@ -204,14 +211,6 @@ impl Books<'_> {
         if !denials.record(&denial.id, window_start) {
             return;
         }
-        let snap = Snapshot::of(state);
-        let meta = EntryMeta {
-            feature_id: Some(status.feature_id.clone()),
-            subject: Some(denial.id.clone()),
-            always: true,
-            ..EntryMeta::new(LedgerOp::LimitReached)
-        };
-        let id = self.append(meta, &snap, &snap, &[]);
         let data = alerts::LimitReached {
             customer_id: self.customer_id.to_string(),
             feature_id: status.feature_id.clone(),
@@ -219,7 +218,7 @@ impl Books<'_> {
             limit_id: Some(denial.id.clone()),
             window_start: Some(window_start),
         };
-        self.notify(id, alerts::LIMIT_REACHED, data);
+        self.limit_reached(state, data);
     }
 
     /// Runs the customer's alerts over the change of its buckets from
@@ -613,7 +612,7 @@ impl Engine for MemoryEngine {
             if !out.replayed {
                 // Usage emptying a pool, or a limit's first denial in its
                 // window (a delete or an expiry reaching zero is no limit).
-                books.pools_reached_zero(s, &buckets_before);
+                books.pools_reached_zero(s, &buckets_before, &out.entries);
                 books.limit_denied(s, &out);
             }
             Ok(out)
