@@ -142,9 +142,9 @@ for cid in sys.stdin.read().split():
         print("\t".join(["EVALSHA", sha["grant"], "3"] + ks + g1))
         print("\t".join(["EVALSHA", sha["grant"], "3"] + ks + g2))
     else:
-        print("\t".join(["FCALL", "cg2_v6_create_customer", "1", k, ""]))
-        print("\t".join(["FCALL", "cg2_v6_grant", "2"] + k2 + h2 + g1[4:]))
-        print("\t".join(["FCALL", "cg2_v6_grant", "2"] + k2 + h2 + g2[4:]))
+        print("\t".join(["FCALL", "cg2_v7_create_customer", "1", k, ""]))
+        print("\t".join(["FCALL", "cg2_v7_grant", "2"] + k2 + h2 + g1[4:]))
+        print("\t".join(["FCALL", "cg2_v7_grant", "2"] + k2 + h2 + g2[4:]))
 ' "$layout" | pipe
   }
   for layout in cg1 cg2; do
@@ -202,7 +202,7 @@ for j in range(R):
         if L == "cg1":
             print("\t".join(["EVALSHA", sha, "3"] + ks + a))
         else:
-            print("\t".join(["FCALL", "cg2_v6_track", "2", ks[0], ks[2], "", "", key, "api_call", "10000", "overflow", "api_call", "1000000"]))
+            print("\t".join(["FCALL", "cg2_v7_track", "2", ks[0], ks[2], "", "", key, "api_call", "10000", "overflow", "api_call", "1000000"]))
 EOF
       after=$(used)
       printf '%s: %6d customers x %6d records (36-char keys): %.1f bytes per record\n' "$layout" "$P" "$R" \
@@ -229,11 +229,11 @@ seed() {
   IFS=$'\t' read -r k1 k2 k3 < <(keys_of "$L" "$id")
   local h=("$now" "${RET[@]}" "$id")
   if [ "$L" = cg2 ]; then
-    cli FCALL cg2_v6_create_customer 1 "$k1" "$now" >/dev/null
-    cli FCALL cg2_v6_grant 2 "$k1" "$k3" "$now" '' credits '' '' 100000000000 5 1 >/dev/null
-    cli FCALL cg2_v6_grant 2 "$k1" "$k3" "$now" '' credits '' '' 50000000000 0 >/dev/null
+    cli FCALL cg2_v7_create_customer 1 "$k1" "$now" >/dev/null
+    cli FCALL cg2_v7_grant 2 "$k1" "$k3" "$now" '' credits '' '' 100000000000 5 1 >/dev/null
+    cli FCALL cg2_v7_grant 2 "$k1" "$k3" "$now" '' credits '' '' 50000000000 0 >/dev/null
     for i in $(seq 1 "$extra"); do
-      cli FCALL cg2_v6_grant 2 "$k1" "$k3" "$now" '' "$(printf 'f%02d' "$i")" '' '' 5000000 0 >/dev/null
+      cli FCALL cg2_v7_grant 2 "$k1" "$k3" "$now" '' "$(printf 'f%02d' "$i")" '' '' 5000000 0 >/dev/null
     done
   else
     cli EVALSHA "${CG1[create_customer]}" 1 "$k1" "$now" >/dev/null
@@ -302,7 +302,7 @@ done
 # the limit's room and writes its counter.
 seed cg2 cus_lim '' 0
 IFS=$'\t' read -r l1 l2 l3 < <(keys_of cg2 cus_lim)
-cli FCALL cg2_v6_set_limits 2 "$l1" "$l3" '' '' '' "$(printf 'action1:minute\037action1\037f\037\037r\0371\037\037cre66i9s')" >/dev/null
+cli FCALL cg2_v7_set_limits 2 "$l1" "$l3" '' '' '' "$(printf 'action1:minute\037action1\037f\037\037r\0371\037\037cre66i9s')" >/dev/null
 IFS=$'\t' read -r a1 a2 a3 < <(keys_of cg2 cus_2b)
 IFS=$'\t' read -r b1 b2 b3 < <(keys_of cg2 cus_32b)
 IFS=$'\t' read -r c1 c2 c3 < <(keys_of cg2 cus_dry)
@@ -314,15 +314,15 @@ H=('' "${RET[@]}")
 # Warm-up (not reported): the first series after seeding runs slower.
 IFS=$'\t' read -r w1 w2 w3 < <(keys_of cg2 cus_warm)
 minimal >/dev/null
-redis-benchmark -p "$port" -n "$N" -c 1 -q FCALL cg2_v6_consume 2 "$w1" "$w3" '' '' '' action1 10000 "${PAIRS[@]}" >/dev/null 2>&1
+redis-benchmark -p "$port" -n "$N" -c 1 -q FCALL cg2_v7_consume 2 "$w1" "$w3" '' '' '' action1 10000 "${PAIRS[@]}" >/dev/null 2>&1
 
-row "cg2 consuming check, 2 buckets" FCALL cg2_v6_consume 2 "$a1" "$a3" '' '' '' action1 10000 "${PAIRS[@]}"
-row "cg2 consuming check with one window limit, 2 buckets" FCALL cg2_v6_consume 2 "$l1" "$l3" '' '' '' action1 10000 "${PAIRS[@]}"
-row "cg2 consuming check, 2 + 30 untouched buckets" FCALL cg2_v6_consume 2 "$b1" "$b3" '' '' '' action1 10000 "${PAIRS[@]}"
-row "cg2 check (dry run), 2 buckets" FCALL cg2_v6_check 2 "$c1" "$c3" '' '' action1 10000 "${PAIRS[@]}"
-row "cg2 track, fresh 36-char idempotency key, 2 buckets" FCALL cg2_v6_track 2 "$d1" "$d3" '' '' "k-__rand_int__-0123456789abcdefghijklm" action1 10000 cap "${PAIRS[@]}"
-row "cg2 balances, 2 buckets" FCALL cg2_v6_balances 2 "$a1" "$a3" '' ''
-row "cg2 balances, 32 buckets" FCALL cg2_v6_balances 2 "$b1" "$b3" '' ''
+row "cg2 consuming check, 2 buckets" FCALL cg2_v7_consume 2 "$a1" "$a3" '' '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 consuming check with one window limit, 2 buckets" FCALL cg2_v7_consume 2 "$l1" "$l3" '' '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 consuming check, 2 + 30 untouched buckets" FCALL cg2_v7_consume 2 "$b1" "$b3" '' '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 check (dry run), 2 buckets" FCALL cg2_v7_check 2 "$c1" "$c3" '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 track, fresh 36-char idempotency key, 2 buckets" FCALL cg2_v7_track 2 "$d1" "$d3" '' '' "k-__rand_int__-0123456789abcdefghijklm" action1 10000 cap "${PAIRS[@]}"
+row "cg2 balances, 2 buckets" FCALL cg2_v7_balances 2 "$a1" "$a3" '' ''
+row "cg2 balances, 32 buckets" FCALL cg2_v7_balances 2 "$b1" "$b3" '' ''
 row "cg1 consuming check, 2 buckets (before)" EVALSHA "${CG1[apply]}" 3 "$x1" "$x2" "$x3" "${H[@]}" cus_2b consume '' action1 10000 '' '' '' "${CREDITS_POOLS[@]}"
 row "cg1 consuming check, 2 + 30 untouched buckets (before)" EVALSHA "${CG1[apply]}" 3 "$y1" "$y2" "$y3" "${H[@]}" cus_32b consume '' action1 10000 '' '' '' "${CREDITS_POOLS[@]}"
 row "cg1 check (dry run), 2 buckets (before)" EVALSHA "${CG1[check]}" 3 "$z1" "$z2" "$z3" "${H[@]}" cus_dry action1 10000 "${CREDITS_POOLS[@]}"
@@ -375,11 +375,11 @@ for i in range(D):
     g2 = h + ["credits", "", "", "50000000000", "0"]
     chk = [str(now), "86400000", "86400000", cid, "action1", "10000", "2", "action1", "1000000", "credits", "200000"]
     if L == "cg2":
-        print("\t".join(["FCALL", "cg2_v6_create_customer", "1", k, str(T0)]))
+        print("\t".join(["FCALL", "cg2_v7_create_customer", "1", k, str(T0)]))
         h2 = [ks[0], ks[2], str(T0), ""]
-        print("\t".join(["FCALL", "cg2_v6_grant", "2"] + h2 + g1[4:]))
-        print("\t".join(["FCALL", "cg2_v6_grant", "2"] + h2 + g2[4:]))
-        calls.write("\t".join(["FCALL", "cg2_v6_check", "2", ks[0], ks[2], str(now), "", "action1", "10000", "action1", "1000000", "credits", "200000"]) + "\n")
+        print("\t".join(["FCALL", "cg2_v7_grant", "2"] + h2 + g1[4:]))
+        print("\t".join(["FCALL", "cg2_v7_grant", "2"] + h2 + g2[4:]))
+        calls.write("\t".join(["FCALL", "cg2_v7_check", "2", ks[0], ks[2], str(now), "", "action1", "10000", "action1", "1000000", "credits", "200000"]) + "\n")
     else:
         print("\t".join(["EVALSHA", sha_c, "1", k, str(T0)]))
         print("\t".join(["EVALSHA", sha_g, "3"] + ks + g1))

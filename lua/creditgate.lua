@@ -1,5 +1,5 @@
-#!lua name=creditgate_cg2_v6
-local FN = 'cg2_v6_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
+#!lua name=creditgate_cg2_v7
+local FN = 'cg2_v7_' -- function-name prefix; MUST equal the library name above minus 'creditgate_'
 -- creditgate Redis Functions library, storage layout cg2 (contract:
 -- lua/README.md). Load with FUNCTION LOAD, call with FCALL.
 --
@@ -76,6 +76,7 @@ local NONE = {} -- a shared empty list: never appended to (rows lists are replac
 local LIMITS_FIELD = '\31L' -- the customer's limits and their counters (README § 11)
 local LIMITS_NONE = LIMITS_FIELD .. '\30' -- an outcome reply's limits name: no denial, no shadow denial
 local LIM = {} -- the limit rules (a table: a chunk holds at most 200 locals)
+local LED = {} -- the ledger writer (§ 12)
 
 -- The customer record: fields of RECORD_FIELD, \31-separated, trailing empty ones dropped.
 local REC_CREATED_AT = 1
@@ -858,16 +859,25 @@ local function tag_of(key)
   return match(key, '{([^}]*)}')
 end
 
--- ARGV[2] retention: '' = 24 h for both, '<ms>' both, '<idempotency ms>,<finalized lock ms>'.
+-- ARGV[2] retention: '' = 24 h for both, '<ms>' both, '<idempotency ms>,<finalized lock ms>',
+-- and with the ledger on '<idempotency ms>,<finalized lock ms>,<ledger cap>' (§ 12).
 local DEFAULT_RETENTION = 86400000
 local function retention(s)
   if s == nil or s == '' then
-    return DEFAULT_RETENTION, DEFAULT_RETENTION
+    return DEFAULT_RETENTION, DEFAULT_RETENTION, nil
   end
   local i = find(s, ',', 1, true)
-  local a, b
+  local a, b, cap
   if i then
-    a, b = tonumber(sub(s, 1, i - 1)), tonumber(sub(s, i + 1))
+    local j = find(s, ',', i + 1, true)
+    if j then
+      a, b, cap = tonumber(sub(s, 1, i - 1)), tonumber(sub(s, i + 1, j - 1)), tonumber(sub(s, j + 1))
+      if cap == nil or cap < 1 then
+        fail('invalid_inputs', 'argument retention ledger cap not a positive number')
+      end
+    else
+      a, b = tonumber(sub(s, 1, i - 1)), tonumber(sub(s, i + 1))
+    end
   else
     a = tonumber(s)
     b = a
@@ -875,13 +885,15 @@ local function retention(s)
   if a == nil or b == nil then
     fail('invalid_inputs', 'argument retention not a number')
   end
-  return a, b
+  return a, b, cap
 end
 
 local function new_customer(keys, args, now)
   now = now or clock(args[1])
-  local ri, rl = retention(args[2])
+  local ri, rl, cap = retention(args[2])
   return {
+    led = cap and {} or nil, -- the ledger's queued entries (§ 12), nil: off
+    led_cap = cap,
     key = keys[1],
     lock_key = keys[1] .. ':l',
     due_key = keys[2],
@@ -1020,6 +1032,12 @@ end
 -- strings the reply carries; returns them (after the operation) in a flat
 -- { name, string, ... } list.
 local function save(C, shown)
+  if C.led and C.led_s1 and C.led_meta then
+    LED.queue(C, C.led_s1, C.led_meta)
+  end
+  if C.led and C.led[1] then
+    LED.guard(C.due_key, C.led_cap, #C.led) -- before the first write
+  end
   local hset, hdel = nil, nil
   local bd = nil
   for _, name in ipairs(C.pool_list) do
@@ -1125,6 +1143,7 @@ local function save(C, shown)
       out[2 * i] = P and P.out or ''
     end
   end
+  LED.flush(C)
   return out
 end
 
@@ -1572,25 +1591,39 @@ local function prepare(C)
     end)
     for _, x in ipairs(expired) do
       local lock = lock_state(C).locks[x.id]
+      local s0 = C.led and LED.snap(C)
       local o = release_held(C, lock, x.e)
       LIM.release_expired(C, lock[LOCK.limit_held])
+      if s0 then
+        LED.queue(C, s0, { op = 'lock_expired', feature = lock[LOCK.feature], lock_id = x.id })
+      end
       lock_state(C).receipts[x.id] = { x.e + C.ret_lock, lock[LOCK.feature], pack_outcome(o), lock[LOCK.pools] }
       set_lock(C, x.id, nil)
     end
     C.lock_due = le
   end
   local resets = 0
+  -- The ledger's items: what expired (buckets, rollover rows), what reset.
+  local led = C.led
+  local gone, reset = led and {}, led and {}
   for _, name in ipairs(C.pool_list) do
     local P = C.pools[name]
     local live = {}
     for _, b in ipairs(P.buckets) do
       if b.expires_at == nil or b.expires_at > now then
         live[#live + 1] = b
+      elseif led then
+        local t = LED.total(b)
+        if t ~= 0 then
+          gone[#gone + 1] = LED.item(b.id, name, b.plan_id, -t)
+        end
       end
     end
     P.buckets = live
     for _, b in ipairs(live) do
-      if reset_bucket(b, now) then
+      local t0 = led and LED.total(b)
+      local did = reset_bucket(b, now)
+      if did then
         resets = resets + 1
       end
       local rows, dropped = {}, false
@@ -1605,6 +1638,21 @@ local function prepare(C)
         b.rollovers = rows
         b.rewrite = true
       end
+      if led then
+        local d = LED.total(b) - t0
+        if d ~= 0 then
+          local list = did and reset or gone
+          list[#list + 1] = LED.item(b.id, name, b.plan_id, d)
+        end
+      end
+    end
+  end
+  if led then
+    if gone[1] then
+      led[#led + 1] = LED.encode(now, C.key, 'expire', nil, 0, gone, NONE)
+    end
+    if reset[1] then
+      led[#led + 1] = LED.encode(now, C.key, 'reset', nil, 0, reset, NONE)
     end
   end
   return resets
@@ -1649,11 +1697,18 @@ local function open(keys, args, pools, now, v)
           add_pool(C, p.pool, s, true)
         end
       end
+      if C.led then
+        C.led_s1 = LED.snap(C)
+      end
       return C, 0
     end
   end
   load_all(C)
-  return C, prepare(C)
+  local resets = prepare(C)
+  if C.led then
+    C.led_s1 = LED.snap(C)
+  end
+  return C, resets
 end
 
 ---------------------------------------------------------------------------
@@ -2729,6 +2784,240 @@ end
 -- pools are the pool, cost pairs from args[at] on, read in place (no table
 -- per pool). Buckets are read lazily in deduction order, only as far as
 -- the deduction goes: a consume the first bucket covers reads one bucket.
+---------------------------------------------------------------------------
+-- The ledger (issue 14, README § 12). With a cap in ARGV[2] (retention's
+-- third part), every change of a balance or a limit counter appends one
+-- entry to the slot's stream <due key>:ledger in this same call, encoded as
+-- src/ledger/codec.rs decodes it. A call whose entries would take the
+-- stream past `cap` refuses with store_full before it writes anything (the
+-- drain is behind: never a change without its entry).
+-- Entries are diffs of snapshots (a balance's remaining plus its rollover
+-- rows; a limit's counter), queued on C.led and added by save() after every
+-- other write: nothing may fail after the first XADD, as a script's writes
+-- are not undone.
+---------------------------------------------------------------------------
+LED.GROUP = 'creditgate-ledger' -- src/ledger/drain.rs: GROUP
+
+function LED.stream(due_key)
+  return due_key .. ':ledger'
+end
+
+-- Refuses when `adding` entries would take the stream past `cap`; creates
+-- the stream with the drain's group the first time (at 0: nothing written
+-- before is skipped).
+function LED.guard(due_key, cap, adding)
+  local s = LED.stream(due_key)
+  local n = rcall('XLEN', s)
+  if n + adding > cap then
+    fail('store_full', 'ledger stream full')
+  end
+  if n == 0 and rcall('EXISTS', s) == 0 then
+    rcall('XGROUP', 'CREATE', s, LED.GROUP, '0', 'MKSTREAM')
+  end
+end
+
+-- The customer id: the key's tag with its escapes (%XX) undone.
+function LED.customer(key)
+  local t = tag_of(key)
+  if find(t, '%', 1, true) then
+    t = (gsub(t, '%%(%x%x)', function(h)
+      return char(tonumber(h, 16))
+    end))
+  end
+  return t
+end
+
+function LED.total(b)
+  local t = b.remaining
+  for _, r in ipairs(b.rollovers) do
+    t = t + r.balance
+  end
+  return t
+end
+
+-- A limit's counter: window { kind, start, used }, rate { 'r', c1, c2 }.
+function LED.counters(list)
+  local out = {}
+  for _, l in ipairs(list) do
+    out[l.id] = { l.kind, l.c1, l.c2, l.q }
+  end
+  return out
+end
+
+function LED.snap(C)
+  local bs = {}
+  for _, name in ipairs(C.pool_list) do
+    for _, b in ipairs(C.pools[name].buckets) do
+      bs[#bs + 1] = { b.id, name, b, LED.total(b) }
+    end
+  end
+  return { b = bs, l = C.limits and LED.counters(C.limits) or nil }
+end
+
+function LED.item(id, pool, plan, amount)
+  return id .. GS .. pool .. GS .. (plan or '') .. GS .. fmt(amount)
+end
+
+-- a * b + c in decimal, 0 <= a, b, c < 2^53 (a rate's TAT, c1 * rate + c2,
+-- may pass 2^53): limbs of 10^6, every partial sum below 2^53.
+function LED.mul_add(a, b, c)
+  local B = 1000000
+  local function limbs(x)
+    local x0 = x % B
+    local x1 = (x - x0) / B
+    local y1 = x1 % B
+    return { x0, y1, (x1 - y1) / B }
+  end
+  local x, y, z = limbs(a), limbs(b), limbs(c)
+  local p = { z[1], z[2], z[3], 0, 0, 0 }
+  for i = 1, 3 do
+    for j = 1, 3 do
+      p[i + j - 1] = p[i + j - 1] + x[i] * y[j]
+    end
+  end
+  local carry = 0
+  for k = 1, 6 do
+    local v = p[k] + carry
+    local r = v % B
+    p[k], carry = r, (v - r) / B
+  end
+  local top = 6
+  while top > 1 and p[top] == 0 do
+    top = top - 1
+  end
+  local parts = { fmt(p[top]) }
+  for k = top - 1, 1, -1 do
+    parts[#parts + 1] = format('%06d', p[k])
+  end
+  return concat(parts)
+end
+
+-- The limit items from counters `w` (before) to `list` (after), as
+-- Snapshot::diff: a window's used in its window (a window rolled over with
+-- nothing used needs none), a rate's TAT when it moved.
+function LED.limit_items(w, list)
+  local out, seen = {}, {}
+  for _, l in ipairs(list) do
+    seen[l.id] = true
+    local b = w[l.id]
+    if l.kind == 'r' then
+      local moved
+      if b then
+        moved = b[2] ~= l.c1 or b[3] ~= l.c2
+      else
+        moved = (l.c1 or 0) ~= 0 or l.c2 ~= 0
+      end
+      if moved then
+        out[#out + 1] = l.id .. GS .. GS .. '0' .. GS .. LED.mul_add(l.c1 or 0, max(l.q, 1), l.c2)
+      end
+    elseif l.c1 then
+      local before = (b and b[1] ~= 'r' and b[2] == l.c1) and b[3] or 0
+      if l.c2 ~= before then
+        out[#out + 1] = l.id .. GS .. fmt(l.c1) .. GS .. fmt(l.c2 - before) .. GS
+      end
+    end
+  end
+  for id, b in pairs(w) do
+    if not seen[id] then
+      if b[1] == 'r' then
+        if (b[2] or 0) ~= 0 or b[3] ~= 0 then
+          out[#out + 1] = id .. GS .. GS .. '0' .. GS .. '0'
+        end
+      elseif b[2] and b[3] ~= 0 then
+        out[#out + 1] = id .. GS .. fmt(b[2]) .. GS .. fmt(-b[3]) .. GS
+      end
+    end
+  end
+  return out
+end
+
+-- The balance items from snapshot `s` to C's buckets now.
+function LED.balance_items(C, s)
+  local items, was, seen = {}, {}, {}
+  for _, x in ipairs(s.b) do
+    was[x[1]] = x
+  end
+  for _, name in ipairs(C.pool_list) do
+    for _, b in ipairs(C.pools[name].buckets) do
+      seen[b.id] = true
+      local x = was[b.id]
+      local d = LED.total(b) - (x and x[4] or 0)
+      if d ~= 0 then
+        items[#items + 1] = LED.item(b.id, name, b.plan_id, d)
+      end
+    end
+  end
+  for _, x in ipairs(s.b) do
+    if not seen[x[1]] and x[4] ~= 0 then
+      items[#items + 1] = LED.item(x[1], x[2], x[3].plan_id, -x[4])
+    end
+  end
+  return items
+end
+
+-- One encoded entry (codec.rs, version 1).
+function LED.encode(now, key, op, feature, units, balances, limits, idem, lock_id)
+  return concat({
+    '1', fmt(now), LED.customer(key), feature or '', op, fmt(units or 0),
+    concat(balances, RS), concat(limits, RS), idem or '', lock_id or '', '',
+  }, US)
+end
+
+-- Queues the entry for the change from snapshot `s` to now, unless nothing
+-- moved (and m.always is not set). m: { op, feature, units, key, lock_id, always }.
+function LED.queue(C, s, m)
+  local bi = LED.balance_items(C, s)
+  local li = NONE
+  if C.limits then
+    local w = s.l
+    if not w then -- read after the snapshot: the stored counters are its
+      w = LED.counters(LIM.decode(C.limits_src))
+    end
+    li = LED.limit_items(w, C.limits)
+  end
+  if bi[1] == nil and li[1] == nil and not m.always then
+    return
+  end
+  C.led[#C.led + 1] = LED.encode(C.now, C.key, m.op, m.feature, m.units, bi, li, m.key, m.lock_id)
+end
+
+function LED.flush(C)
+  local q = C.led
+  if q and q[1] then
+    local s = LED.stream(C.due_key)
+    for _, e in ipairs(q) do
+      rcall('XADD', s, '*', 'e', e)
+    end
+    C.led = {}
+  end
+end
+
+-- apply_op's entry: consume, track, refund (a negative track), reserve
+-- (the units held), finalize (always: the held units less what went back,
+-- plus what an override took beyond them).
+function LED.meta(op, o, feature, units, key, lock_id, held)
+  local taken = 0
+  for _, e in ipairs(o.entries) do
+    taken = taken + e.units
+  end
+  local m = { op = op, feature = feature, units = taken, key = key ~= '' and key or nil }
+  if op == 'track' and units < 0 then
+    m.op = 'refund'
+  elseif op == 'reserve' then
+    m.units, m.lock_id = o.allowed and units or 0, lock_id
+  elseif op == 'finalize' then
+    m.units, m.lock_id, m.always = (held or 0) + taken, lock_id, true
+  end
+  return m
+end
+
+-- The plan id of the plain bucket starting at `pos` of pool string `ps`.
+function LED.plan_at(ps, pos)
+  local e = find(ps, RS, pos, true)
+  local p = split(sub(ps, pos, (e or 0) - 1), US)[B_PLAN_ID]
+  return p ~= '' and p or nil
+end
+
 local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   at = at - 1 -- pool i is args[at + 2i - 1], its cost args[at + 2i]
   local np = (#args - at) / 2
@@ -2849,7 +3138,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
               es, W = {}, {}
             end
             ne = ne + 1
-            es[ne] = { sub(ps, j + 1, (e or 0) - 1), args[at + 2 * pi - 1], paid, took }
+            es[ne] = { sub(ps, j + 1, (e or 0) - 1), args[at + 2 * pi - 1], paid, took, pi, pos }
             W[nw + 1], W[nw + 2], W[nw + 3], W[nw + 4] = pi, pos, j, rem - paid
             nw = nw + 4
           end
@@ -2898,7 +3187,7 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
             es, W = {}, {}
           end
           ne = ne + 1
-          es[ne] = { sub(ps, j + 1, (e or 0) - 1), args[at + 2 * first_pi - 1], paid, need }
+          es[ne] = { sub(ps, j + 1, (e or 0) - 1), args[at + 2 * first_pi - 1], paid, need, first_pi, 1 }
           -- The first bucket goes first in W (W stays in string order).
           for x = nw, 1, -1 do
             W[x + 4] = W[x]
@@ -2996,6 +3285,16 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       allowed, uncovered, keep, es, ne = false, units, false, NONE, 0
     end
   end
+  -- The ledger (§ 12): a call that may write an entry refuses before its
+  -- first write when the stream is full.
+  local cap = nil
+  if find(args[2], ',', 1, true) then
+    local _, _, c = retention(args[2])
+    cap = c
+  end
+  if cap and keep and (nw > 0 or (judged and nl > 0)) then
+    LED.guard(keys[2], cap, 1)
+  end
   -- Write back: each rewritten bucket's new remaining before its unchanged
   -- rest, spliced from the end of each pool string so positions hold; the
   -- limits taken spliced into the limits' field the same way.
@@ -3079,6 +3378,36 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
       o.entries[i] = { balance_id = e[1], pool = e[2], kind = 'b', amount = e[3], units = e[4] }
     end
     idem_put(C, ifield, ifp, o, C.pools_arg)
+  end
+  if cap and keep then
+    local bi, li, taken = {}, {}, 0
+    for k = 1, ne do
+      local e = es[k]
+      taken = taken + e[4]
+      if e[3] ~= 0 then
+        bi[#bi + 1] = LED.item(e[1], e[2], LED.plan_at(v[e[5] + 1], e[6]), -e[3])
+      end
+    end
+    if judged then
+      for i = 1, nl do
+        local a = lims[i]
+        local d = a[1]
+        if d.ms then
+          if a[12] ~= 0 then
+            li[#li + 1] = d.id .. GS .. fmt(a[8]) .. GS .. fmt(a[12]) .. GS
+          end
+        else
+          local l = a[13]
+          if l.c1 ~= a[4] or l.c2 ~= a[5] then
+            li[#li + 1] = d.id .. GS .. GS .. '0' .. GS .. LED.mul_add(l.c1 or 0, max(l.q, 1), l.c2)
+          end
+        end
+      end
+    end
+    if bi[1] or li[1] then
+      local entry = LED.encode(now, keys[1], op, feature, taken, bi, li, key ~= '' and key or nil, nil)
+      rcall('XADD', LED.stream(keys[2]), '*', 'e', entry)
+    end
   end
   -- The reply (outcome_reply's shape); entries: pool, id, '' (a bucket),
   -- amount, units.
@@ -3209,6 +3538,7 @@ function FNS.grant(keys, args)
   add_pool(C, pool, nil)
   insert_ordered(C.pools[pool], b)
   C.next_seq = seq + 1
+  C.led_meta = { op = 'grant' }
   save(C, nil)
   return { bid, now }
 end
@@ -3243,6 +3573,7 @@ function FNS.update_bucket(keys, args)
     fail('amount_out_of_range')
   end
   target.remaining = nxt
+  C.led_meta = { op = 'update' }
   save(C, nil)
   return { 1, C.now }
 end
@@ -3385,6 +3716,7 @@ local function apply_op(keys, args, op, key, feature, units, mode, lock_id, expi
       end
     else
       local lock = get_lock(C, lock_id)
+      C.led_held = lock and lock[LOCK.units]
       if not lock then
         local r = get_receipt(C, lock_id)
         if not r then
@@ -3419,6 +3751,9 @@ local function apply_op(keys, args, op, key, feature, units, mode, lock_id, expi
         end
       end
     end
+  end
+  if C.led and not replayed then
+    C.led_meta = LED.meta(op, o, shown, units, key, lock_id, C.led_held)
   end
   local strings = save(C, shown and shown_pools or NONE)
   if ifield and not replayed then
@@ -3506,6 +3841,9 @@ function FNS.balances(keys, args)
     end
     C.full = true
     prepare(C)
+    if C.led then
+      C.led_s1 = LED.snap(C)
+    end
     local all = {}
     for i, name in ipairs(C.pool_list) do
       all[i] = { pool = name }
@@ -3547,6 +3885,16 @@ function FNS.set_limits(keys, args)
     return { 0, now }
   end
   local new = args[4] or ''
+  -- The ledger (§ 12): the counters the new list drops or resets.
+  local _, _, cap = retention(args[2])
+  local entry = nil
+  if cap then
+    local li = LED.limit_items(LED.counters(LIM.decode(v[2] or '')), LIM.decode(new))
+    if li[1] then
+      LED.guard(keys[2], cap, 1)
+      entry = LED.encode(now, keys[1], 'update', nil, 0, NONE, li)
+    end
+  end
   if new == '' then
     if v[2] then
       rcall('HDEL', keys[1], LIMITS_FIELD)
@@ -3559,6 +3907,9 @@ function FNS.set_limits(keys, args)
   if C.has_limits ~= (new ~= '') then
     C.has_limits = new ~= ''
     rcall('HSET', keys[1], RECORD_FIELD, encode_record(C))
+  end
+  if entry then
+    rcall('XADD', LED.stream(keys[2]), '*', 'e', entry)
   end
   return { 1, now }
 end

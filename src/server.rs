@@ -127,6 +127,7 @@ fn redis_options(config: &Config) -> Result<Option<(&'static str, RedisOptions)>
                 })?),
             },
         },
+        ledger_cap: config.ledger.as_ref().map(|l| l.stream_max),
     };
     Ok(Some((key, opts)))
 }

@@ -334,14 +334,14 @@ fn the_cli_prints_the_library_and_migrates_from_a_configuration() {
         creditgate::engine::redis::LIBRARY,
         "stdout is the library exactly (FUNCTION LOAD takes it as is)"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("creditgate_cg2_v6"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("creditgate_cg2_v7"));
     let name = std::process::Command::new(bin)
         .args(["scripts", "--name"])
         .output()
         .unwrap();
     assert_eq!(
         String::from_utf8(name.stdout).unwrap(),
-        "creditgate_cg2_v6\n"
+        "creditgate_cg2_v7\n"
     );
 
     let dir = tempfile::tempdir().unwrap();

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::streams::StreamReadReply;
 
 use crate::ledger::codec;
@@ -56,6 +56,11 @@ pub struct DrainOptions {
     pub idle_poll: Duration,
     /// First pause after a failure (doubled up to 5 s).
     pub retry_min: Duration,
+    /// Create the group on every stream first (`XGROUP CREATE … MKSTREAM`).
+    /// Off for the every-slot drain of `serve`: the library creates a
+    /// slot's stream with its group on its first entry, and 16,384 empty
+    /// streams would only cost memory.
+    pub create_groups: bool,
 }
 
 impl Default for DrainOptions {
@@ -66,6 +71,7 @@ impl Default for DrainOptions {
             claim_idle_ms: 30_000,
             idle_poll: Duration::from_millis(100),
             retry_min: Duration::from_millis(50),
+            create_groups: true,
         }
     }
 }
@@ -83,9 +89,15 @@ pub struct DrainStats {
     pub failures: u64,
 }
 
-/// One drain over a set of stream keys.
-pub struct Drain {
-    conn: ConnectionManager,
+/// Streams whose length one pipeline asks for (the every-slot drain asks
+/// for 16,384 in 16 round trips).
+const XLEN_CHUNK: usize = 1024;
+
+/// One drain over a set of stream keys, on a standalone server
+/// ([`ConnectionManager`]) or a cluster (any [`ConnectionLike`] that routes
+/// each key to its node).
+pub struct Drain<C = ConnectionManager> {
+    conn: C,
     store: LedgerStore,
     streams: Vec<String>,
     opts: DrainOptions,
@@ -95,13 +107,8 @@ pub struct Drain {
     pub stats: DrainStats,
 }
 
-impl Drain {
-    pub fn new(
-        conn: ConnectionManager,
-        store: LedgerStore,
-        streams: Vec<String>,
-        opts: DrainOptions,
-    ) -> Drain {
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
+    pub fn new(conn: C, store: LedgerStore, streams: Vec<String>, opts: DrainOptions) -> Drain<C> {
         Drain {
             conn,
             store,
@@ -113,8 +120,12 @@ impl Drain {
         }
     }
 
-    /// Creates the group on every stream (idempotent).
+    /// Creates the group on every stream (idempotent), when
+    /// [`DrainOptions::create_groups`].
     pub async fn prepare(&mut self) -> Result<(), DrainError> {
+        if !self.opts.create_groups {
+            return Ok(());
+        }
         for s in &self.streams {
             let r: Result<(), _> = redis::cmd("XGROUP")
                 .arg("CREATE")
@@ -132,9 +143,30 @@ impl Drain {
         Ok(())
     }
 
+    /// The streams holding entries (pending ones included: an entry is
+    /// deleted only once committed), by pipelined `XLEN`.
+    async fn non_empty(&mut self) -> Result<Vec<String>, DrainError> {
+        let mut out = vec![];
+        for chunk in self.streams.chunks(XLEN_CHUNK) {
+            let mut pipe = redis::pipe();
+            for s in chunk {
+                pipe.cmd("XLEN").arg(s);
+            }
+            let lens: Vec<u64> = pipe.query_async(&mut self.conn).await?;
+            out.extend(
+                chunk
+                    .iter()
+                    .zip(lens)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(s, _)| s.clone()),
+            );
+        }
+        Ok(out)
+    }
+
     /// Moves other consumers' entries idle for `claim_idle_ms` to this one.
-    async fn claim(&mut self) -> Result<(), DrainError> {
-        for s in &self.streams {
+    async fn claim(&mut self, streams: &[String]) -> Result<(), DrainError> {
+        for s in streams {
             let mut cursor = "0-0".to_string();
             loop {
                 let (next, ids, _deleted): (String, Vec<String>, Vec<String>) =
@@ -166,15 +198,16 @@ impl Drain {
     /// write them, acknowledge and delete them. Returns how many entries
     /// were committed.
     pub async fn round(&mut self) -> Result<usize, DrainError> {
+        let streams = self.non_empty().await?;
         let claim_every = Duration::from_millis(self.opts.claim_idle_ms.max(100));
         if self.last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
-            self.claim().await?;
+            self.claim(&streams).await?;
         }
         let start = if self.recovering { "0" } else { ">" };
         let mut entries: Vec<LedgerEntry> = Vec::new();
         let mut done: HashMap<String, Vec<String>> = HashMap::new();
         let mut dead: Vec<(String, String, String)> = Vec::new();
-        for s in &self.streams {
+        for s in &streams {
             let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
                 .arg("GROUP")
                 .arg(GROUP)
@@ -280,11 +313,18 @@ impl Drain {
 
 /// Entries in the streams not yet in the database (unread or unacknowledged):
 /// the sum of `XLEN` (acknowledged entries are deleted).
-pub async fn backlog(conn: &mut ConnectionManager, streams: &[String]) -> Result<u64, DrainError> {
-    let mut pipe = redis::pipe();
-    for s in streams {
-        pipe.cmd("XLEN").arg(s);
+pub async fn backlog<C: ConnectionLike>(
+    conn: &mut C,
+    streams: &[String],
+) -> Result<u64, DrainError> {
+    let mut total = 0;
+    for chunk in streams.chunks(XLEN_CHUNK) {
+        let mut pipe = redis::pipe();
+        for s in chunk {
+            pipe.cmd("XLEN").arg(s);
+        }
+        let lens: Vec<u64> = pipe.query_async(conn).await?;
+        total += lens.iter().sum::<u64>();
     }
-    let lens: Vec<u64> = pipe.query_async(conn).await?;
-    Ok(lens.iter().sum())
+    Ok(total)
 }

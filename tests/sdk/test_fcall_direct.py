@@ -109,11 +109,11 @@ def r():
 def test_fcall_and_http_see_the_same_balances(r):
     cid = "py-" + uuid.uuid4().hex + " {é}"
     k = keys(cid)
-    fn = r.execute_command("FUNCTION", "LIST", "LIBRARYNAME", "creditgate_cg2_v6")
+    fn = r.execute_command("FUNCTION", "LIST", "LIBRARYNAME", "creditgate_cg2_v7")
     assert fn, "the sidecar loaded the library"
 
     def fcall(function, *args):
-        return r.fcall("cg2_v6_" + function, len(k), *k, *args)
+        return r.fcall("cg2_v7_" + function, len(k), *k, *args)
 
     def direct():
         """Every owned pool's remaining, by FCALL balances."""

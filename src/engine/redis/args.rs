@@ -89,7 +89,16 @@ pub mod set_limits {
 }
 
 /// The retention argument: `''` for the default (24 h both), else as
-/// [`header::RETENTION`] says.
+/// [`header::RETENTION`] says; with the ledger on, its third part is the
+/// per-stream cap (lua/README.md § 12).
+pub fn retention_with_ledger(r: Retention, ledger_cap: Option<u64>) -> String {
+    match ledger_cap {
+        None => retention(r),
+        Some(cap) => format!("{},{},{cap}", r.idempotency_ms, r.finalized_lock_ms),
+    }
+}
+
+/// The retention argument without the ledger.
 pub fn retention(r: Retention) -> String {
     const DEFAULT: i64 = 86_400_000;
     if r.idempotency_ms == DEFAULT && r.finalized_lock_ms == DEFAULT {

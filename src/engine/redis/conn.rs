@@ -81,6 +81,9 @@ pub struct RedisOptions {
     pub wait_pool: usize,
     /// TLS for `rediss://` targets.
     pub tls: Tls,
+    /// The ledger (issue 14): `Some(cap)` makes every function append its
+    /// entries to the slot's stream, refusing past `cap` entries per stream.
+    pub ledger_cap: Option<u64>,
 }
 
 impl RedisOptions {
@@ -95,6 +98,7 @@ impl RedisOptions {
             wait_replicas: 0,
             wait_pool: 32,
             tls: Tls::default(),
+            ledger_cap: None,
         }
     }
 }

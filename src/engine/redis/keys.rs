@@ -11,6 +11,8 @@
 //!   customer's tag, score the earliest instant something of it is due;
 //! - `<ns>cg2:due:{<slot tag>}:i:<window>`: the slot's idempotency records
 //!   written in one retention window (hash, PX);
+//! - `<ns>cg2:due:{<slot tag>}:ledger`: stream, the slot's ledger entries
+//!   not yet in the database (issue 14; lua/README.md § 12);
 //! - `<ns>cg:layout`: the layout marker (`cg2`).
 
 use std::sync::OnceLock;
@@ -130,6 +132,19 @@ fn base36(mut n: u64) -> String {
     }
     out.reverse();
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// The ledger stream of the slot whose due index is `due_key`.
+pub fn ledger_stream(due_key: &str) -> String {
+    format!("{due_key}:ledger")
+}
+
+/// Every slot's ledger stream under namespace `ns`, in slot order.
+pub fn ledger_streams(ns: &str) -> Vec<String> {
+    slot_tags()
+        .iter()
+        .map(|t| ledger_stream(&format!("{ns}{LAYOUT}due:{{{t}}}")))
+        .collect()
 }
 
 /// The keys of one customer.

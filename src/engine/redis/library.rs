@@ -25,7 +25,7 @@ pub const LIBRARY_NAME: &str = library_name(LIBRARY);
 pub const LAYOUT: &str = layout(LIBRARY_NAME);
 
 /// The prefix of every function name (`<layout>_<version>_`, e.g.
-/// `cg2_v6_`): line 2 of the file spells it out, a test holds the two equal.
+/// `cg2_v7_`): line 2 of the file spells it out, a test holds the two equal.
 pub const FUNCTION_PREFIX: &str = function_prefix(LIBRARY_NAME);
 
 /// Redis Functions and `PEXPIRE … NX` need this version.
@@ -55,7 +55,7 @@ const fn library_name(src: &'static str) -> &'static str {
     }
 }
 
-/// `creditgate_cg2_v6` → `cg2_v6_`'s parts: what follows `creditgate_`.
+/// `creditgate_cg2_v7` → `cg2_v7_`'s parts: what follows `creditgate_`.
 const fn tail(name: &'static str) -> &'static [u8] {
     let (_, t) = name.as_bytes().split_at("creditgate_".len());
     t

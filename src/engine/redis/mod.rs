@@ -113,7 +113,7 @@ impl RedisEngine {
             library,
             catalog,
             clock,
-            retention: args::retention(opts.retention),
+            retention: args::retention_with_ledger(opts.retention, opts.ledger_cap),
             namespace: opts.namespace,
             sweeper_id: format!("{:016x}", rand::random::<u64>()),
             last_instant: AtomicI64::new(NO_INSTANT),

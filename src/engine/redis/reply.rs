@@ -327,6 +327,11 @@ pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
             Some(Code::StoreUnavailable) => EngineError::StoreUnavailable(Cause::msg(
                 "the call reached Redis after its deadline and applied nothing",
             )),
+            // The ledger's stream is at its cap (the drain is behind): the
+            // call refused before writing anything.
+            Some(Code::StoreFull) => EngineError::StoreFull(Cause::msg(format!(
+                "the ledger stream is full (the drain is behind): {rest}"
+            ))),
             Some(Code::InvalidInputs) => {
                 let (field, reason) = rest.split_once(' ').unwrap_or((rest, ""));
                 let field = INVALID_FIELDS

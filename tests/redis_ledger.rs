@@ -1,0 +1,474 @@
+//! The Redis engine's usage ledger (issue 14): every function that changes a
+//! balance or a limit counter appends its entry to the slot's stream in the
+//! same call; the drain copies the streams into SQLite; replaying a
+//! customer's entries from the database gives every balance and counter the
+//! engine holds. The stream's cap refuses before anything is written.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::http::T0;
+use common::redis::{namespace, RedisServer};
+use creditgate::calendar::Interval;
+use creditgate::engine::redis::keys;
+use creditgate::engine::redis::{RedisEngine, RedisOptions};
+use creditgate::ledger::drain::{Drain, DrainOptions};
+use creditgate::ledger::store::LedgerStore;
+use creditgate::ledger::{self, LedgerEntry, LedgerOp};
+use creditgate::limits::Counter;
+use creditgate::model::{
+    BalanceChange, BucketUpdate, FinalizeAction, Grant, OverageBehavior, Retention,
+};
+use creditgate::{Amount, Clock, Engine, EngineError, ManualClock};
+
+const DAY: i64 = 86_400_000;
+
+struct Fx {
+    clock: Arc<ManualClock>,
+    engine: Arc<RedisEngine>,
+    ns: String,
+    conn: redis::aio::ConnectionManager,
+    store: LedgerStore,
+    _dir: tempfile::TempDir,
+}
+
+async fn fx(cap: u64) -> Fx {
+    let config = common::http::config();
+    let clock = Arc::new(ManualClock::new(T0));
+    let ns = namespace();
+    let opts = RedisOptions {
+        namespace: ns.clone(),
+        retention: Retention::default(),
+        ledger_cap: Some(cap),
+        ..RedisOptions::standalone(&RedisServer::shared().url())
+    };
+    let c: Arc<dyn Clock> = clock.clone();
+    let engine = RedisEngine::connect(opts, config.catalog.clone(), Some(c))
+        .await
+        .expect("connect the redis engine");
+    let client = redis::Client::open(RedisServer::shared().url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = LedgerStore::open(&format!("sqlite://{}/ledger.db", dir.path().display()))
+        .await
+        .unwrap();
+    Fx {
+        clock,
+        engine: Arc::new(engine),
+        ns,
+        conn,
+        store,
+        _dir: dir,
+    }
+}
+
+impl Fx {
+    fn stream_of(&self, customer: &str) -> String {
+        keys::ledger_stream(&self.engine.keys(customer).due)
+    }
+
+    /// Drains every slot's stream of the namespace into the store until
+    /// none holds an entry; returns how many were committed.
+    async fn drain(&self) -> u64 {
+        let streams = keys::ledger_streams(&self.ns);
+        let opts = DrainOptions {
+            create_groups: false,
+            ..DrainOptions::default()
+        };
+        let mut d = Drain::new(self.conn.clone(), self.store.clone(), streams, opts);
+        // A round that finds nothing pending turns to new entries: the
+        // next one reads them.
+        for _ in 0..1000 {
+            if d.round().await.unwrap() == 0 && d.backlog().await.unwrap() == 0 {
+                return d.stats.committed;
+            }
+        }
+        panic!("the drain did not empty the streams")
+    }
+
+    async fn entries(&self, customer: &str) -> Vec<LedgerEntry> {
+        self.store.entries_of(customer).await.unwrap()
+    }
+
+    /// Replays the customer's entries from the database and holds them to
+    /// what Redis holds: every balance's remaining plus rollover balances,
+    /// every window counter, every rate.
+    async fn assert_books_balance(&self, customer: &str) {
+        let entries = self.entries(customer).await;
+        let books = ledger::replay(&entries);
+        let b = self.engine.balances(customer).await.unwrap();
+        let mut seen = vec![];
+        for p in &b.pools {
+            for x in &p.buckets {
+                let total = x.remaining.raw() as i128
+                    + x.rollovers
+                        .iter()
+                        .map(|r| r.balance.raw() as i128)
+                        .sum::<i128>();
+                assert_eq!(
+                    books.balances.get(&x.balance_id).copied().unwrap_or(0),
+                    total,
+                    "balance {} of {customer}",
+                    x.balance_id
+                );
+                seen.push(x.balance_id.clone());
+            }
+        }
+        for (id, amount) in &books.balances {
+            if !seen.contains(id) {
+                assert_eq!(*amount, 0, "a gone balance {id} left {amount} on the books");
+            }
+        }
+        let mut conn = self.conn.clone();
+        let field: Option<String> = redis::cmd("HGET")
+            .arg(&self.engine.keys(customer).customer)
+            .arg(keys_limits_field())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let limits = creditgate::engine::redis::limits::decode(&field.unwrap_or_default()).unwrap();
+        for l in &limits {
+            let book = books.limits.get(&l.def.id).copied().unwrap_or_default();
+            match l.counter {
+                Counter::Window { start, used, .. } => {
+                    if book.window_start == Some(start) {
+                        assert_eq!(book.used, used as i128, "limit {} of {customer}", l.def.id);
+                    } else {
+                        assert_eq!(used, 0, "limit {} window {start} of {customer}", l.def.id);
+                    }
+                }
+                Counter::Rate { tat } => {
+                    assert_eq!(
+                        book.tat.unwrap_or(0),
+                        tat,
+                        "rate {} of {customer}",
+                        l.def.id
+                    )
+                }
+            }
+        }
+        for w in entries.windows(2) {
+            assert!(ledger::parse_id(&w[0].id).unwrap() < ledger::parse_id(&w[1].id).unwrap());
+        }
+    }
+}
+
+fn keys_limits_field() -> &'static str {
+    creditgate::engine::redis::limits::FIELD
+}
+
+fn monthly(pool: &str, granted: i64) -> Grant {
+    Grant {
+        pool: pool.into(),
+        granted: Amount::whole(granted),
+        interval: Some(Interval::Month),
+        ..Grant::default()
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn limits(catalog: &creditgate::model::Catalog, rate: bool) -> creditgate::limits::LimitsUpdate {
+    use creditgate::limits::{LimitList, LimitSource, LimitSpec};
+    let window = LimitSpec {
+        feature_id: "credits".into(),
+        limit: Some(Amount::whole(150)),
+        interval: Some("day".into()),
+        ..Default::default()
+    }
+    .build(LimitList::UsageLimits, LimitSource::UsageLimits, catalog)
+    .unwrap();
+    let rate = rate.then(|| {
+        vec![LimitSpec {
+            feature_id: "premium_message".into(),
+            kind: Some("rate".into()),
+            rate: Some(Amount::whole(7)),
+            interval: Some("hour".into()),
+            burst: Some(Amount::whole(9)),
+            ..Default::default()
+        }
+        .build(LimitList::RateLimits, LimitSource::RateLimits, catalog)
+        .unwrap()]
+    });
+    creditgate::limits::LimitsUpdate {
+        usage_limits: Some(vec![window]),
+        rate_limits: rate,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaying_the_drained_ledger_gives_every_balance_and_counter() {
+    let f = fx(1_000_000).await;
+    let e = f.engine.clone();
+    let config = common::http::config();
+    // Ids with escapes: the entry carries the id, not the key's tag.
+    let customers = ["c0", "c1", "c 2%{x}", "c3"];
+    for (i, c) in customers.iter().enumerate() {
+        e.create_customer(c).await.unwrap();
+        let mut g = monthly("credits", 200);
+        g.rollover = Some(creditgate::model::RolloverConfig {
+            max: Some(Amount::whole(100)),
+            max_percentage: None,
+            duration: creditgate::model::RolloverDuration::Month,
+            length: Some(2),
+        });
+        e.grant(c, &g).await.unwrap();
+        e.grant(c, &monthly("premium_message", 5)).await.unwrap();
+        let expiring = Grant {
+            expires_at: Some(T0 + 10 * DAY),
+            ..monthly("premium_message", 1000)
+        };
+        let expiring = Grant {
+            interval: None,
+            ..expiring
+        };
+        e.grant(c, &expiring).await.unwrap();
+        if i < 2 {
+            e.set_limits(c, &limits(&config.catalog, i == 0))
+                .await
+                .unwrap();
+        }
+    }
+    let mut tasks = vec![];
+    for t in 0..4u64 {
+        let e = e.clone();
+        let clock = f.clock.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1));
+            for i in 0..200 {
+                let c = ["c0", "c1", "c 2%{x}", "c3"][r.below(4) as usize];
+                let units = Amount::whole(r.below(12) as i64 + 1);
+                let feature = ["basic_message", "premium_message"][r.below(2) as usize];
+                let lock = format!("l{t}-{i}");
+                match r.below(9) {
+                    0 if r.below(2) == 0 => {
+                        let _ = e.grant(c, &monthly("credits", 20)).await;
+                    }
+                    0 => {
+                        let change = if r.below(2) == 0 {
+                            BalanceChange::AddToBalance(Amount::whole(r.below(7) as i64))
+                        } else {
+                            BalanceChange::SetRemaining(Amount::whole(50 + r.below(50) as i64))
+                        };
+                        let u = BucketUpdate {
+                            pool: "credits".into(),
+                            balance_id: None,
+                            change,
+                        };
+                        let _ = e.update_bucket(c, &u).await;
+                    }
+                    1 | 2 => {
+                        let _ = e.track(c, feature, units, OverageBehavior::Cap, None).await;
+                    }
+                    3 => {
+                        let back = Amount::whole(-(r.below(5) as i64));
+                        let _ = e.track(c, feature, back, OverageBehavior::Cap, None).await;
+                    }
+                    4 => {
+                        let _ = e.consume(c, feature, units, None).await;
+                    }
+                    5 => {
+                        let expires = Some(clock.now_ms() + DAY);
+                        let _ = e.reserve(c, &lock, feature, units, expires, None).await;
+                        let action = if r.below(2) == 0 {
+                            FinalizeAction::Confirm
+                        } else {
+                            FinalizeAction::Release
+                        };
+                        let over = (r.below(3) == 0).then(|| Amount::whole(r.below(9) as i64));
+                        if r.below(4) != 0 {
+                            let _ = e.finalize(c, &lock, action, over, None).await;
+                        }
+                    }
+                    6 => {
+                        let key = format!("k{}", r.below(5));
+                        let _ = e
+                            .track(c, feature, units, OverageBehavior::Cap, Some(&key))
+                            .await;
+                    }
+                    7 => {
+                        let _ = e
+                            .track(c, feature, units, OverageBehavior::Overflow, None)
+                            .await;
+                    }
+                    _ => {
+                        if t == 0 {
+                            clock.advance(DAY / 2 + r.below(DAY as u64) as i64);
+                        }
+                        let _ = e.reset_due(c).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    f.clock.advance(40 * DAY);
+    e.sweep_due().await.unwrap();
+    let committed = f.drain().await;
+    let mut total = 0;
+    let mut ops = std::collections::BTreeMap::<&'static str, usize>::new();
+    for c in customers {
+        let entries = f.entries(c).await;
+        total += entries.len();
+        for x in &entries {
+            assert_eq!(x.customer_id, c);
+            *ops.entry(x.op.as_str()).or_default() += 1;
+        }
+        f.assert_books_balance(c).await;
+    }
+    assert_eq!(
+        total as u64, committed,
+        "every drained entry is a customer's"
+    );
+    assert!(total >= 300, "only {total} entries: {ops:?}");
+    for op in [
+        LedgerOp::Grant,
+        LedgerOp::Track,
+        LedgerOp::Refund,
+        LedgerOp::Consume,
+        LedgerOp::Reserve,
+        LedgerOp::Finalize,
+        LedgerOp::LockExpired,
+        LedgerOp::Reset,
+        LedgerOp::Expire,
+        LedgerOp::Update,
+    ] {
+        assert!(
+            ops.get(op.as_str()).copied().unwrap_or(0) > 0,
+            "no {op:?} entry: {ops:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn each_change_is_its_own_entry_and_a_replay_appends_nothing() {
+    let f = fx(1_000_000).await;
+    let e = &f.engine;
+    e.create_customer("a").await.unwrap();
+    let id = e.grant("a", &monthly("credits", 100)).await.unwrap();
+    // The hot path (no limits, no key): premium at 10 credits each.
+    let t = e
+        .track(
+            "a",
+            "premium_message",
+            Amount::whole(3),
+            OverageBehavior::Cap,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(t.allowed);
+    f.clock.advance(32 * DAY);
+    e.track(
+        "a",
+        "basic_message",
+        Amount::whole(1),
+        OverageBehavior::Cap,
+        Some("once"),
+    )
+    .await
+    .unwrap();
+    let again = e
+        .track(
+            "a",
+            "basic_message",
+            Amount::whole(1),
+            OverageBehavior::Cap,
+            Some("once"),
+        )
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    // A denial appends nothing.
+    let denied = e
+        .consume("a", "premium_message", Amount::whole(1000), None)
+        .await
+        .unwrap();
+    assert!(!denied.allowed);
+    f.drain().await;
+    let entries = f.entries("a").await;
+    let ops: Vec<LedgerOp> = entries.iter().map(|x| x.op).collect();
+    assert_eq!(
+        ops,
+        [
+            LedgerOp::Grant,
+            LedgerOp::Track,
+            LedgerOp::Reset,
+            LedgerOp::Track
+        ]
+    );
+    let track = &entries[1];
+    assert_eq!(track.feature_id.as_deref(), Some("premium_message"));
+    assert_eq!(track.units, Amount::whole(3));
+    assert_eq!(track.balances.len(), 1);
+    assert_eq!(track.balances[0].balance_id, id);
+    assert_eq!(track.balances[0].pool, "credits");
+    assert_eq!(track.balances[0].amount, Amount::whole(-30));
+    assert_eq!(track.at, T0);
+    assert_eq!(entries[2].balances[0].amount, Amount::whole(30));
+    assert_eq!(entries[3].idempotency_key.as_deref(), Some("once"));
+    assert_eq!(entries[3].at, T0 + 32 * DAY);
+    f.assert_books_balance("a").await;
+}
+
+#[tokio::test]
+async fn a_full_stream_refuses_before_writing_and_drains_back_to_service() {
+    let f = fx(3).await;
+    let e = &f.engine;
+    e.create_customer("a").await.unwrap();
+    e.grant("a", &monthly("credits", 100)).await.unwrap();
+    for _ in 0..2 {
+        e.consume("a", "basic_message", Amount::whole(1), None)
+            .await
+            .unwrap();
+    }
+    let before = e.balances("a").await.unwrap();
+    // The stream holds 3 (the grant, two consumes): the fast path and the
+    // general path (a key) both refuse, and nothing moves.
+    for key in [None, Some("k")] {
+        let err = e
+            .consume("a", "basic_message", Amount::whole(1), key)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EngineError::StoreFull(_)), "{err:?}");
+        assert_eq!(err.code().as_str(), "store_full");
+    }
+    let err = e.grant("a", &monthly("credits", 1)).await.unwrap_err();
+    assert!(matches!(err, EngineError::StoreFull(_)), "{err:?}");
+    assert_eq!(e.balances("a").await.unwrap(), before, "nothing moved");
+    // Reads and denials write no entry: still answered.
+    let denied = e
+        .check("a", "premium_message", Amount::whole(1000))
+        .await
+        .unwrap();
+    assert!(!denied.allowed);
+    let mut conn = f.conn.clone();
+    let len: u64 = redis::cmd("XLEN")
+        .arg(f.stream_of("a"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 3);
+    assert_eq!(f.drain().await, 3);
+    e.consume("a", "basic_message", Amount::whole(1), Some("k"))
+        .await
+        .unwrap();
+    f.drain().await;
+    assert_eq!(f.entries("a").await.len(), 4);
+    f.assert_books_balance("a").await;
+}
