@@ -74,8 +74,9 @@ enum LedgerCommand {
         /// The TOML configuration file.
         #[arg(long)]
         config: PathBuf,
-        /// Stream keys to drain (until the Redis engine names its own).
-        #[arg(long = "stream", required = true)]
+        /// Stream keys to drain (default: every slot's ledger stream, which
+        /// is what the library writes and `serve` drains).
+        #[arg(long = "stream")]
         streams: Vec<String>,
         /// This drain's consumer name (default: the host name and pid).
         #[arg(long)]
@@ -317,16 +318,28 @@ async fn ledger_drain(path: PathBuf, streams: Vec<String>, consumer: Option<Stri
             return ExitCode::FAILURE;
         }
     };
-    let consumer = consumer.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
+    let consumer = consumer.unwrap_or_else(creditgate::server::drain_consumer);
+    let every_slot = streams.is_empty();
+    let streams = if every_slot {
+        creditgate::engine::redis::keys::ledger_streams("")
+    } else {
+        streams
+    };
     tracing::info!(%consumer, streams = streams.len(), "ledger drain started");
     let opts = DrainOptions {
         consumer,
         batch: ledger.batch,
         claim_idle_ms: ledger.claim_idle_ms,
         ..DrainOptions::default()
+    };
+    let opts = if every_slot {
+        DrainOptions {
+            idle_poll: creditgate::server::EVERY_SLOT_IDLE_POLL,
+            create_groups: false,
+            ..opts
+        }
+    } else {
+        opts
     };
     let stats = Drain::new(conn, store.clone(), streams, opts)
         .run(creditgate::server::shutdown_signal())

@@ -44,6 +44,9 @@ const RESETS_APPLIED: &str = "creditgate_resets_applied_total";
 const SWEEP_SECONDS: &str = "creditgate_sweep_duration_seconds_total";
 const LAST_SWEEP_SECONDS: &str = "creditgate_last_sweep_duration_seconds";
 const SHADOW_DENIALS: &str = "creditgate_shadow_denials_total";
+const LEDGER_BACKLOG: &str = "creditgate_ledger_backlog";
+const LEDGER_COMMITTED: &str = "creditgate_ledger_committed";
+const LEDGER_FAILING: &str = "creditgate_ledger_drain_failing";
 const STORE_ERROR_ALLOWED: &str = "creditgate_store_error_allowed_total";
 
 /// The store failures `on_store_error = "allow"` answers allowed.
@@ -136,6 +139,26 @@ impl Metrics {
             STORE_ERROR_ALLOWED,
             "Decisions allowed unrecorded because the store failed (on_store_error = allow), by code.",
         );
+        for (name, help) in [
+            (
+                LEDGER_BACKLOG,
+                "Ledger entries in the Redis streams not yet in the database.",
+            ),
+            (
+                LEDGER_COMMITTED,
+                "Ledger entries the drain committed to the database since start.",
+            ),
+            (
+                LEDGER_FAILING,
+                "1 while the ledger drain's rounds fail (Redis or the database), else 0.",
+            ),
+        ] {
+            recorder.describe_gauge(
+                KeyName::from_const_str(name),
+                None,
+                SharedString::const_str(help),
+            );
+        }
         describe(
             SHADOW_DENIALS,
             "Requests a shadow limit would have denied, by limit id.",
@@ -179,6 +202,21 @@ impl Metrics {
             last_sweep_seconds: gauge(LAST_SWEEP_SECONDS),
             recorder,
         }
+    }
+
+    /// Sets the ledger drain's gauges (registered on the first call, so a
+    /// sidecar without a ledger shows none): entries in the streams not yet
+    /// in the database, entries committed, and whether it is failing.
+    pub fn ledger_drain(&self, backlog: Option<u64>, committed: u64, failing: bool) {
+        let gauge = |name: &'static str| {
+            self.recorder
+                .register_gauge(&Key::from_static_name(name), &META)
+        };
+        if let Some(b) = backlog {
+            gauge(LEDGER_BACKLOG).set(b as f64);
+        }
+        gauge(LEDGER_COMMITTED).set(committed as f64);
+        gauge(LEDGER_FAILING).set(if failing { 1.0 } else { 0.0 });
     }
 
     /// Counts one request the shadow limit `id` would have denied.

@@ -33,6 +33,31 @@ pub struct Order {
     pub buckets: Vec<Source>,
 }
 
+/// The billing cycle `last_cycle` means for `feature` (`None`: any pool):
+/// the period and anchor of the first periodic bucket in deduction order
+/// (the feature's pools first); `None` when no bucket resets.
+pub fn billing_cycle(
+    catalog: &Catalog,
+    buckets: &[Bucket],
+    feature: Option<&str>,
+) -> Option<(Period, i64)> {
+    let pools = feature
+        .and_then(|f| catalog.pools_for(f).ok())
+        .unwrap_or_default();
+    buckets
+        .iter()
+        .filter_map(|b| b.period().map(|p| (b, p)))
+        .map(|(b, p)| {
+            let pi = pools
+                .iter()
+                .position(|c| c.pool == b.pool)
+                .unwrap_or(usize::MAX);
+            (bucket_order_key(b, pi), p, b.anchor)
+        })
+        .min_by_key(|(k, _, _)| *k)
+        .map(|(_, p, a)| (p, a))
+}
+
 /// Orders buckets within the pools: pool order first; within one pool,
 /// buckets that reset before buckets that never reset, shorter period first,
 /// sooner `expires_at` first (none last), older first.

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::engine::redis::{RedisOptions, RedisTarget, Tls};
+use crate::engine::redis::{Conn, RedisOptions, RedisTarget, Tls};
 use crate::engine::{
     AlwaysReady, Engine, LockIndex, MemoryEngine, MemoryLockIndex, Readiness, RedisEngine,
 };
 use crate::http::serve::{self, ConnLimits};
 use crate::http::{self, AppState};
+use crate::ledger::drain::{Drain, DrainOptions};
+use crate::ledger::store::LedgerStore;
 use crate::model::Retention;
 
 /// What the HTTP layer needs from a store: the engine, its readiness probe,
@@ -23,6 +25,9 @@ pub struct Backend {
     pub lock_index: Arc<dyn LockIndex>,
     /// `true` when balances live only in this process.
     pub in_process: bool,
+    /// Redis with `[ledger] url`: the drain moving the streams' entries
+    /// into the database, to be run beside the server.
+    pub ledger_drain: Option<Drain<Conn>>,
 }
 
 /// The engine a configuration asks for.
@@ -61,32 +66,70 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
             readiness: Arc::new(AlwaysReady),
             lock_index: Arc::new(MemoryLockIndex::default()),
             in_process: true,
+            ledger_drain: None,
         });
     };
-    if config.ledger.is_some() {
-        // Never a debit without its entry: until the library appends the
-        // entry inside the same call (issue 14), a Redis engine with a
-        // ledger configured refuses to start rather than record nothing.
-        return Err(ConfigError::new(
-            "ledger.url",
-            "the Redis engine does not write ledger entries yet (only the in-process engine keeps a ledger); remove [ledger] to serve",
-        ));
-    }
     if config.webhooks.is_some() {
         tracing::warn!(
             "[webhooks] are delivered by the in-process engine only: the Redis engine records no alerts yet (issue 14), so nothing will be sent"
         );
     }
-    let engine = RedisEngine::connect(opts, config.catalog.clone(), None)
+    // The database first: a ledger that cannot be opened stops the start
+    // before any entry is written to a stream nobody drains.
+    let store = match &config.ledger {
+        Some(l) => Some(
+            LedgerStore::open(&l.url)
+                .await
+                .map_err(|e| ConfigError::new("ledger.url", e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut engine = RedisEngine::connect(opts, config.catalog.clone(), None)
         .await
         .map_err(|e| ConfigError::new(key, format!("cannot use this Redis: {e}")))?;
+    let ledger_drain = match (store, &config.ledger) {
+        (Some(store), Some(l)) => {
+            engine = engine.with_ledger(store.clone());
+            Some(Drain::new(
+                engine.connection(),
+                store,
+                engine.ledger_streams(),
+                DrainOptions {
+                    consumer: drain_consumer(),
+                    batch: l.batch,
+                    claim_idle_ms: l.claim_idle_ms,
+                    idle_poll: EVERY_SLOT_IDLE_POLL,
+                    // The library creates a slot's stream and group with its
+                    // first entry; 16,384 empty streams would only cost memory.
+                    create_groups: false,
+                    cross_slot_pipelines: config.redis_cluster.is_none()
+                        || config.redis_url.is_some(),
+                    ..DrainOptions::default()
+                },
+            ))
+        }
+        _ => None,
+    };
     let engine = Arc::new(engine);
     Ok(Backend {
         lock_index: Arc::new(engine.lock_index()),
         readiness: Arc::new(engine.readiness()),
         engine,
         in_process: false,
+        ledger_drain,
     })
+}
+
+/// How often a drain over every slot's stream looks again when it found
+/// nothing: each look is 16 pipelines of 1,024 `XLEN` (BENCHMARKS.md).
+pub const EVERY_SLOT_IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// A drain's consumer name: the host and the process, unique among the
+/// sidecars; a restarted process's pending entries are claimed by any
+/// drain once idle for `claim_idle_ms`.
+pub fn drain_consumer() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }
 
 fn retention(config: &Config) -> Retention {
@@ -150,10 +193,16 @@ pub async fn migrate(config: &Config) -> Result<crate::engine::redis::MigrateRep
 pub async fn state_from_config(config: &Config) -> Result<(AppState, bool), ConfigError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let backend = build_engine(config, clock.clone()).await?;
-    let state = AppState::new(backend.engine, config.catalog.clone(), clock)
+    let mut state = AppState::new(backend.engine, config.catalog.clone(), clock)
         .configured(config)
         .with_readiness(backend.readiness)
         .with_lock_index(backend.lock_index);
+    if let Some(drain) = backend.ledger_drain {
+        // Runs for the process's life: it acknowledges only what the
+        // database committed, so stopping it anywhere loses nothing.
+        state = state.with_ledger_drain(drain.status());
+        tokio::spawn(drain.run(std::future::pending()));
+    }
     Ok((state, backend.in_process))
 }
 

@@ -187,13 +187,13 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_before_binding() {
         "{err}"
     );
 
-    // The Redis engine does not write ledger entries yet: with [ledger] it
-    // refuses to serve (before connecting) rather than record nothing.
+    // A ledger database that cannot be opened stops the start, named,
+    // before Redis is asked and before any entry could be written.
     std::fs::write(
         &path,
         format!(
             "redis_url = \"redis://127.0.0.1:1\"\n{CONFIG}\n[ledger]\nurl = \"sqlite://{}\"\n",
-            dir.path().join("l.db").display()
+            dir.path().join("missing-dir").join("l.db").display()
         ),
     )
     .unwrap();
@@ -201,7 +201,7 @@ fn a_bad_configuration_exits_non_zero_naming_the_key_before_binding() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("ledger.url") && err.contains("does not write ledger entries yet"),
+        err.contains("ledger.url") && err.contains("ledger database"),
         "{err}"
     );
 

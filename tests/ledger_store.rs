@@ -152,13 +152,19 @@ async fn sums_agree(store: &LedgerStore) {
             };
             let want = aggregate(&all, &q, (start, end)).unwrap();
             let sums = store
-                .usage_sums("sums", &q.feature_ids, start, end, bin_size.grain_ms())
+                .usage_sums(
+                    Some("sums"),
+                    &q.feature_ids,
+                    start,
+                    end,
+                    bin_size.grain_ms(),
+                )
                 .await
                 .unwrap();
             let got = aggregate_sums(&sums, &q, (start, end)).unwrap();
             assert_eq!(got, want, "{bin_size:?} {measure:?}");
             let rows = store
-                .usage("sums", &q.feature_ids, start, end, false)
+                .usage(Some("sums"), &q.feature_ids, start, end, false)
                 .await
                 .unwrap();
             assert_eq!(aggregate(&rows, &q, (start, end)).unwrap(), want);
@@ -498,7 +504,13 @@ async fn a_month_of_minutes_aggregates_per_day() {
     for _ in 0..5 {
         let t = Instant::now();
         let sums = store
-            .usage_sums("alice", &q.feature_ids, start, end, q.bin_size.grain_ms())
+            .usage_sums(
+                Some("alice"),
+                &q.feature_ids,
+                start,
+                end,
+                q.bin_size.grain_ms(),
+            )
             .await
             .unwrap();
         let a = aggregate_sums(&sums, &q, (start, end)).unwrap();

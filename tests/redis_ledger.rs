@@ -472,3 +472,230 @@ async fn a_full_stream_refuses_before_writing_and_drains_back_to_service() {
     assert_eq!(f.entries("a").await.len(), 4);
     f.assert_books_balance("a").await;
 }
+
+/// `serve`'s wiring: Redis with `[ledger] url` runs the drain over every
+/// slot's stream; `events.list` and `events.aggregate` answer from the
+/// database once it caught up; `/readyz` and `/metrics` show the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_drains_every_slot_into_the_database_and_answers_usage_queries_from_it() {
+    use axum::http::StatusCode;
+    use common::http::{call, CONFIG};
+    use serde_json::json;
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let text = format!("{CONFIG}\n[ledger]\nurl = \"sqlite://{}\"\n", db.display());
+    let env =
+        std::collections::BTreeMap::from([("CREDITGATE_REDIS_URL".to_string(), server.url())]);
+    let config = creditgate::config::Config::parse(&text, &env, 0).expect("config");
+    let (state, in_process) = creditgate::server::state_from_config(&config)
+        .await
+        .expect("state");
+    assert!(!in_process);
+    let router = creditgate::http::app(state);
+    for c in ["alice", "b%o{b}"] {
+        let a = call(
+            &router,
+            "POST",
+            "/v1/customers.get_or_create",
+            json!({"customer_id": c}),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+        let a = call(
+            &router,
+            "POST",
+            "/v1/billing.attach",
+            json!({"customer_id": c, "plan_id": "pro"}),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    for v in 1..=3 {
+        let a = call(
+            &router,
+            "POST",
+            "/v1/track",
+            json!({"customer_id": "alice", "feature_id": "premium_message", "value": v}),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    }
+    let a = call(
+        &router,
+        "POST",
+        "/v1/track",
+        json!({"customer_id": "b%o{b}", "feature_id": "basic_message", "value": 2}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    let a = call(
+        &router,
+        "POST",
+        "/v1/track",
+        json!({"customer_id": "alice", "feature_id": "basic_message", "value": -1}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    // The drain catches up: the backlog reaches 0 and alice's five usage
+    // entries are in the database (awaited, bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let list = loop {
+        let ready = call(&router, "GET", "/readyz", json!(null)).await;
+        let page = call(
+            &router,
+            "POST",
+            "/v1/events.list",
+            json!({"customer_id": "alice"}),
+        )
+        .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+        let list = page.json["list"].as_array().unwrap().clone();
+        if ready.json["ledger_backlog"] == 0 && list.len() == 4 {
+            assert_eq!(ready.json["ledger_drain_failing"], false);
+            break list;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drain did not catch up: {} / {}",
+            ready.text,
+            page.text
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let values: Vec<_> = list.iter().map(|e| e["value"].clone()).collect();
+    assert_eq!(
+        values,
+        [json!(-1), json!(3), json!(2), json!(1)],
+        "newest first"
+    );
+    assert_eq!(list[0]["properties"]["op"], "refund");
+    assert_eq!(list[1]["customer_id"], "alice");
+    assert_eq!(list[1]["deductions"][0]["feature_id"], "credits");
+    assert_eq!(list[1]["deductions"][0]["value"], 30);
+    // Pages: two, then the rest.
+    let p = call(
+        &router,
+        "POST",
+        "/v1/events.list",
+        json!({"customer_id": "alice", "limit": 3}),
+    )
+    .await;
+    assert_eq!(p.json["list"].as_array().unwrap().len(), 3);
+    let c = p.json["next_cursor"].as_str().unwrap().to_string();
+    let p = call(
+        &router,
+        "POST",
+        "/v1/events.list",
+        json!({"customer_id": "alice", "limit": 3, "start_cursor": c}),
+    )
+    .await;
+    assert_eq!(p.json["list"][0]["value"], 1);
+    assert!(p.json["next_cursor"].is_null());
+    // A customer id needing escapes in its key tag is its own.
+    let b = call(
+        &router,
+        "POST",
+        "/v1/events.list",
+        json!({"customer_id": "b%o{b}"}),
+    )
+    .await;
+    assert_eq!(b.json["list"].as_array().unwrap().len(), 1, "{}", b.text);
+    assert_eq!(b.json["list"][0]["customer_id"], "b%o{b}");
+    // Aggregates: by SQL sums, and grouped from the entries.
+    let agg = call(
+        &router,
+        "POST",
+        "/v1/events.aggregate",
+        json!({"customer_id": "alice", "feature_id": ["premium_message", "basic_message"], "range": "24h", "bin_size": "day"}),
+    )
+    .await;
+    assert_eq!(agg.status, StatusCode::OK, "{}", agg.text);
+    assert_eq!(
+        agg.json["total"]["premium_message"]["sum"], 6,
+        "{}",
+        agg.text
+    );
+    assert_eq!(
+        agg.json["total"]["premium_message"]["count"], 3,
+        "{}",
+        agg.text
+    );
+    assert_eq!(
+        agg.json["total"]["basic_message"]["sum"], -1,
+        "{}",
+        agg.text
+    );
+    let g = call(
+        &router,
+        "POST",
+        "/v1/events.aggregate",
+        json!({"feature_id": "basic_message", "range": "24h", "group_by": "$customer_id"}),
+    )
+    .await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.text);
+    let bins = g.json["list"].as_array().unwrap();
+    let sum_of = |who: &str| -> f64 {
+        bins.iter()
+            .filter_map(|b| b["grouped_values"]["basic_message"][who].as_f64())
+            .sum()
+    };
+    assert_eq!(
+        (sum_of("alice"), sum_of("b%o{b}")),
+        (-1.0, 2.0),
+        "{}",
+        g.text
+    );
+    let last = call(
+        &router,
+        "POST",
+        "/v1/events.aggregate",
+        json!({"customer_id": "alice", "feature_id": "premium_message", "range": "last_cycle"}),
+    )
+    .await;
+    assert_eq!(last.status, StatusCode::OK, "{}", last.text);
+    let metrics = call(&router, "GET", "/metrics", json!(null)).await;
+    assert!(
+        metrics.text.contains("creditgate_ledger_backlog 0\n"),
+        "{}",
+        metrics.text
+    );
+    assert!(
+        metrics.text.contains("creditgate_ledger_drain_failing 0\n"),
+        "{}",
+        metrics.text
+    );
+    // The entries are in the file itself.
+    let store = LedgerStore::open(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .entries_of("alice")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.op.is_usage())
+            .count(),
+        4
+    );
+}
+
+/// A ledger database that cannot be opened is a configuration error naming
+/// `ledger.url`, before anything is served.
+#[tokio::test]
+async fn a_ledger_that_cannot_be_opened_stops_the_start() {
+    let server = RedisServer::shared();
+    let text = format!(
+        "{}\n[ledger]\nurl = \"sqlite:///nonexistent-dir/x/ledger.db\"\n",
+        common::http::CONFIG
+    );
+    let env =
+        std::collections::BTreeMap::from([("CREDITGATE_REDIS_URL".to_string(), server.url())]);
+    let config = creditgate::config::Config::parse(&text, &env, 0).expect("config");
+    let err = match creditgate::server::state_from_config(&config).await {
+        Ok(_) => panic!("a ledger that cannot be opened must stop the start"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("ledger.url"), "{err}");
+}

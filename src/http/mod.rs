@@ -26,6 +26,7 @@ use crate::clock::Clock;
 use crate::config::{Config, DeployEnv, GateConfig};
 use crate::engine::{AlwaysReady, Engine, LockIndex, Readiness};
 use crate::error::Code;
+use crate::ledger::drain::DrainStatus;
 use crate::metrics::Metrics;
 use crate::model::{Catalog, Plan, StoreErrorPolicy};
 use crate::service::Service;
@@ -104,6 +105,9 @@ pub struct Shared {
     pub gate: Arc<GateConfig>,
     /// What decisions answer when the store fails (a feature may override).
     pub on_store_error: StoreErrorPolicy,
+    /// The ledger drain this process runs (Redis with `[ledger] url`), for
+    /// `/readyz` and `/metrics`.
+    pub ledger_drain: Option<Arc<DrainStatus>>,
 }
 
 impl AppState {
@@ -118,6 +122,7 @@ impl AppState {
             env: DeployEnv::Live,
             gate: Arc::new(GateConfig::default()),
             on_store_error: StoreErrorPolicy::Deny,
+            ledger_drain: None,
         }))
     }
 
@@ -162,6 +167,11 @@ impl AppState {
 
     pub fn with_lock_index(mut self, index: Arc<dyn LockIndex>) -> AppState {
         self.service_mut().lock_index = index;
+        self
+    }
+
+    pub fn with_ledger_drain(mut self, status: Arc<DrainStatus>) -> AppState {
+        self.parts_mut().ledger_drain = Some(status);
         self
     }
 

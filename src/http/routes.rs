@@ -929,6 +929,13 @@ pub async fn healthz() -> Json<Success> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Ready {
     pub ready: bool,
+    /// With a ledger drain (Redis and `[ledger] url`): entries in the
+    /// streams not yet in the database at its last round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger_backlog: Option<u64>,
+    /// With a ledger drain: whether its last round failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ledger_drain_failing: Option<bool>,
 }
 
 /// Store reachable and its code (the Redis library) loaded: 200, else 503.
@@ -940,12 +947,22 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(Ready { ready })).into_response()
+    let drain = s.ledger_drain.as_ref();
+    let body = Ready {
+        ready,
+        ledger_backlog: drain.and_then(|d| d.backlog()),
+        ledger_drain_failing: drain.map(|d| d.failing()),
+    };
+    (status, Json(body)).into_response()
 }
 
 /// Prometheus text.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(s): State<AppState>) -> Response {
+    if let Some(d) = &s.ledger_drain {
+        s.metrics
+            .ledger_drain(d.backlog(), d.committed(), d.failing());
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

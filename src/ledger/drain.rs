@@ -21,6 +21,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -61,6 +63,12 @@ pub struct DrainOptions {
     /// slot's stream with its group on its first entry, and 16,384 empty
     /// streams would only cost memory.
     pub create_groups: bool,
+    /// Whether one pipeline may name streams of different slots: yes on a
+    /// standalone server; no on a cluster, where the streams are asked for
+    /// concurrently instead (the cluster client pipelines the commands it
+    /// has in flight to each node, so a round is still a few round trips
+    /// per primary).
+    pub cross_slot_pipelines: bool,
 }
 
 impl Default for DrainOptions {
@@ -72,6 +80,7 @@ impl Default for DrainOptions {
             idle_poll: Duration::from_millis(100),
             retry_min: Duration::from_millis(50),
             create_groups: true,
+            cross_slot_pipelines: true,
         }
     }
 }
@@ -93,6 +102,30 @@ pub struct DrainStats {
 /// for 16,384 in 16 round trips).
 const XLEN_CHUNK: usize = 1024;
 
+/// Streams one read pipeline asks for (each answers up to `batch` entries).
+const READ_CHUNK: usize = 64;
+
+/// Runs `cmds` and answers their replies in order: one pipeline, or (when
+/// a pipeline may not cross slots) every command concurrently.
+async fn query_all<C: ConnectionLike + Clone + Send + Sync + 'static, T: redis::FromRedisValue>(
+    conn: &mut C,
+    cmds: Vec<redis::Cmd>,
+    one_pipeline: bool,
+) -> Result<Vec<T>, redis::RedisError> {
+    if one_pipeline {
+        let mut pipe = redis::pipe();
+        for c in cmds {
+            pipe.add_command(c);
+        }
+        return pipe.query_async(conn).await;
+    }
+    futures_util::future::try_join_all(cmds.into_iter().map(|c| {
+        let mut conn = conn.clone();
+        async move { c.query_async::<T>(&mut conn).await }
+    }))
+    .await
+}
+
 /// One drain over a set of stream keys, on a standalone server
 /// ([`ConnectionManager`]) or a cluster (any [`ConnectionLike`] that routes
 /// each key to its node).
@@ -105,6 +138,42 @@ pub struct Drain<C = ConnectionManager> {
     recovering: bool,
     last_claim: Option<std::time::Instant>,
     pub stats: DrainStats,
+    status: Arc<DrainStatus>,
+}
+
+/// What a running drain shows outside (`/readyz`, `/metrics`): updated
+/// every round.
+#[derive(Debug, Default)]
+pub struct DrainStatus {
+    /// Entries in the streams at the last round's start (not yet in the
+    /// database), or `u64::MAX` before the first round.
+    backlog: AtomicU64,
+    /// Whether the last round failed (Redis or the database).
+    failing: AtomicBool,
+    /// Entries committed since start.
+    committed: AtomicU64,
+}
+
+impl DrainStatus {
+    fn new() -> DrainStatus {
+        DrainStatus {
+            backlog: AtomicU64::new(u64::MAX),
+            ..DrainStatus::default()
+        }
+    }
+
+    /// The backlog at the last round, `None` before the first.
+    pub fn backlog(&self) -> Option<u64> {
+        Some(self.backlog.load(Ordering::Relaxed)).filter(|n| *n != u64::MAX)
+    }
+
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
+    }
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
@@ -117,7 +186,13 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
             recovering: true,
             last_claim: None,
             stats: DrainStats::default(),
+            status: Arc::new(DrainStatus::new()),
         }
+    }
+
+    /// What this drain shows while it runs.
+    pub fn status(&self) -> Arc<DrainStatus> {
+        self.status.clone()
     }
 
     /// Creates the group on every stream (idempotent), when
@@ -147,12 +222,12 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
     /// deleted only once committed), by pipelined `XLEN`.
     async fn non_empty(&mut self) -> Result<Vec<String>, DrainError> {
         let mut out = vec![];
+        let mut total = 0;
         for chunk in self.streams.chunks(XLEN_CHUNK) {
-            let mut pipe = redis::pipe();
-            for s in chunk {
-                pipe.cmd("XLEN").arg(s);
-            }
-            let lens: Vec<u64> = pipe.query_async(&mut self.conn).await?;
+            let cmds = chunk.iter().map(|s| xlen(s)).collect();
+            let lens: Vec<u64> =
+                query_all(&mut self.conn, cmds, self.opts.cross_slot_pipelines).await?;
+            total += lens.iter().sum::<u64>();
             out.extend(
                 chunk
                     .iter()
@@ -161,6 +236,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
                     .map(|(s, _)| s.clone()),
             );
         }
+        self.status.backlog.store(total, Ordering::Relaxed);
         Ok(out)
     }
 
@@ -207,32 +283,42 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
         let mut entries: Vec<LedgerEntry> = Vec::new();
         let mut done: HashMap<String, Vec<String>> = HashMap::new();
         let mut dead: Vec<(String, String, String)> = Vec::new();
-        for s in &streams {
-            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.opts.consumer)
-                .arg("COUNT")
-                .arg(self.opts.batch)
-                .arg("STREAMS")
-                .arg(s)
-                .arg(start)
-                .query_async(&mut self.conn)
-                .await?;
-            for key in reply.map(|r| r.keys).unwrap_or_default() {
-                for id in key.ids {
-                    // A pending entry deleted meanwhile comes back empty.
-                    if let Some(raw) = id.get::<String>(codec::STREAM_FIELD) {
-                        match codec::decode(&id.id, &raw) {
-                            Ok(e) => entries.push(e),
-                            Err(err) => {
-                                tracing::error!(stream = %s, id = %id.id, error = %err,
-                                    "ledger entry does not decode: moved to the dead-letter stream");
-                                dead.push((s.clone(), id.id.clone(), raw));
+        // One pipeline per chunk of streams (no BLOCK: a multiplexed
+        // connection shared with decisions must never wait on one).
+        for chunk in streams.chunks(READ_CHUNK) {
+            let cmds = chunk
+                .iter()
+                .map(|s| {
+                    let mut c = redis::cmd("XREADGROUP");
+                    c.arg("GROUP")
+                        .arg(GROUP)
+                        .arg(&self.opts.consumer)
+                        .arg("COUNT")
+                        .arg(self.opts.batch)
+                        .arg("STREAMS")
+                        .arg(s)
+                        .arg(start);
+                    c
+                })
+                .collect();
+            let replies: Vec<Option<StreamReadReply>> =
+                query_all(&mut self.conn, cmds, self.opts.cross_slot_pipelines).await?;
+            for (s, reply) in chunk.iter().zip(replies) {
+                for key in reply.map(|r| r.keys).unwrap_or_default() {
+                    for id in key.ids {
+                        // A pending entry deleted meanwhile comes back empty.
+                        if let Some(raw) = id.get::<String>(codec::STREAM_FIELD) {
+                            match codec::decode(&id.id, &raw) {
+                                Ok(e) => entries.push(e),
+                                Err(err) => {
+                                    tracing::error!(stream = %s, id = %id.id, error = %err,
+                                        "ledger entry does not decode: moved to the dead-letter stream");
+                                    dead.push((s.clone(), id.id.clone(), raw));
+                                }
                             }
                         }
+                        done.entry(s.clone()).or_default().push(id.id);
                     }
-                    done.entry(s.clone()).or_default().push(id.id);
                 }
             }
         }
@@ -243,23 +329,30 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
         }
         let inserted = self.store.insert_batch(&entries).await?;
         // Committed: only now acknowledge and delete.
-        let mut pipe = redis::pipe();
+        let mut cmds = vec![];
         for (s, id, raw) in &dead {
-            pipe.cmd("XADD")
-                .arg(format!("{s}:dead"))
+            let mut c = redis::cmd("XADD");
+            c.arg(format!("{s}:dead"))
                 .arg("*")
                 .arg("id")
                 .arg(id)
                 .arg(codec::STREAM_FIELD)
-                .arg(raw)
-                .ignore();
+                .arg(raw);
+            cmds.push(c);
         }
         for (s, ids) in &done {
-            pipe.cmd("XACK").arg(s).arg(GROUP).arg(ids).ignore();
-            pipe.cmd("XDEL").arg(s).arg(ids).ignore();
+            let mut ack = redis::cmd("XACK");
+            ack.arg(s).arg(GROUP).arg(ids);
+            let mut del = redis::cmd("XDEL");
+            del.arg(s).arg(ids);
+            cmds.extend([ack, del]);
         }
-        pipe.query_async::<()>(&mut self.conn).await?;
+        let _: Vec<redis::Value> =
+            query_all(&mut self.conn, cmds, self.opts.cross_slot_pipelines).await?;
         self.stats.committed += entries.len() as u64;
+        self.status
+            .committed
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
         self.stats.inserted += inserted;
         self.stats.dead += dead.len() as u64;
         Ok(entries.len() + dead.len())
@@ -283,12 +376,14 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
                 r = step => match r {
                     Ok(n) => {
                         prepared = true;
+                        self.status.failing.store(false, Ordering::Relaxed);
                         backoff = self.opts.retry_min;
                         if n > 0 { Duration::ZERO } else { self.opts.idle_poll }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "ledger drain round failed; retrying");
                         self.stats.failures += 1;
+                        self.status.failing.store(true, Ordering::Relaxed);
                         self.recovering = true;
                         let b = backoff;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -311,8 +406,15 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
     }
 }
 
+fn xlen(stream: &str) -> redis::Cmd {
+    let mut c = redis::cmd("XLEN");
+    c.arg(stream);
+    c
+}
+
 /// Entries in the streams not yet in the database (unread or unacknowledged):
-/// the sum of `XLEN` (acknowledged entries are deleted).
+/// the sum of `XLEN` (acknowledged entries are deleted). Pipelines cross
+/// slots: a standalone server.
 pub async fn backlog<C: ConnectionLike>(
     conn: &mut C,
     streams: &[String],

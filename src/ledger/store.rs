@@ -40,6 +40,18 @@ use crate::money::Amount;
 /// 32766 and PostgreSQL's 65535 bound parameters).
 const ROWS_PER_STATEMENT: usize = 1000;
 
+/// The ops that are usage ([`LedgerOp::is_usage`]), as SQL.
+const USAGE_OPS: &str = " AND op IN ('consume', 'track', 'refund', 'finalize')";
+
+/// Which entries a query reads.
+struct Filter<'a> {
+    customer_id: Option<&'a str>,
+    features: &'a [String],
+    start_ms: i64,
+    end_ms: i64,
+    usage_only: bool,
+}
+
 /// How long a call waits for a connection (a database that is down answers
 /// within this, as an error the drain retries).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -185,6 +197,51 @@ impl LedgerStore {
         before_id: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let filter = Filter {
+            customer_id: Some(customer_id),
+            features,
+            start_ms,
+            end_ms,
+            usage_only: false,
+        };
+        self.select(&filter, before_id, limit).await
+    }
+
+    /// `events.list` from the database: the page of usage entries
+    /// ([`LedgerOp::is_usage`]) `q` asks for, newest first, read with one
+    /// indexed query of at most `limit + 1` rows (the extra row says
+    /// whether a next page exists).
+    pub async fn events(
+        &self,
+        q: &crate::ledger::EventsListQuery,
+    ) -> Result<crate::ledger::EventsPage, StoreError> {
+        let filter = Filter {
+            customer_id: q.customer_id.as_deref(),
+            features: &q.feature_ids,
+            start_ms: q.start.unwrap_or(i64::MIN),
+            end_ms: q.end.unwrap_or(i64::MAX),
+            usage_only: true,
+        };
+        let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
+        let mut entries = self.select(&filter, cursor, Some(q.limit + 1)).await?;
+        let more = entries.len() > q.limit;
+        entries.truncate(q.limit);
+        Ok(crate::ledger::EventsPage {
+            next_cursor: if more {
+                entries.last().map(|e| e.id.clone())
+            } else {
+                None
+            },
+            entries,
+        })
+    }
+
+    async fn select(
+        &self,
+        f: &Filter<'_>,
+        before_id: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
         let before = before_id
             .map(|id| {
                 codec::parse_id(id).map_err(|source| StoreError::Entry {
@@ -194,15 +251,20 @@ impl LedgerStore {
             })
             .transpose()?;
         on_pool!(self, p => {
-            let mut q = QueryBuilder::new(format!("SELECT {COLUMNS} FROM ledger_entries WHERE customer_id = "));
-            q.push_bind(customer_id.to_string());
-            q.push(" AND at >= ").push_bind(start_ms);
-            q.push(" AND at < ").push_bind(end_ms);
-            if !features.is_empty() {
+            let mut q = QueryBuilder::new(format!("SELECT {COLUMNS} FROM ledger_entries WHERE at >= "));
+            q.push_bind(f.start_ms);
+            q.push(" AND at < ").push_bind(f.end_ms);
+            if let Some(c) = f.customer_id {
+                q.push(" AND customer_id = ").push_bind(c.to_string());
+            }
+            if f.usage_only {
+                q.push(USAGE_OPS);
+            }
+            if !f.features.is_empty() {
                 q.push(" AND feature_id IN (");
                 let mut list = q.separated(", ");
-                for f in features {
-                    list.push_bind(f.clone());
+                for feature in f.features {
+                    list.push_bind(feature.clone());
                 }
                 list.push_unseparated(")");
             }
@@ -221,7 +283,7 @@ impl LedgerStore {
         })
     }
 
-    /// What `events.aggregate` reads: a customer's usage entries
+    /// What `events.aggregate` reads: a customer's (`None`: every customer's) usage entries
     /// ([`LedgerOp::is_usage`]) of `features` with `start_ms <= at <
     /// end_ms`, in no particular order, with only the columns an aggregate
     /// uses (the balances only when `with_balances`, for `group_by
@@ -229,7 +291,7 @@ impl LedgerStore {
     /// their limits costs several times as much.
     pub async fn usage(
         &self,
-        customer_id: &str,
+        customer_id: Option<&str>,
         features: &[String],
         start_ms: i64,
         end_ms: i64,
@@ -239,12 +301,14 @@ impl LedgerStore {
         on_pool!(self, p => {
             let mut q = QueryBuilder::new(format!(
                 "SELECT customer_id, id_ms, id_seq, at, feature_id, op, units, {balances} \
-                 FROM ledger_entries WHERE customer_id = "
+                 FROM ledger_entries WHERE at >= "
             ));
-            q.push_bind(customer_id.to_string());
-            q.push(" AND at >= ").push_bind(start_ms);
+            q.push_bind(start_ms);
+            if let Some(c) = customer_id {
+                q.push(" AND customer_id = ").push_bind(c.to_string());
+            }
             q.push(" AND at < ").push_bind(end_ms);
-            q.push(" AND op IN ('consume', 'track', 'refund', 'finalize')");
+            q.push(USAGE_OPS);
             if !features.is_empty() {
                 q.push(" AND feature_id IN (");
                 let mut list = q.separated(", ");
@@ -266,7 +330,7 @@ impl LedgerStore {
     /// `start_ms` for the first.
     pub async fn usage_sums(
         &self,
-        customer_id: &str,
+        customer_id: Option<&str>,
         features: &[String],
         start_ms: i64,
         end_ms: i64,
@@ -279,12 +343,15 @@ impl LedgerStore {
             );
             q.push_bind(grain);
             q.push(
-                " AS grain, CAST(SUM(units) AS BIGINT), COUNT(*) FROM ledger_entries WHERE customer_id = ",
+                " AS grain, CAST(SUM(units) AS BIGINT), COUNT(*) FROM ledger_entries WHERE at >= ",
             );
-            q.push_bind(customer_id.to_string());
-            q.push(" AND at >= ").push_bind(start_ms);
+            q.push_bind(start_ms);
+            if let Some(c) = customer_id {
+                q.push(" AND customer_id = ").push_bind(c.to_string());
+            }
             q.push(" AND at < ").push_bind(end_ms);
-            q.push(" AND op IN ('consume', 'track', 'refund', 'finalize') AND feature_id IS NOT NULL");
+            q.push(USAGE_OPS);
+            q.push(" AND feature_id IS NOT NULL");
             if !features.is_empty() {
                 q.push(" AND feature_id IN (");
                 let mut list = q.separated(", ");

@@ -413,28 +413,6 @@ impl MemoryEngine {
         Ok(out)
     }
 
-    /// The billing cycle `last_cycle` means: the period and anchor of the
-    /// first resetting bucket (deduction order) paying for the first
-    /// feature, else of any resetting bucket.
-    fn cycle_of(&self, state: &CustomerState, feature: Option<&str>) -> Option<(Period, i64)> {
-        let pools = feature
-            .and_then(|f| self.catalog.pools_for(f).ok())
-            .unwrap_or_default();
-        state
-            .buckets
-            .iter()
-            .filter_map(|b| b.period().map(|p| (b, p)))
-            .map(|(b, p)| {
-                let pi = pools
-                    .iter()
-                    .position(|c| c.pool == b.pool)
-                    .unwrap_or(usize::MAX);
-                (rules::bucket_order_key(b, pi), p, b.anchor)
-            })
-            .min_by_key(|(k, _, _)| *k)
-            .map(|(_, p, a)| (p, a))
-    }
-
     /// Runs `f` on one customer's ledger (after its lazy steps, recorded)
     /// and its state, or on a deleted customer's ledger alone.
     fn with_ledger<T>(
@@ -748,7 +726,9 @@ impl Engine for MemoryEngine {
         match &q.customer_id {
             Some(c) => self.with_ledger(c, |entries, state| {
                 let cycle = match q.range {
-                    RangeSpec::LastCycle => state.and_then(|s| self.cycle_of(s, first)),
+                    RangeSpec::LastCycle => {
+                        state.and_then(|s| rules::billing_cycle(&self.catalog, &s.buckets, first))
+                    }
                     _ => None,
                 };
                 ledger::aggregate(entries, q, q.range.resolve(now, cycle))

@@ -35,6 +35,8 @@ use redis::Value;
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Engine, SweepReport};
 use crate::error::{invalid, Cause, EngineError};
+use crate::ledger::store::LedgerStore;
+use crate::ledger::{self, Aggregate, AggregateQuery, EventsListQuery, EventsPage, RangeSpec};
 use crate::limits::{LimitDef, LimitsUpdate};
 use crate::model::*;
 use crate::money::Amount;
@@ -72,6 +74,10 @@ pub struct RedisEngine {
     last_instant: AtomicI64,
     /// Writes wait for replicas (`redis_wait_replicas`), when set.
     replica_wait: Option<replicas::ReplicaWait>,
+    /// The ledger's database (`[ledger] url`), which the usage queries
+    /// read; the library writes the entries to the streams and the drain
+    /// moves them here.
+    ledger: Option<LedgerStore>,
 }
 
 impl RedisEngine {
@@ -118,7 +124,25 @@ impl RedisEngine {
             sweeper_id: format!("{:016x}", rand::random::<u64>()),
             last_instant: AtomicI64::new(NO_INSTANT),
             replica_wait,
+            ledger: None,
         })
+    }
+
+    /// Answers the usage queries from `store` (the database the drain
+    /// writes the streams into).
+    pub fn with_ledger(mut self, store: LedgerStore) -> RedisEngine {
+        self.ledger = Some(store);
+        self
+    }
+
+    /// Every slot's ledger stream under this engine's namespace (what the
+    /// drain reads).
+    pub fn ledger_streams(&self) -> Vec<String> {
+        keys::ledger_streams(&self.namespace)
+    }
+
+    fn ledger_store(&self) -> Result<&LedgerStore, EngineError> {
+        self.ledger.as_ref().ok_or(EngineError::LedgerNotConfigured)
     }
 
     /// The library's function names.
@@ -509,4 +533,85 @@ impl Engine for RedisEngine {
     async fn sweep_due(&self) -> Result<SweepReport, EngineError> {
         self.sweep().await
     }
+
+    fn has_ledger(&self) -> bool {
+        self.ledger.is_some()
+    }
+
+    /// From the database: what the drain has committed (entries still in a
+    /// stream are not yet visible; `/readyz` shows that backlog).
+    async fn events_list(&self, q: &EventsListQuery) -> Result<EventsPage, EngineError> {
+        let store = self.ledger_store()?;
+        if let Some(c) = &q.customer_id {
+            validate_id("customer_id", c)?;
+        }
+        if q.limit == 0 || q.limit > ledger::MAX_PAGE {
+            return Err(invalid(
+                "limit",
+                format!("must be 1 to {}", ledger::MAX_PAGE),
+            ));
+        }
+        if let Some(c) = q.cursor.as_deref().filter(|c| !c.is_empty()) {
+            if ledger::parse_id(c).is_none() {
+                return Err(invalid(
+                    "start_cursor",
+                    "is not a cursor this server gave (`<ms>-<seq>`)",
+                ));
+            }
+        }
+        store.events(q).await.map_err(ledger_unavailable)
+    }
+
+    /// From the database: per-grain sums by SQL when nothing is grouped,
+    /// else the usage entries' columns, folded into bins as the in-process
+    /// engine folds its entries. `last_cycle` reads the customer's
+    /// buckets for its billing cycle.
+    async fn events_aggregate(&self, q: &AggregateQuery) -> Result<Aggregate, EngineError> {
+        let store = self.ledger_store()?;
+        let (now, cycle) = match (&q.customer_id, q.range) {
+            (Some(c), RangeSpec::LastCycle) => {
+                validate_id("customer_id", c)?;
+                let (_, now) = self.now();
+                let a = self.argv(args::header::RETENTION, now);
+                let v = self
+                    .run(&self.functions().balances, c, a, &Ctx::default())
+                    .await?;
+                let (_, at, buckets, _) = decode_balances(v)?;
+                let first = q.feature_ids.first().map(String::as_str);
+                (at, rules::billing_cycle(&self.catalog, &buckets, first))
+            }
+            (c, _) => {
+                if let Some(c) = c {
+                    validate_id("customer_id", c)?;
+                }
+                let now = match &self.clock {
+                    Some(clock) => clock.now_ms(),
+                    None => self.store_time().await?,
+                };
+                (now, None)
+            }
+        };
+        let (start, end) = q.range.resolve(now, cycle);
+        let customer = q.customer_id.as_deref();
+        if q.group_by.is_none() {
+            let sums = store
+                .usage_sums(customer, &q.feature_ids, start, end, q.bin_size.grain_ms())
+                .await
+                .map_err(ledger_unavailable)?;
+            ledger::aggregate_sums(&sums, q, (start, end))
+        } else {
+            let with_balances = q.group_by == Some(ledger::GroupBy::Plan);
+            let entries = store
+                .usage(customer, &q.feature_ids, start, end, with_balances)
+                .await
+                .map_err(ledger_unavailable)?;
+            ledger::aggregate(&entries, q, (start, end))
+        }
+    }
+}
+
+/// The ledger's database failed: the store is unavailable (503), the
+/// cause kept.
+fn ledger_unavailable(e: crate::ledger::store::StoreError) -> EngineError {
+    EngineError::StoreUnavailable(Cause::new(e))
 }
