@@ -34,6 +34,12 @@ struct Fx {
 }
 
 async fn fx(cap: u64) -> Fx {
+    fx_on(cap, None).await
+}
+
+/// [`fx`] with the ledger in the database at `url` (default: a SQLite file
+/// in a temp dir).
+async fn fx_on(cap: u64, url: Option<String>) -> Fx {
     let config = common::http::config();
     let clock = Arc::new(ManualClock::new(T0));
     let ns = namespace();
@@ -50,9 +56,8 @@ async fn fx(cap: u64) -> Fx {
     let client = redis::Client::open(RedisServer::shared().url()).unwrap();
     let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let store = LedgerStore::open(&format!("sqlite://{}/ledger.db", dir.path().display()))
-        .await
-        .unwrap();
+    let url = url.unwrap_or_else(|| format!("sqlite://{}/ledger.db", dir.path().display()));
+    let store = LedgerStore::open(&url).await.unwrap();
     Fx {
         clock,
         engine: Arc::new(engine),
@@ -698,4 +703,221 @@ async fn a_ledger_that_cannot_be_opened_stops_the_start() {
         Err(e) => e,
     };
     assert!(err.to_string().contains("ledger.url"), "{err}");
+}
+
+/// The crash test (issue 14): tracks and refunds at 64-way concurrency with
+/// the drain running; mid-way the drain is killed (its task aborted: read,
+/// maybe written, not acknowledged) and the database goes away (`down`);
+/// the load goes on into the streams; the database comes back (`up`) and a
+/// drain under another consumer name claims the dead one's entries. Then:
+/// the books balance for every customer, every acknowledged request is in
+/// the database exactly once, and no entry is there twice.
+async fn crash_test(f: Fx, mut down: impl FnMut(), mut up: impl FnMut()) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const TASKS: u64 = 64;
+    const OPS: u64 = 30;
+    let e = f.engine.clone();
+    let customers: Vec<String> = (0..8).map(|i| format!("crash-{i}")).collect();
+    for c in &customers {
+        e.create_customer(c).await.unwrap();
+        e.grant(c, &monthly("credits", 1_000_000)).await.unwrap();
+    }
+    let streams = keys::ledger_streams(&f.ns);
+    let opts = |consumer: &str| DrainOptions {
+        consumer: consumer.into(),
+        batch: 50,
+        claim_idle_ms: 200,
+        idle_poll: std::time::Duration::from_millis(10),
+        create_groups: false,
+        ..DrainOptions::default()
+    };
+    let first = Drain::new(
+        f.conn.clone(),
+        f.store.clone(),
+        streams.clone(),
+        opts("one"),
+    );
+    let first = tokio::spawn(first.run(std::future::pending()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for t in 0..TASKS {
+        let (e, customers, done) = (e.clone(), customers.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut r = Rng(0x2545_f491_4f6c_dd1d ^ (t + 1));
+            let mut acked = vec![];
+            for i in 0..OPS {
+                let c = customers[r.below(8) as usize].clone();
+                let units = if r.below(4) == 0 {
+                    -(r.below(3) as i64 + 1)
+                } else {
+                    r.below(5) as i64 + 1
+                };
+                let feature = ["basic_message", "premium_message"][r.below(2) as usize];
+                let key = format!("crash-{t}-{i}");
+                let a = e
+                    .track(
+                        &c,
+                        feature,
+                        Amount::whole(units),
+                        OverageBehavior::Cap,
+                        Some(&key),
+                    )
+                    .await
+                    .expect("the streams take the load while the database is away");
+                assert!(!a.replayed);
+                if i % 7 == 0 {
+                    // A retry with the same key: answered, not charged again.
+                    let again = e
+                        .track(
+                            &c,
+                            feature,
+                            Amount::whole(units),
+                            OverageBehavior::Cap,
+                            Some(&key),
+                        )
+                        .await
+                        .unwrap();
+                    assert!(again.replayed);
+                }
+                // A refund with nothing to give back changes nothing: no
+                // entry (the ledger records changes).
+                let moved = a.entries.iter().any(|x| x.amount != Amount::ZERO);
+                acked.push((c, key, moved));
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            acked
+        }));
+    }
+    let total = (TASKS * OPS) as usize;
+    let reach = |n: usize| {
+        let done = done.clone();
+        async move {
+            while done.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    };
+    reach(total / 3).await;
+    first.abort();
+    let _ = first.await;
+    down();
+    reach(2 * total / 3).await;
+    let mut conn = f.conn.clone();
+    let waiting = creditgate::ledger::drain::backlog(&mut conn, &streams)
+        .await
+        .unwrap();
+    assert!(
+        waiting > 0,
+        "entries wait in the streams while nothing drains"
+    );
+    up();
+    let second = Drain::new(
+        f.conn.clone(),
+        f.store.clone(),
+        streams.clone(),
+        opts("two"),
+    );
+    let second = tokio::spawn(second.run(std::future::pending()));
+    let mut acked = vec![];
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert_eq!(acked.len(), total);
+    // Awaited (bounded): the streams empty into the database.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while creditgate::ledger::drain::backlog(&mut conn, &streams)
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drain did not catch up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    second.abort();
+    let mut by_key: std::collections::HashMap<String, usize> = Default::default();
+    let mut ids = std::collections::HashSet::new();
+    for c in &customers {
+        f.assert_books_balance(c).await;
+        for entry in f.entries(c).await {
+            assert!(
+                ids.insert((entry.customer_id.clone(), entry.id.clone())),
+                "{} twice",
+                entry.id
+            );
+            if let Some(k) = entry.idempotency_key {
+                assert_eq!(entry.customer_id, *c);
+                *by_key.entry(k).or_default() += 1;
+            }
+        }
+    }
+    let mut moved = 0;
+    for (c, key, changed) in &acked {
+        if *changed {
+            assert_eq!(by_key.get(key), Some(&1), "{key} of {c} exactly once");
+            moved += 1;
+        } else {
+            assert_eq!(by_key.get(key), None, "{key} of {c} changed nothing");
+        }
+    }
+    assert!(moved > total / 2, "most requests moved a balance: {moved}");
+    assert_eq!(
+        by_key.len(),
+        moved,
+        "no entry of a request never acknowledged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_test_into_postgres_killed_mid_load() {
+    let Some(pg) = common::postgres::Postgres::start() else {
+        return;
+    };
+    let url = pg.database("crash");
+    let f = fx_on(1_000_000, Some(url)).await;
+    let pg = std::sync::Mutex::new(pg);
+    crash_test(
+        f,
+        || pg.lock().unwrap().stop(),
+        || pg.lock().unwrap().resume(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_test_into_sqlite_locked_mid_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let f = fx_on(1_000_000, Some(format!("sqlite://{}", path.display()))).await;
+    // "Down": another process holds SQLite's write lock (past the store's
+    // busy timeout) until "up" releases it.
+    let holder = std::sync::Mutex::new(None::<std::process::Child>);
+    let down = || {
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import sqlite3,sys; c=sqlite3.connect('{}', isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read(); c.execute('COMMIT')",
+                path.display()
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 holds the lock");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        *holder.lock().unwrap() = Some(child);
+    };
+    let up = || {
+        if let Some(mut child) = holder.lock().unwrap().take() {
+            drop(child.stdin.take());
+            child.wait().unwrap();
+        }
+    };
+    crash_test(f, down, up).await;
 }
