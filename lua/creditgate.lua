@@ -4150,6 +4150,70 @@ function FNS.migrate_key(keys, args)
   return { 1, now }
 end
 
+-- delete_customer: removes the customer: its hash (record, pools, limits),
+-- its pending locks and its due-index entry, after its lazy steps (their
+-- entries first). With the ledger on, a delete_customer entry gives back
+-- every balance's total and every counter, so the customer's ledger
+-- replays to zero. Finalized locks' receipts and idempotency records are
+-- left to expire with their retention (they live in keys shared with other
+-- customers, or under names only the lock ids know). Reply { 1, now }.
+function FNS.delete_customer(keys, args)
+  local C = open(keys, args, nil)
+  LIM.load(C)
+  if C.led then
+    for _, name in ipairs(C.pool_list) do
+      C.pools[name].buckets = {}
+    end
+    C.limits = {}
+    LED.queue(C, C.led_s1, { op = 'delete_customer', always = true })
+    LED.guard(C.due_key, C.led_cap, #C.led) -- before the first write
+  end
+  rcall('DEL', C.key, C.lock_key)
+  rcall('ZREM', C.due_key, C.member)
+  LED.flush(C)
+  return { 1, C.now }
+end
+
+-- delete_balance: removes one bucket, after the lazy steps; refuses one used
+-- this period (granted ~= remaining, or a rollover row drawn on) unless
+-- forced. With the ledger on, a delete_balance entry gives back its total.
+-- Reply { balance id, now }.
+-- ARGV[3] pool: '' = any
+-- ARGV[4] balance_id: '' = any
+-- ARGV[5] interval code: '' = any
+-- ARGV[6] force: '1' = even when used
+function FNS.delete_balance(keys, args)
+  local C = open(keys, args, nil)
+  local interval = args[5] ~= '' and tonumber(args[5]) or nil
+  local hit, hit_pool, hit_at = nil, nil, nil
+  for _, name in ipairs(C.pool_list) do
+    if args[3] == '' or args[3] == name then
+      for i, b in ipairs(C.pools[name].buckets) do
+        if (args[4] == '' or b.id == args[4]) and (interval == nil or b.interval == interval) then
+          if hit then
+            fail('invalid_inputs', 'balance_id several balances of this feature match; name the one to delete by balance_id')
+          end
+          hit, hit_pool, hit_at = b, name, i
+        end
+      end
+    end
+  end
+  if not hit then
+    fail('balance_not_found')
+  end
+  local used = hit.granted ~= hit.remaining
+  for _, r in ipairs(hit.rollovers) do
+    used = used or r.granted ~= r.balance
+  end
+  if used and args[6] ~= '1' then
+    fail('balance_in_use', hit.id)
+  end
+  table.remove(C.pools[hit_pool].buckets, hit_at)
+  C.led_meta = { op = 'delete_balance', always = true }
+  save(C, nil)
+  return { hit.id, C.now }
+end
+
 ---------------------------------------------------------------------------
 -- Registration.
 ---------------------------------------------------------------------------
@@ -4180,3 +4244,5 @@ register('claim', FNS.claim)
 register('migrate', FNS.migrate)
 register('migrate_key', FNS.migrate_key)
 register('set_limits', FNS.set_limits)
+register('delete_customer', FNS.delete_customer)
+register('delete_balance', FNS.delete_balance)

@@ -670,6 +670,24 @@ async fn serve_drains_every_slot_into_the_database_and_answers_usage_queries_fro
         "{}",
         metrics.text
     );
+    // A delete over HTTP: one call, its entry drained like the others.
+    let d = call(
+        &router,
+        "POST",
+        "/v1/customers.delete",
+        json!({"customer_id": "b%o{b}"}),
+    )
+    .await;
+    assert_eq!(d.status, StatusCode::OK, "{}", d.text);
+    assert_eq!(d.json["success"], true);
+    let gone = call(
+        &router,
+        "POST",
+        "/v1/customers.get",
+        json!({"customer_id": "b%o{b}"}),
+    )
+    .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND, "{}", gone.text);
     // The entries are in the file itself.
     let store = LedgerStore::open(&format!("sqlite://{}", db.display()))
         .await
@@ -920,4 +938,149 @@ async fn crash_test_into_sqlite_locked_mid_load() {
         }
     };
     crash_test(f, down, up).await;
+}
+
+/// Deletes on Redis (issue 14): a balance used this period only with
+/// `force`; a customer's hash, locks and due entry go; each delete is its
+/// entry, so the customer's ledger replays to zero; without a ledger both
+/// refuse (a delete must be on the record).
+#[tokio::test]
+async fn deletes_go_on_the_ledger_and_replay_to_zero() {
+    use creditgate::engine::BalanceDelete;
+    let f = fx(1_000_000).await;
+    let e = &f.engine;
+    let config = common::http::config();
+    e.create_customer("del").await.unwrap();
+    let used = e.grant("del", &monthly("credits", 200)).await.unwrap();
+    let unused = e
+        .grant(
+            "del",
+            &Grant {
+                interval: None,
+                ..monthly("credits", 50)
+            },
+        )
+        .await
+        .unwrap();
+    e.set_limits("del", &limits(&config.catalog, true))
+        .await
+        .unwrap();
+    e.track(
+        "del",
+        "premium_message",
+        Amount::whole(2),
+        OverageBehavior::Cap,
+        None,
+    )
+    .await
+    .unwrap();
+    e.reserve("del", "lk", "basic_message", Amount::whole(3), None, None)
+        .await
+        .unwrap();
+    let by_id = |id: &str, force: bool| BalanceDelete {
+        feature_id: None,
+        balance_id: Some(id.to_string()),
+        interval: None,
+        force,
+    };
+    let err = e
+        .delete_balance("del", &by_id(&used, false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().as_str(), "balance_in_use", "{err}");
+    let several = BalanceDelete {
+        feature_id: Some("credits".into()),
+        balance_id: None,
+        interval: None,
+        force: true,
+    };
+    let err = e.delete_balance("del", &several).await.unwrap_err();
+    assert_eq!(err.code().as_str(), "invalid_inputs", "{err}");
+    assert!(err.to_string().contains("balance_id"), "{err}");
+    let err = e
+        .delete_balance("del", &by_id("nope", true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().as_str(), "balance_not_found");
+    // Refusals wrote nothing: only the grants, the track and the reserve
+    // (new limits with every counter at zero move nothing).
+    assert_eq!(f.drain().await, 4);
+    let one_off = BalanceDelete {
+        feature_id: Some("credits".into()),
+        balance_id: None,
+        interval: Some(Interval::OneOff),
+        force: false,
+    };
+    assert_eq!(e.delete_balance("del", &one_off).await.unwrap(), unused);
+    assert_eq!(
+        e.delete_balance("del", &by_id(&used, true)).await.unwrap(),
+        used
+    );
+    f.drain().await;
+    f.assert_books_balance("del").await;
+    let ops: Vec<_> = f.entries("del").await.iter().map(|x| x.op).collect();
+    assert_eq!(
+        &ops[ops.len() - 2..],
+        [LedgerOp::DeleteBalance, LedgerOp::DeleteBalance]
+    );
+    // The customer, with its lock pending and its limits' counters moved.
+    e.grant("del", &monthly("premium_message", 9))
+        .await
+        .unwrap();
+    e.track(
+        "del",
+        "premium_message",
+        Amount::whole(1),
+        OverageBehavior::Cap,
+        None,
+    )
+    .await
+    .unwrap();
+    e.delete_customer("del").await.unwrap();
+    assert_eq!(
+        e.balances("del").await.unwrap_err().code().as_str(),
+        "customer_not_found"
+    );
+    let mut conn = f.conn.clone();
+    let k = e.keys("del");
+    let (exists, due): (u32, Option<f64>) = redis::pipe()
+        .cmd("EXISTS")
+        .arg(&k.customer)
+        .arg(format!("{}:l", k.customer))
+        .cmd("ZSCORE")
+        .arg(&k.due)
+        .arg("del")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((exists, due), (0, None), "hash, locks and due entry gone");
+    f.drain().await;
+    let entries = f.entries("del").await;
+    let last = entries.last().unwrap();
+    assert_eq!(last.op, LedgerOp::DeleteCustomer);
+    let books = ledger::replay(&entries);
+    assert!(books.balances.values().all(|v| *v == 0), "{books:?}");
+    assert!(
+        books
+            .limits
+            .values()
+            .all(|l| l.used == 0 && l.tat.unwrap_or(0) == 0),
+        "{books:?}"
+    );
+    // A customer that is not there: named, nothing written.
+    let err = e.delete_customer("del").await.unwrap_err();
+    assert_eq!(err.code().as_str(), "customer_not_found");
+    assert_eq!(f.drain().await, 0);
+    // Without a ledger: refused, the customer kept.
+    let opts = RedisOptions {
+        namespace: f.ns.clone(),
+        ..RedisOptions::standalone(&RedisServer::shared().url())
+    };
+    let plain = RedisEngine::connect(opts, config.catalog.clone(), None)
+        .await
+        .unwrap();
+    plain.create_customer("kept").await.unwrap();
+    let err = plain.delete_customer("kept").await.unwrap_err();
+    assert_eq!(err.code().as_str(), "ledger_not_configured");
+    assert!(plain.balances("kept").await.is_ok());
 }

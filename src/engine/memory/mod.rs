@@ -741,7 +741,10 @@ impl Engine for MemoryEngine {
         self.with_customer(customer_id, |s, books| {
             let before = Snapshot::of(s);
             books.append(
-                EntryMeta::new(LedgerOp::DeleteCustomer),
+                EntryMeta {
+                    always: true,
+                    ..EntryMeta::new(LedgerOp::DeleteCustomer)
+                },
                 &before,
                 &Snapshot::default(),
                 &[],
@@ -768,10 +771,17 @@ impl Engine for MemoryEngine {
                 return Err(EngineError::BalanceInUse(b.id.clone()));
             }
             let id = b.id.clone();
-            books.record(s, EntryMeta::new(LedgerOp::DeleteBalance), |s| {
-                s.buckets.remove(i);
-                Ok(())
-            })?;
+            books.record(
+                s,
+                EntryMeta {
+                    always: true,
+                    ..EntryMeta::new(LedgerOp::DeleteBalance)
+                },
+                |s| {
+                    s.buckets.remove(i);
+                    Ok(())
+                },
+            )?;
             Ok(id)
         })
     }

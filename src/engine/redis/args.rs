@@ -81,6 +81,17 @@ pub mod finalize {
     pub const OVERRIDE_UNITS: usize = 6;
 }
 
+pub mod delete_balance {
+    /// `''` any pool.
+    pub const POOL: usize = 3;
+    /// `''` any balance id.
+    pub const BALANCE_ID: usize = 4;
+    /// An interval code (`calendar::Interval as u8`), `''` any.
+    pub const INTERVAL: usize = 5;
+    /// `1`: even when used this period.
+    pub const FORCE: usize = 6;
+}
+
 pub mod set_limits {
     /// The stored limits the update was computed from (`''` none).
     pub const EXPECTED: usize = 3;

@@ -130,6 +130,8 @@ pub struct Functions {
     pub migrate: String,
     pub migrate_key: String,
     pub set_limits: String,
+    pub delete_customer: String,
+    pub delete_balance: String,
 }
 
 impl Functions {
@@ -153,10 +155,12 @@ impl Functions {
             migrate: f("migrate"),
             migrate_key: f("migrate_key"),
             set_limits: f("set_limits"),
+            delete_customer: f("delete_customer"),
+            delete_balance: f("delete_balance"),
         }
     }
 
-    pub fn all(&self) -> [&str; 17] {
+    pub fn all(&self) -> [&str; 19] {
         [
             &self.create_customer,
             &self.grant,
@@ -175,6 +179,8 @@ impl Functions {
             &self.migrate,
             &self.migrate_key,
             &self.set_limits,
+            &self.delete_customer,
+            &self.delete_balance,
         ]
     }
 }
@@ -790,6 +796,6 @@ mod tests {
                 "{op} not registered"
             );
         }
-        assert_eq!(LIBRARY.matches("\nregister('").count(), 17);
+        assert_eq!(LIBRARY.matches("\nregister('").count(), 19);
     }
 }

@@ -78,6 +78,8 @@ pub struct RedisEngine {
     /// read; the library writes the entries to the streams and the drain
     /// moves them here.
     ledger: Option<LedgerStore>,
+    /// The functions append ledger entries (a stream cap is configured).
+    writes_ledger: bool,
 }
 
 impl RedisEngine {
@@ -125,6 +127,7 @@ impl RedisEngine {
             last_instant: AtomicI64::new(NO_INSTANT),
             replica_wait,
             ledger: None,
+            writes_ledger: opts.ledger_cap.is_some(),
         })
     }
 
@@ -139,6 +142,16 @@ impl RedisEngine {
     /// drain reads).
     pub fn ledger_streams(&self) -> Vec<String> {
         keys::ledger_streams(&self.namespace)
+    }
+
+    /// Deletes must be on the record: only when the functions append
+    /// entries.
+    fn ledger_written(&self) -> Result<(), EngineError> {
+        if self.writes_ledger {
+            Ok(())
+        } else {
+            Err(EngineError::LedgerNotConfigured)
+        }
     }
 
     fn ledger_store(&self) -> Result<&LedgerStore, EngineError> {
@@ -536,6 +549,69 @@ impl Engine for RedisEngine {
 
     fn has_ledger(&self) -> bool {
         self.ledger.is_some()
+    }
+
+    /// One call (`delete_customer`): the customer's hash, locks and due
+    /// entry go, with a `delete_customer` entry on its slot's stream. Only
+    /// with the ledger on: a delete must be on the record.
+    async fn delete_customer(&self, customer_id: &str) -> Result<(), EngineError> {
+        self.ledger_written()?;
+        validate_id("customer_id", customer_id)?;
+        let (_, now) = self.now();
+        let a = self.argv(args::header::RETENTION, now);
+        let v = self
+            .run(
+                &self.functions().delete_customer,
+                customer_id,
+                a,
+                &Ctx::writing(),
+            )
+            .await?;
+        self.pair(v)?;
+        Ok(())
+    }
+
+    /// One call (`delete_balance`), with a `delete_balance` entry; the
+    /// inputs the function trusts are checked here first, as the
+    /// in-process engine checks them.
+    async fn delete_balance(
+        &self,
+        customer_id: &str,
+        d: &crate::engine::BalanceDelete,
+    ) -> Result<String, EngineError> {
+        self.ledger_written()?;
+        validate_id("customer_id", customer_id)?;
+        if let Some(f) = &d.feature_id {
+            validate_id("feature_id", f)?;
+            self.catalog
+                .feature(f)
+                .ok_or_else(|| EngineError::FeatureNotFound(f.clone()))?;
+        }
+        if let Some(id) = &d.balance_id {
+            validate_id("balance_id", id)?;
+        }
+        if d.feature_id.is_none() && d.balance_id.is_none() {
+            return Err(invalid("balance_id", "give balance_id or feature_id"));
+        }
+        let (_, now) = self.now();
+        let mut a = self.argv(args::delete_balance::FORCE, now);
+        use args::delete_balance as at;
+        a.set(at::POOL, d.feature_id.clone().unwrap_or_default());
+        a.set(at::BALANCE_ID, d.balance_id.clone().unwrap_or_default());
+        a.set(
+            at::INTERVAL,
+            d.interval.map_or(String::new(), |i| (i as u8).to_string()),
+        );
+        a.set(at::FORCE, if d.force { "1" } else { "" }.to_string());
+        let v = self
+            .run(
+                &self.functions().delete_balance,
+                customer_id,
+                a,
+                &Ctx::writing(),
+            )
+            .await?;
+        string(&self.pair(v)?)
     }
 
     /// From the database: what the drain has committed (entries still in a

@@ -283,7 +283,13 @@ impl Ctx<'_> {
 }
 
 /// The fields a function's `invalid_inputs` may name (its first word).
-const INVALID_FIELDS: [&str; 4] = ["expires_at", "next_reset_at", "op", "argument"];
+const INVALID_FIELDS: [&str; 5] = [
+    "expires_at",
+    "next_reset_at",
+    "op",
+    "argument",
+    "balance_id",
+];
 
 /// A `-CG …` error's detail without its trailing ` @<now>`, and that instant.
 fn split_instant(detail: &str) -> (&str, Option<i64>) {
@@ -332,6 +338,7 @@ pub(crate) fn map_error(e: RedisError, ctx: &Ctx<'_>) -> EngineError {
             Some(Code::StoreFull) => EngineError::StoreFull(Cause::msg(format!(
                 "the ledger stream is full (the drain is behind): {rest}"
             ))),
+            Some(Code::BalanceInUse) => EngineError::BalanceInUse(rest.to_string()),
             Some(Code::InvalidInputs) => {
                 let (field, reason) = rest.split_once(' ').unwrap_or((rest, ""));
                 let field = INVALID_FIELDS
