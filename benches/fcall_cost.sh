@@ -4,6 +4,7 @@
 #
 #   benches/fcall_cost.sh           time table (µs inside Redis, × minimal)
 #   benches/fcall_cost.sh memory    bytes per customer and per idempotency record
+#   benches/fcall_cost.sh ledger    the ledger's share of a consuming check (paired rounds)
 #
 # Time: each operation's exact FCALL is replayed N times (env N, default
 # 20000) by redis-benchmark on one connection (-c 1); Redis's own
@@ -262,7 +263,7 @@ minimal() {
 }
 
 # row <label> <command words...>: the command replayed N times.
-declare -a ROWS
+declare -a ROWS LEDGER_MEM
 row() {
   local label="$1" cmd="$2"; shift 2
   local m1 m2 t
@@ -303,6 +304,15 @@ done
 seed cg2 cus_lim '' 0
 IFS=$'\t' read -r l1 l2 l3 < <(keys_of cg2 cus_lim)
 cli FCALL cg2_v7_set_limits 2 "$l1" "$l3" '' '' '' "$(printf 'action1:minute\037action1\037f\037\037r\0371\037\037cre66i9s')" >/dev/null
+# The same customers with the ledger on (issue 14): the retention argument's
+# third part is the stream cap (10^9 here: never reached), so every call
+# also checks the slot stream's length and appends its entry.
+seed cg2 cus_led '' 0
+seed cg2 cus_ledlim '' 0
+IFS=$'\t' read -r e1 e2 e3 < <(keys_of cg2 cus_led)
+IFS=$'\t' read -r f1 f2 f3 < <(keys_of cg2 cus_ledlim)
+cli FCALL cg2_v7_set_limits 2 "$f1" "$f3" '' '' '' "$(printf 'action1:minute\037action1\037f\037\037r\0371\037\037cre66i9s')" >/dev/null
+LEDGER_RET=86400000,86400000,1000000000
 IFS=$'\t' read -r a1 a2 a3 < <(keys_of cg2 cus_2b)
 IFS=$'\t' read -r b1 b2 b3 < <(keys_of cg2 cus_32b)
 IFS=$'\t' read -r c1 c2 c3 < <(keys_of cg2 cus_dry)
@@ -316,8 +326,48 @@ IFS=$'\t' read -r w1 w2 w3 < <(keys_of cg2 cus_warm)
 minimal >/dev/null
 redis-benchmark -p "$port" -n "$N" -c 1 -q FCALL cg2_v7_consume 2 "$w1" "$w3" '' '' '' action1 10000 "${PAIRS[@]}" >/dev/null 2>&1
 
+if [ "$mode" = ledger ]; then
+  # The ledger's share, paired: R rounds, each one series of the minimal
+  # script and of every row below, interleaved, so the rows share the
+  # machine's moment; best of the R per row (a shared machine only adds).
+  once() { # once <cmd words...>: one series of N, Redis µs per call
+    local cmd="$1"
+    cli CONFIG RESETSTAT >/dev/null
+    redis-benchmark -p "$port" -n "$N" -c 1 -q "$@" >/dev/null 2>&1
+    stat_of "$(echo "$cmd" | tr 'A-Z' 'a-z')"
+  }
+  declare -A BEST
+  names=(minimal off on limit_off limit_on)
+  for _ in $(seq 1 "$R"); do
+    for name in "${names[@]}"; do
+      case $name in
+        minimal) t=$(once EVALSHA "$min_sha" 1 '{cus_min}:credits' 1) ;;
+        off) t=$(once FCALL cg2_v7_consume 2 "$a1" "$a3" '' '' '' action1 10000 "${PAIRS[@]}") ;;
+        on) t=$(once FCALL cg2_v7_consume 2 "$e1" "$e3" '' "$LEDGER_RET" '' action1 10000 "${PAIRS[@]}") ;;
+        limit_off) t=$(once FCALL cg2_v7_consume 2 "$l1" "$l3" '' '' '' action1 10000 "${PAIRS[@]}") ;;
+        limit_on) t=$(once FCALL cg2_v7_consume 2 "$f1" "$f3" '' "$LEDGER_RET" '' action1 10000 "${PAIRS[@]}") ;;
+      esac
+      BEST[$name]="$(printf '%s\n%s\n' "${BEST[$name]:-$t}" "$t" | sort -n | head -1)"
+    done
+  done
+  echo "redis $(cli INFO server | sed -n 's/^redis_version:\([0-9.]*\).*/\1/p'), $lib_name, N=$N calls per series, best of R=$R interleaved rounds"
+  printf '%-52s %8s %7s %9s\n' "consuming check, 2 buckets" "µs" "×min" "ledger +"
+  printf '%-52s %8.2f %7s\n' "minimal script (EVALSHA)" "${BEST[minimal]}" ""
+  for pair in "off on" "limit_off limit_on"; do
+    set -- $pair
+    for name in "$1" "$2"; do
+      extra=""
+      [ "$name" = "$2" ] && extra="$(printf '%+.2f µs (%+.0f%%)' "$(echo "${BEST[$2]} - ${BEST[$1]}" | bc -l)" "$(echo "(${BEST[$2]} / ${BEST[$1]} - 1) * 100" | bc -l)")"
+      printf '%-52s %8.2f %7.2f %s\n' "$name" "${BEST[$name]}" "$(echo "${BEST[$name]} / ${BEST[minimal]}" | bc -l)" "$extra"
+    done
+  done
+  exit 0
+fi
+
 row "cg2 consuming check, 2 buckets" FCALL cg2_v7_consume 2 "$a1" "$a3" '' '' '' action1 10000 "${PAIRS[@]}"
 row "cg2 consuming check with one window limit, 2 buckets" FCALL cg2_v7_consume 2 "$l1" "$l3" '' '' '' action1 10000 "${PAIRS[@]}"
+row "cg2 consuming check, ledger on, 2 buckets" FCALL cg2_v7_consume 2 "$e1" "$e3" '' "$LEDGER_RET" '' action1 10000 "${PAIRS[@]}"
+row "cg2 consuming check, ledger on, one window limit, 2 buckets" FCALL cg2_v7_consume 2 "$f1" "$f3" '' "$LEDGER_RET" '' action1 10000 "${PAIRS[@]}"
 row "cg2 consuming check, 2 + 30 untouched buckets" FCALL cg2_v7_consume 2 "$b1" "$b3" '' '' '' action1 10000 "${PAIRS[@]}"
 row "cg2 check (dry run), 2 buckets" FCALL cg2_v7_check 2 "$c1" "$c3" '' '' action1 10000 "${PAIRS[@]}"
 row "cg2 track, fresh 36-char idempotency key, 2 buckets" FCALL cg2_v7_track 2 "$d1" "$d3" '' '' "k-__rand_int__-0123456789abcdefghijklm" action1 10000 cap "${PAIRS[@]}"
@@ -395,6 +445,45 @@ EOF
   done
 done
 
+# Redis memory per entry buffered in a ledger stream (the entries the
+# ledger rows above appended, not drained): MEMORY USAGE / XLEN.
+for who in "$e3" "$f3"; do
+  st="$who:ledger"
+  n="$(cli XLEN "$st")"
+  b="$(cli MEMORY USAGE "$st" SAMPLES 0)"
+  LEDGER_MEM+=("$(printf '%s: %d entries, %d bytes: %.1f bytes per buffered entry (entry string %d bytes)' "$st" "$n" "$b" \
+    "$(echo "$b / $n" | bc -l)" "$(cli --raw XRANGE "$st" - + COUNT 1 | tail -n 1 | wc -c)")")
+done
+# An idle drain round over every slot's stream: 16,384 XLEN (in pipelines
+# of 1,024, as src/ledger/drain.rs sends them), Redis time per round.
+python3 - <<'EOF' >"$dir/xlen"
+def crc16(d):
+    c = 0
+    for b in d:
+        c ^= b << 8
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1021) & 0xFFFF if c & 0x8000 else (c << 1) & 0xFFFF
+    return c
+D = "0123456789abcdefghijklmnopqrstuvwxyz"
+tags, n = {}, 0
+while len(tags) < 16384:
+    s, m = "", n
+    while True:
+        s = D[m % 36] + s; m //= 36
+        if m == 0: break
+    tags.setdefault(crc16(s.encode()) % 16384, s); n += 1
+for slot in range(16384):
+    print("XLEN\tcg2:due:{%s}:ledger" % tags[slot])
+EOF
+cli CONFIG RESETSTAT >/dev/null
+resp <"$dir/xlen" | cli --pipe >/dev/null
+xlen_us="$(stat_of xlen)"
+xlen_calls="$(cli INFO commandstats | sed -n 's/^cmdstat_xlen:calls=\([0-9]*\),.*/\1/p')"
+
 echo "redis $(cli INFO server | sed -n 's/^redis_version:\([0-9.]*\).*/\1/p'), $lib_name, N=$N calls per series, best of R=$R series, D=$D customers per due row (one series)"
 printf '%-58s %8s %8s %7s\n' "operation" "µs" "minimal" "×min"
 for r in "${ROWS[@]}"; do echo "$r"; done
+echo
+for r in "${LEDGER_MEM[@]}"; do echo "$r"; done
+printf 'idle drain round over every slot (%d XLEN): %.2f µs per XLEN, %.1f ms of Redis per round\n' "$xlen_calls" "$xlen_us" \
+  "$(echo "$xlen_us * $xlen_calls / 1000" | bc -l)"

@@ -3011,10 +3011,13 @@ function LED.meta(op, o, feature, units, key, lock_id, held)
   return m
 end
 
--- The plan id of the plain bucket starting at `pos` of pool string `ps`.
+-- The plan id of the plain bucket starting at `pos` of pool string `ps`:
+-- one anchored match, no split (the hot path runs it per bucket drawn on).
+-- A bucket whose trailing empty fields were dropped matches nothing: none.
+local PLAN_AT -- built on first use: the library's load may not read `string`
 function LED.plan_at(ps, pos)
-  local e = find(ps, RS, pos, true)
-  local p = split(sub(ps, pos, (e or 0) - 1), US)[B_PLAN_ID]
+  PLAN_AT = PLAN_AT or ('^' .. string.rep('[^\031\030]*\031', B_PLAN_ID - 1) .. '([^\031\030]*)')
+  local p = match(ps, PLAN_AT, pos)
   return p ~= '' and p or nil
 end
 

@@ -335,6 +335,7 @@ async fn ledger_drain(path: PathBuf, streams: Vec<String>, consumer: Option<Stri
     let opts = if every_slot {
         DrainOptions {
             idle_poll: creditgate::server::EVERY_SLOT_IDLE_POLL,
+            scan_every: creditgate::server::EVERY_SLOT_IDLE_POLL,
             create_groups: false,
             ..opts
         }

@@ -99,6 +99,7 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
                     batch: l.batch,
                     claim_idle_ms: l.claim_idle_ms,
                     idle_poll: EVERY_SLOT_IDLE_POLL,
+                    scan_every: EVERY_SLOT_IDLE_POLL,
                     // The library creates a slot's stream and group with its
                     // first entry; 16,384 empty streams would only cost memory.
                     create_groups: false,
@@ -120,8 +121,9 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
     })
 }
 
-/// How often a drain over every slot's stream looks again when it found
-/// nothing: each look is 16 pipelines of 1,024 `XLEN` (BENCHMARKS.md).
+/// How often a drain over every slot's stream looks at them all again
+/// (when it found nothing, and while busy): each look is 16 pipelines of
+/// 1,024 `XLEN`, ~7 ms of Redis (BENCHMARKS.md).
 pub const EVERY_SLOT_IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// A drain's consumer name: the host and the process, unique among the

@@ -578,6 +578,7 @@ async fn serve_drains_every_slot_into_the_database_and_answers_usage_queries_fro
     assert_eq!(list[1]["customer_id"], "alice");
     assert_eq!(list[1]["deductions"][0]["feature_id"], "credits");
     assert_eq!(list[1]["deductions"][0]["value"], 30);
+    assert_eq!(list[1]["deductions"][0]["plan_id"], "pro", "the hot path names the plan");
     // Pages: two, then the rest.
     let p = call(
         &router,
