@@ -336,6 +336,7 @@ async fn ledger_drain(path: PathBuf, streams: Vec<String>, consumer: Option<Stri
         DrainOptions {
             idle_poll: creditgate::server::EVERY_SLOT_IDLE_POLL,
             scan_every: creditgate::server::EVERY_SLOT_IDLE_POLL,
+            min_round: creditgate::server::EVERY_SLOT_MIN_ROUND,
             create_groups: false,
             ..opts
         }

@@ -100,6 +100,7 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
                     claim_idle_ms: l.claim_idle_ms,
                     idle_poll: EVERY_SLOT_IDLE_POLL,
                     scan_every: EVERY_SLOT_IDLE_POLL,
+                    min_round: EVERY_SLOT_MIN_ROUND,
                     // The library creates a slot's stream and group with its
                     // first entry; 16,384 empty streams would only cost memory.
                     create_groups: false,
@@ -125,6 +126,11 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
 /// (when it found nothing, and while busy): each look is 16 pipelines of
 /// 1,024 `XLEN`, ~7 ms of Redis (BENCHMARKS.md).
 pub const EVERY_SLOT_IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// The every-slot drain's shortest busy round (see
+/// [`DrainOptions::min_round`]): an entry reaches the database within about
+/// this, and each stream command carries the entries of this long.
+pub const EVERY_SLOT_MIN_ROUND: Duration = Duration::from_millis(1000);
 
 /// A drain's consumer name: the host and the process, unique among the
 /// sidecars; a restarted process's pending entries are claimed by any

@@ -578,7 +578,10 @@ async fn serve_drains_every_slot_into_the_database_and_answers_usage_queries_fro
     assert_eq!(list[1]["customer_id"], "alice");
     assert_eq!(list[1]["deductions"][0]["feature_id"], "credits");
     assert_eq!(list[1]["deductions"][0]["value"], 30);
-    assert_eq!(list[1]["deductions"][0]["plan_id"], "pro", "the hot path names the plan");
+    assert_eq!(
+        list[1]["deductions"][0]["plan_id"], "pro",
+        "the hot path names the plan"
+    );
     // Pages: two, then the rest.
     let p = call(
         &router,
@@ -882,6 +885,11 @@ async fn crash_test(f: Fx, mut down: impl FnMut(), mut up: impl FnMut()) {
         }
     }
     assert!(moved > total / 2, "most requests moved a balance: {moved}");
+    println!(
+        "crash test: {total} acknowledged requests ({moved} moved a balance), {waiting} entries \
+         waiting in the streams while the drain was dead and the database down; every one \
+         stored once"
+    );
     assert_eq!(
         by_key.len(),
         moved,
@@ -1084,4 +1092,89 @@ async fn deletes_go_on_the_ledger_and_replay_to_zero() {
     let err = plain.delete_customer("kept").await.unwrap_err();
     assert_eq!(err.code().as_str(), "ledger_not_configured");
     assert!(plain.balances("kept").await.is_ok());
+}
+
+/// Drain throughput over every slot's stream, as `serve` drains:
+/// `cargo test --release --test redis_ledger -- --ignored --nocapture throughput`.
+/// 40,000 tracks by 64 tasks on 4,000 customers (so ~3,700 slot streams hold
+/// entries), then the drain alone, timed until the database holds them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn drain_throughput_over_every_slot() {
+    let pg = common::postgres::Postgres::start();
+    let mut targets = vec![("sqlite", None)];
+    if let Some(pg) = &pg {
+        targets.push(("postgres", Some(pg.database("throughput"))));
+    }
+    for (name, url) in targets {
+        let f = fx_on(10_000_000, url).await;
+        let e = f.engine.clone();
+        const CUSTOMERS: usize = 4000;
+        const TRACKS: usize = 40_000;
+        for i in 0..CUSTOMERS {
+            let c = format!("tp-{i}");
+            e.create_customer(&c).await.unwrap();
+            e.grant(&c, &monthly("credits", 1_000_000)).await.unwrap();
+        }
+        // The grants are drained first, untimed.
+        let grants = f.drain().await;
+        assert_eq!(grants, CUSTOMERS as u64);
+        let mut tasks = vec![];
+        for t in 0..64 {
+            let e = e.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (t..TRACKS).step_by(64) {
+                    let c = format!("tp-{}", i % CUSTOMERS);
+                    e.track(
+                        &c,
+                        "basic_message",
+                        Amount::whole(1),
+                        OverageBehavior::Cap,
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let streams = keys::ledger_streams(&f.ns);
+        let mut conn = f.conn.clone();
+        let holding = {
+            let mut n = 0;
+            for chunk in streams.chunks(1024) {
+                let mut p = redis::pipe();
+                for s in chunk {
+                    p.cmd("XLEN").arg(s);
+                }
+                let lens: Vec<u64> = p.query_async(&mut conn).await.unwrap();
+                n += lens.iter().filter(|l| **l > 0).count();
+            }
+            n
+        };
+        let opts = DrainOptions {
+            consumer: "tp".into(),
+            create_groups: false,
+            idle_poll: creditgate::server::EVERY_SLOT_IDLE_POLL,
+            scan_every: creditgate::server::EVERY_SLOT_IDLE_POLL,
+            min_round: creditgate::server::EVERY_SLOT_MIN_ROUND,
+            ..DrainOptions::default()
+        };
+        let before = f.store.count().await.unwrap();
+        let started = std::time::Instant::now();
+        let d = Drain::new(f.conn.clone(), f.store.clone(), streams, opts);
+        let task = tokio::spawn(d.run(std::future::pending()));
+        while f.store.count().await.unwrap() < before + TRACKS as u64 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let took = started.elapsed();
+        task.abort();
+        println!(
+            "{name}: {TRACKS} entries in {holding} slot streams drained in {:.2} s: {:.0} entries/s",
+            took.as_secs_f64(),
+            TRACKS as f64 / took.as_secs_f64()
+        );
+    }
 }

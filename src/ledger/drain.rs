@@ -75,6 +75,11 @@ pub struct DrainOptions {
     /// drain looks every 250 ms: 16,384 `XLEN` are ~7 ms of Redis, which
     /// back-to-back rounds would pay dozens of times a second.
     pub scan_every: Duration,
+    /// The shortest time from one busy round's start to the next: entries
+    /// pile up meanwhile, so each stream read, acknowledgement and delete
+    /// carries several (over 16,384 slot streams a customer's entries are
+    /// spread thin). Zero: back to back.
+    pub min_round: Duration,
 }
 
 impl Default for DrainOptions {
@@ -88,6 +93,7 @@ impl Default for DrainOptions {
             create_groups: true,
             cross_slot_pipelines: true,
             scan_every: Duration::ZERO,
+            min_round: Duration::ZERO,
         }
     }
 }
@@ -396,6 +402,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
                 }
                 self.round().await
             };
+            let began = std::time::Instant::now();
             let pause = tokio::select! {
                 _ = &mut shutdown => return self.stats,
                 r = step => match r {
@@ -403,7 +410,11 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
                         prepared = true;
                         self.status.failing.store(false, Ordering::Relaxed);
                         backoff = self.opts.retry_min;
-                        if n > 0 { Duration::ZERO } else { self.opts.idle_poll }
+                        if n > 0 {
+                            self.opts.min_round.saturating_sub(began.elapsed())
+                        } else {
+                            self.opts.idle_poll
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "ledger drain round failed; retrying");
