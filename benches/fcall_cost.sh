@@ -457,6 +457,7 @@ done
 # An idle drain round over every slot's stream: 16,384 XLEN (in pipelines
 # of 1,024, as src/ledger/drain.rs sends them), Redis time per round.
 python3 - <<'EOF' >"$dir/xlen"
+# keys_of's rule, for every slot: the first base-36 string of each.
 def crc16(d):
     c = 0
     for b in d:
@@ -464,16 +465,14 @@ def crc16(d):
         for _ in range(8):
             c = ((c << 1) ^ 0x1021) & 0xFFFF if c & 0x8000 else (c << 1) & 0xFFFF
     return c
-D = "0123456789abcdefghijklmnopqrstuvwxyz"
-tags, n = {}, 0
+D, tags, n = "0123456789abcdefghijklmnopqrstuvwxyz", {}, 0
 while len(tags) < 16384:
     s, m = "", n
     while True:
         s = D[m % 36] + s; m //= 36
         if m == 0: break
     tags.setdefault(crc16(s.encode()) % 16384, s); n += 1
-for slot in range(16384):
-    print("XLEN\tcg2:due:{%s}:ledger" % tags[slot])
+print("\n".join("XLEN\tcg2:due:{%s}:ledger" % tags[i] for i in range(16384)))
 EOF
 cli CONFIG RESETSTAT >/dev/null
 resp <"$dir/xlen" | cli --pipe >/dev/null

@@ -41,6 +41,29 @@ pub struct BalanceDelete {
     pub force: bool,
 }
 
+impl BalanceDelete {
+    /// The input checks either engine makes before looking for the
+    /// balance: valid ids, a known feature, and one of the two named.
+    pub fn validate(&self, catalog: &Catalog) -> Result<(), EngineError> {
+        if let Some(f) = &self.feature_id {
+            crate::model::validate_id("feature_id", f)?;
+            catalog
+                .feature(f)
+                .ok_or_else(|| EngineError::FeatureNotFound(f.clone()))?;
+        }
+        if let Some(id) = &self.balance_id {
+            crate::model::validate_id("balance_id", id)?;
+        }
+        if self.feature_id.is_none() && self.balance_id.is_none() {
+            return Err(crate::error::invalid(
+                "balance_id",
+                "give balance_id or feature_id",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A store of customers' balances. Every method applies the customer's due
 /// resets (and expired locks) first, then acts atomically.
 #[async_trait]

@@ -831,18 +831,7 @@ fn find_balance(
     catalog: &Catalog,
     d: &BalanceDelete,
 ) -> Result<usize, EngineError> {
-    if let Some(f) = &d.feature_id {
-        validate_id("feature_id", f)?;
-        catalog
-            .feature(f)
-            .ok_or_else(|| EngineError::FeatureNotFound(f.clone()))?;
-    }
-    if let Some(id) = &d.balance_id {
-        validate_id("balance_id", id)?;
-    }
-    if d.feature_id.is_none() && d.balance_id.is_none() {
-        return Err(invalid("balance_id", "give balance_id or feature_id"));
-    }
+    d.validate(catalog)?;
     let hits: Vec<usize> = (0..s.buckets.len())
         .filter(|&i| {
             let b = &s.buckets[i];

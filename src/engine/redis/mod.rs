@@ -581,18 +581,7 @@ impl Engine for RedisEngine {
     ) -> Result<String, EngineError> {
         self.ledger_written()?;
         validate_id("customer_id", customer_id)?;
-        if let Some(f) = &d.feature_id {
-            validate_id("feature_id", f)?;
-            self.catalog
-                .feature(f)
-                .ok_or_else(|| EngineError::FeatureNotFound(f.clone()))?;
-        }
-        if let Some(id) = &d.balance_id {
-            validate_id("balance_id", id)?;
-        }
-        if d.feature_id.is_none() && d.balance_id.is_none() {
-            return Err(invalid("balance_id", "give balance_id or feature_id"));
-        }
+        d.validate(&self.catalog)?;
         let (_, now) = self.now();
         let mut a = self.argv(args::delete_balance::FORCE, now);
         use args::delete_balance as at;
