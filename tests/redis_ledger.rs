@@ -759,6 +759,7 @@ async fn crash_test(f: Fx, mut down: impl FnMut(), mut up: impl FnMut()) {
         streams.clone(),
         opts("one"),
     );
+    let first_status = first.status();
     let first = tokio::spawn(first.run(std::future::pending()));
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = vec![];
@@ -820,6 +821,16 @@ async fn crash_test(f: Fx, mut down: impl FnMut(), mut up: impl FnMut()) {
         }
     };
     reach(total / 3).await;
+    // Killed while working: it has committed entries, and more keep coming.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while first_status.committed() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first drain committed nothing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let committed_before_kill = first_status.committed();
     first.abort();
     let _ = first.await;
     down();
@@ -886,9 +897,9 @@ async fn crash_test(f: Fx, mut down: impl FnMut(), mut up: impl FnMut()) {
     }
     assert!(moved > total / 2, "most requests moved a balance: {moved}");
     println!(
-        "crash test: {total} acknowledged requests ({moved} moved a balance), {waiting} entries \
-         waiting in the streams while the drain was dead and the database down; every one \
-         stored once"
+        "crash test: {total} acknowledged requests ({moved} moved a balance); the first drain \
+         committed {committed_before_kill} before it was killed; {waiting} entries waited in the \
+         streams while the database was down; every one stored once"
     );
     assert_eq!(
         by_key.len(),
