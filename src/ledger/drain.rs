@@ -348,11 +348,16 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
                 }
             }
         }
-        // Until the next look, read again only where entries were found.
-        self.known = streams
-            .into_iter()
-            .filter(|s| done.contains_key(s))
-            .collect();
+        // Until the next look, read again only where entries were found
+        // (after reading pending entries, everywhere: new ones wait there).
+        self.known = if self.recovering {
+            streams
+        } else {
+            streams
+                .into_iter()
+                .filter(|s| done.contains_key(s))
+                .collect()
+        };
         if done.is_empty() {
             // Nothing pending left: read new entries from now on.
             self.recovering = false;
@@ -396,13 +401,16 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
         let mut backoff = self.opts.retry_min;
         let mut prepared = false;
         loop {
+            let began = std::time::Instant::now();
+            // A round that found nothing pending turns to new entries: the
+            // next one reads them at once.
+            let was_recovering = self.recovering;
             let step = async {
                 if !prepared {
                     self.prepare().await?;
                 }
                 self.round().await
             };
-            let began = std::time::Instant::now();
             let pause = tokio::select! {
                 _ = &mut shutdown => return self.stats,
                 r = step => match r {
@@ -412,6 +420,8 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
                         backoff = self.opts.retry_min;
                         if n > 0 {
                             self.opts.min_round.saturating_sub(began.elapsed())
+                        } else if was_recovering {
+                            Duration::ZERO
                         } else {
                             self.opts.idle_poll
                         }
