@@ -3080,6 +3080,9 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     lims = LIM.app
   end
   local C, ifield, ifp = nil, nil, nil
+  -- The retention argument, parsed once: for the idempotency record and the
+  -- ledger's cap (§ 12).
+  local cap, ret_parsed = nil, false
   if key ~= '' then
     local fp
     if op == 'consume' then
@@ -3087,7 +3090,10 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
     else
       fp = 'track' .. US .. feature .. US .. fmt(units) .. US .. mode
     end
-    C = { key = keys[1], due_key = keys[2], member = tag_of(keys[1]), now = now, ret_idem = (retention(args[2])) }
+    local ri, _
+    ri, _, cap = retention(args[2])
+    ret_parsed = true
+    C = { key = keys[1], due_key = keys[2], member = tag_of(keys[1]), now = now, ret_idem = ri }
     ifp = digest(fp, IDEM_FP_HEX)
     local found
     C.pools_arg = read_pools(args, at + 1)
@@ -3290,10 +3296,9 @@ local function fast_path(keys, args, now, op, key, feature, units, mode, at)
   end
   -- The ledger (§ 12): a call that may write an entry refuses before its
   -- first write when the stream is full.
-  local cap = nil
-  if find(args[2], ',', 1, true) then
-    local _, _, c = retention(args[2])
-    cap = c
+  if not ret_parsed and find(args[2], ',', 1, true) then
+    local _
+    _, _, cap = retention(args[2])
   end
   if cap and keep and (nw > 0 or (judged and nl > 0)) then
     LED.guard(keys[2], cap, 1)

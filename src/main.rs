@@ -326,22 +326,15 @@ async fn ledger_drain(path: PathBuf, streams: Vec<String>, consumer: Option<Stri
         streams
     };
     tracing::info!(%consumer, streams = streams.len(), "ledger drain started");
-    let opts = DrainOptions {
-        consumer,
-        batch: ledger.batch,
-        claim_idle_ms: ledger.claim_idle_ms,
-        ..DrainOptions::default()
-    };
     let opts = if every_slot {
-        DrainOptions {
-            idle_poll: creditgate::server::EVERY_SLOT_IDLE_POLL,
-            scan_every: creditgate::server::EVERY_SLOT_IDLE_POLL,
-            min_round: creditgate::server::EVERY_SLOT_MIN_ROUND,
-            create_groups: false,
-            ..opts
-        }
+        DrainOptions::every_slot(consumer, ledger.batch, ledger.claim_idle_ms, true)
     } else {
-        opts
+        DrainOptions {
+            consumer,
+            batch: ledger.batch,
+            claim_idle_ms: ledger.claim_idle_ms,
+            ..DrainOptions::default()
+        }
     };
     let stats = Drain::new(conn, store.clone(), streams, opts)
         .run(creditgate::server::shutdown_signal())

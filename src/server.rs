@@ -90,24 +90,13 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
     let ledger_drain = match (store, &config.ledger) {
         (Some(store), Some(l)) => {
             engine = engine.with_ledger(store.clone());
+            let conn = engine.connection();
+            let cross_slot = !matches!(conn, Conn::Cluster(_));
             Some(Drain::new(
-                engine.connection(),
+                conn,
                 store,
                 engine.ledger_streams(),
-                DrainOptions {
-                    consumer: drain_consumer(),
-                    batch: l.batch,
-                    claim_idle_ms: l.claim_idle_ms,
-                    idle_poll: EVERY_SLOT_IDLE_POLL,
-                    scan_every: EVERY_SLOT_IDLE_POLL,
-                    min_round: EVERY_SLOT_MIN_ROUND,
-                    // The library creates a slot's stream and group with its
-                    // first entry; 16,384 empty streams would only cost memory.
-                    create_groups: false,
-                    cross_slot_pipelines: config.redis_cluster.is_none()
-                        || config.redis_url.is_some(),
-                    ..DrainOptions::default()
-                },
+                DrainOptions::every_slot(drain_consumer(), l.batch, l.claim_idle_ms, cross_slot),
             ))
         }
         _ => None,
@@ -121,16 +110,6 @@ pub async fn build_engine(config: &Config, clock: Arc<dyn Clock>) -> Result<Back
         ledger_drain,
     })
 }
-
-/// How often a drain over every slot's stream looks at them all again
-/// (when it found nothing, and while busy): each look is 16 pipelines of
-/// 1,024 `XLEN`, ~7 ms of Redis (BENCHMARKS.md).
-pub const EVERY_SLOT_IDLE_POLL: Duration = Duration::from_millis(250);
-
-/// The every-slot drain's shortest busy round (see
-/// [`DrainOptions::min_round`]): an entry reaches the database within about
-/// this, and each stream command carries the entries of this long.
-pub const EVERY_SLOT_MIN_ROUND: Duration = Duration::from_millis(1000);
 
 /// A drain's consumer name: the host and the process, unique among the
 /// sidecars; a restarted process's pending entries are claimed by any

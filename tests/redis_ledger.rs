@@ -1165,14 +1165,9 @@ async fn drain_throughput_over_every_slot() {
             }
             n
         };
-        let opts = DrainOptions {
-            consumer: "tp".into(),
-            create_groups: false,
-            idle_poll: creditgate::server::EVERY_SLOT_IDLE_POLL,
-            scan_every: creditgate::server::EVERY_SLOT_IDLE_POLL,
-            min_round: creditgate::server::EVERY_SLOT_MIN_ROUND,
-            ..DrainOptions::default()
-        };
+        let defaults = DrainOptions::default();
+        let opts =
+            DrainOptions::every_slot("tp".into(), defaults.batch, defaults.claim_idle_ms, true);
         let before = f.store.count().await.unwrap();
         let started = std::time::Instant::now();
         let d = Drain::new(f.conn.clone(), f.store.clone(), streams, opts);

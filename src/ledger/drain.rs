@@ -98,6 +98,41 @@ impl Default for DrainOptions {
     }
 }
 
+/// How often the drain over every slot's stream looks at them all again
+/// (when it found nothing, and while busy): each look is 16 pipelines of
+/// 1,024 `XLEN`, ~4-7 ms of Redis (BENCHMARKS.md).
+pub const EVERY_SLOT_LOOK: Duration = Duration::from_millis(250);
+
+/// The every-slot drain's shortest busy round ([`DrainOptions::min_round`]):
+/// an entry reaches the database within about this.
+pub const EVERY_SLOT_MIN_ROUND: Duration = Duration::from_millis(1000);
+
+impl DrainOptions {
+    /// The drain over every slot's stream (`serve`, `creditgate ledger
+    /// drain`): no group creation (the library creates a slot's stream with
+    /// its group on its first entry; 16,384 empty streams would only cost
+    /// memory), a look every [`EVERY_SLOT_LOOK`], busy rounds at most every
+    /// [`EVERY_SLOT_MIN_ROUND`]; `cross_slot_pipelines` off on a cluster.
+    pub fn every_slot(
+        consumer: String,
+        batch: usize,
+        claim_idle_ms: u64,
+        cross_slot_pipelines: bool,
+    ) -> DrainOptions {
+        DrainOptions {
+            consumer,
+            batch,
+            claim_idle_ms,
+            idle_poll: EVERY_SLOT_LOOK,
+            scan_every: EVERY_SLOT_LOOK,
+            min_round: EVERY_SLOT_MIN_ROUND,
+            create_groups: false,
+            cross_slot_pipelines,
+            ..DrainOptions::default()
+        }
+    }
+}
+
 /// What the drain has done since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DrainStats {
@@ -239,23 +274,22 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
     /// The streams holding entries (pending ones included: an entry is
     /// deleted only once committed), by pipelined `XLEN`.
     async fn non_empty(&mut self) -> Result<Vec<String>, DrainError> {
-        let mut out = vec![];
-        let mut total = 0;
-        for chunk in self.streams.chunks(XLEN_CHUNK) {
-            let cmds = chunk.iter().map(|s| xlen(s)).collect();
-            let lens: Vec<u64> =
-                query_all(&mut self.conn, cmds, self.opts.cross_slot_pipelines).await?;
-            total += lens.iter().sum::<u64>();
-            out.extend(
-                chunk
-                    .iter()
-                    .zip(lens)
-                    .filter(|(_, n)| *n > 0)
-                    .map(|(s, _)| s.clone()),
-            );
-        }
-        self.status.backlog.store(total, Ordering::Relaxed);
-        Ok(out)
+        let lens = lengths(
+            &mut self.conn,
+            &self.streams,
+            self.opts.cross_slot_pipelines,
+        )
+        .await?;
+        self.status
+            .backlog
+            .store(lens.iter().sum(), Ordering::Relaxed);
+        Ok(self
+            .streams
+            .iter()
+            .zip(lens)
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, _)| s.clone())
+            .collect())
     }
 
     /// Moves other consumers' entries idle for `claim_idle_ms` to this one.
@@ -448,31 +482,44 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drain<C> {
 
     /// See [`backlog`].
     pub async fn backlog(&mut self) -> Result<u64, DrainError> {
-        backlog(&mut self.conn, &self.streams).await
+        let lens = lengths(
+            &mut self.conn,
+            &self.streams,
+            self.opts.cross_slot_pipelines,
+        )
+        .await?;
+        Ok(lens.iter().sum())
     }
 }
 
-fn xlen(stream: &str) -> redis::Cmd {
-    let mut c = redis::cmd("XLEN");
-    c.arg(stream);
-    c
+/// Every stream's `XLEN`, in order, [`XLEN_CHUNK`] per pipeline (or
+/// concurrently when a pipeline may not cross slots).
+async fn lengths<C: ConnectionLike + Clone + Send + Sync + 'static>(
+    conn: &mut C,
+    streams: &[String],
+    one_pipeline: bool,
+) -> Result<Vec<u64>, DrainError> {
+    let mut out = Vec::with_capacity(streams.len());
+    for chunk in streams.chunks(XLEN_CHUNK) {
+        let cmds = chunk
+            .iter()
+            .map(|s| {
+                let mut c = redis::cmd("XLEN");
+                c.arg(s);
+                c
+            })
+            .collect();
+        out.extend(query_all::<C, u64>(conn, cmds, one_pipeline).await?);
+    }
+    Ok(out)
 }
 
 /// Entries in the streams not yet in the database (unread or unacknowledged):
 /// the sum of `XLEN` (acknowledged entries are deleted). Pipelines cross
 /// slots: a standalone server.
-pub async fn backlog<C: ConnectionLike>(
+pub async fn backlog<C: ConnectionLike + Clone + Send + Sync + 'static>(
     conn: &mut C,
     streams: &[String],
 ) -> Result<u64, DrainError> {
-    let mut total = 0;
-    for chunk in streams.chunks(XLEN_CHUNK) {
-        let mut pipe = redis::pipe();
-        for s in chunk {
-            pipe.cmd("XLEN").arg(s);
-        }
-        let lens: Vec<u64> = pipe.query_async(conn).await?;
-        total += lens.iter().sum::<u64>();
-    }
-    Ok(total)
+    Ok(lengths(conn, streams, true).await?.iter().sum())
 }

@@ -412,6 +412,26 @@ pub struct EventsListQuery {
     pub limit: usize,
 }
 
+impl EventsListQuery {
+    /// The cursor as an id (`None`: the first page), after checking it and
+    /// the limit: what every store refuses before reading.
+    pub fn checked_cursor(&self) -> Result<Option<(i64, u64)>, EngineError> {
+        let cursor = match self.cursor.as_deref().filter(|c| !c.is_empty()) {
+            Some(c) => Some(parse_id(c).ok_or_else(|| {
+                invalid(
+                    "start_cursor",
+                    "is not a cursor this server gave (`<ms>-<seq>`)",
+                )
+            })?),
+            None => None,
+        };
+        if self.limit == 0 || self.limit > MAX_PAGE {
+            return Err(invalid("limit", format!("must be 1 to {MAX_PAGE}")));
+        }
+        Ok(cursor)
+    }
+}
+
 /// One page of `events.list`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventsPage {
@@ -442,18 +462,7 @@ pub fn list_events<'a>(
     entries: impl IntoIterator<Item = &'a LedgerEntry>,
     q: &EventsListQuery,
 ) -> Result<EventsPage, EngineError> {
-    let cursor = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
-        Some(c) => Some(parse_id(c).ok_or_else(|| {
-            invalid(
-                "start_cursor",
-                "is not a cursor this server gave (`<ms>-<seq>`)",
-            )
-        })?),
-        None => None,
-    };
-    if q.limit == 0 || q.limit > MAX_PAGE {
-        return Err(invalid("limit", format!("must be 1 to {MAX_PAGE}")));
-    }
+    let cursor = q.checked_cursor()?;
     let mut hits: Vec<&LedgerEntry> = entries
         .into_iter()
         .filter(|e| mine(e, &q.customer_id) && counts(e, &q.feature_ids))

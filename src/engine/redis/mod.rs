@@ -610,20 +610,7 @@ impl Engine for RedisEngine {
         if let Some(c) = &q.customer_id {
             validate_id("customer_id", c)?;
         }
-        if q.limit == 0 || q.limit > ledger::MAX_PAGE {
-            return Err(invalid(
-                "limit",
-                format!("must be 1 to {}", ledger::MAX_PAGE),
-            ));
-        }
-        if let Some(c) = q.cursor.as_deref().filter(|c| !c.is_empty()) {
-            if ledger::parse_id(c).is_none() {
-                return Err(invalid(
-                    "start_cursor",
-                    "is not a cursor this server gave (`<ms>-<seq>`)",
-                ));
-            }
-        }
+        q.checked_cursor()?;
         store.events(q).await.map_err(ledger_unavailable)
     }
 
@@ -633,9 +620,11 @@ impl Engine for RedisEngine {
     /// buckets for its billing cycle.
     async fn events_aggregate(&self, q: &AggregateQuery) -> Result<Aggregate, EngineError> {
         let store = self.ledger_store()?;
+        if let Some(c) = &q.customer_id {
+            validate_id("customer_id", c)?;
+        }
         let (now, cycle) = match (&q.customer_id, q.range) {
             (Some(c), RangeSpec::LastCycle) => {
-                validate_id("customer_id", c)?;
                 let (_, now) = self.now();
                 let a = self.argv(args::header::RETENTION, now);
                 let v = self
@@ -645,10 +634,7 @@ impl Engine for RedisEngine {
                 let first = q.feature_ids.first().map(String::as_str);
                 (at, rules::billing_cycle(&self.catalog, &buckets, first))
             }
-            (c, _) => {
-                if let Some(c) = c {
-                    validate_id("customer_id", c)?;
-                }
+            _ => {
                 let now = match &self.clock {
                     Some(clock) => clock.now_ms(),
                     None => self.store_time().await?,
